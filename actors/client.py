@@ -1,0 +1,116 @@
+"""The API's side of the shards: coalesced, batched calls, one in flight per shard.
+
+Handles are Ray actor handles, or `LocalHandle`s around plain ShardActors
+(tests, and single-process use): both answer `handle.method.remote(...)`
+with something awaitable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from engine.routing import shard_for
+
+_MAX_HOPS = 3
+
+
+class LocalHandle:
+    """Makes a plain ShardActor look like a Ray handle on the current event loop."""
+
+    def __init__(self, shard: Any):
+        self._shard = shard
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._shard, name)
+
+        class _Remote:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                return method(*args, **kwargs)
+
+        return _Remote
+
+
+class _Coalescer:
+    """Queues profile reads for one shard and sends them as one call at a time."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.pending: list[tuple[str, str | None, asyncio.Future]] = []
+        self.busy = False
+
+    def submit(self, customer: str, min_pos: str | None) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((customer, min_pos, future))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                positions = [p for _, p, _ in batch if p is not None]
+                min_pos = max(positions, key=_id_key) if positions else None
+                try:
+                    results = await self.handle.get_profiles.remote([c for c, _, _ in batch], min_pos)
+                except Exception as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self.busy = False
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class ShardClient:
+    """Reads and waits on shards for the API, batching concurrent requests per shard."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+        self.shards = len(handles)
+        self._coalescers = [_Coalescer(h) for h in handles]
+
+    def shard_of(self, customer: str) -> int:
+        """The shard index that owns `customer`."""
+        return shard_for(customer, self.shards)
+
+    async def profile(self, customer: str, *, min_pos: dict[int, str] | None = None) -> dict | None:
+        """The live profile of `customer` (following merges), or None if unknown."""
+        current = customer
+        for _ in range(_MAX_HOPS + 1):
+            index = self.shard_of(current)
+            found = await self._coalescers[index].submit(current, (min_pos or {}).get(index))
+            if not isinstance(found, str):
+                return found
+            current = found
+        return None
+
+    async def wait_applied(self, index: int, pos: str, timeout: float = 5.0) -> bool:
+        """True once shard `index` has applied its stream up to `pos`."""
+        return await self.handles[index].wait_applied.remote(pos, timeout)
+
+    async def statuses(self, timeout: float = 2.0) -> list[dict | None]:
+        """Every shard's status (None for a shard that did not answer in time)."""
+
+        async def one(handle: Any) -> dict | None:
+            try:
+                return await asyncio.wait_for(_awaitable(handle.status.remote()), timeout)
+            except Exception:
+                return None
+
+        return list(await asyncio.gather(*(one(h) for h in self.handles)))
+
+
+async def _awaitable(value: Any) -> Any:
+    return await value

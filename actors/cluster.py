@@ -1,0 +1,95 @@
+"""All of Nudge's Ray calls that set things up: start or join Ray, create and find shards."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from actors.shard import ShardActor
+from engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "nudge"
+
+
+def shard_name(index: int) -> str:
+    """The Ray actor name of shard `index`."""
+    return f"shard-{index}"
+
+
+def start_ray(address: str = "", *, namespace: str = NAMESPACE, num_cpus: int | None = None) -> str:
+    """Join the cluster at `address`, or start a local one; returns the GCS address."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    options = {
+        "namespace": namespace,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+        "configure_logging": False,
+    }
+    if address:
+        ray.init(address=address, **options)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
+    return ray.get_runtime_context().gcs_address
+
+
+def remote_shard_class(max_restarts: int = -1):
+    """ShardActor as a restartable Ray actor class (ray.remote applied late)."""
+    return ray.remote(
+        num_cpus=0, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000
+    )(ShardActor)
+
+
+def ensure_shards(settings: EngineConfig, redis_url: str, *, detached: bool = False) -> list:
+    """Create the shard actors that do not exist yet and return handles to all of them."""
+    cls = remote_shard_class()
+    handles = []
+    for index in range(settings.shards):
+        options = {
+            "name": shard_name(index),
+            "namespace": settings.ray_namespace,
+            "get_if_exists": True,
+            "scheduling_strategy": "SPREAD",
+        }
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(cls.options(**options).remote(index, settings.shards, settings, redis_url))
+    return handles
+
+
+def find_shards(settings: EngineConfig) -> list:
+    """Handles to existing shard actors, looked up by name."""
+    return [ray.get_actor(shard_name(i), namespace=settings.ray_namespace) for i in range(settings.shards)]
+
+
+def wait_ready(handles: list, timeout: float = 60.0) -> None:
+    """Block until every shard has loaded its checkpoint and replayed its stream."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    pending = list(handles)
+    while pending:
+        statuses = ray.get([h.status.remote() for h in pending], timeout=max(deadline - time.monotonic(), 1))
+        pending = [h for h, s in zip(pending, statuses, strict=True) if not s["ready"]]
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} shard(s) not ready after {timeout:.0f} s")
+        if pending:
+            time.sleep(0.05)
+
+
+def stop_shards(handles: list, timeout: float = 5.0) -> None:
+    """Final checkpoint on every shard, then end the actors."""
+    try:
+        ray.get([h.stop.remote() for h in handles], timeout=timeout)
+    except Exception as exc:  # a shard that cannot checkpoint now replays on next start
+        log.warning("final checkpoint incomplete: %s", exc)
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass

@@ -1,0 +1,235 @@
+"""The profile shard: a plain class that moves bytes between Redis and a Partition.
+
+`ShardActor` is not a Ray actor by itself; `actors.cluster` wraps it with
+`ray.remote` late, and tests may drive it directly on their own event loop.
+Its loop: read the stream in batches, apply in order, checkpoint changed
+profiles with the stream position every `checkpoint_interval_ms` or
+`checkpoint_events`. On (re)start it loads the checkpoint and replays the
+stream after it, so every acknowledged event is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from engine.config import EngineConfig
+from engine.partition import Partition
+from engine.profile import Limits
+from engine.routing import shard_for
+from engine.store import Store, connect, parse_id
+
+log = logging.getLogger(__name__)
+
+
+class ShardActor:
+    """Owns the customers with `shard_for(id) == index`."""
+
+    def __init__(self, index: int, shards: int, settings: EngineConfig, redis_url: str, *, autostart: bool = True):
+        self.index = index
+        self.shards = shards
+        self.settings = settings
+        self.redis_url = redis_url
+        self.partition = Partition(
+            lambda customer: shard_for(customer, shards) == index,
+            limits=Limits(
+                recent_max=settings.recent_max,
+                recent_window_s=settings.recent_window_days * 86400.0,
+                dedupe_window_s=settings.dedupe_window_s,
+                dedupe_max_ids=settings.dedupe_max_ids,
+            ),
+        )
+        self.pos = "0-0"
+        self.checkpoint_pos = "0-0"
+        self.ready = False
+        self.failed_events = 0
+        self.checkpoints = 0
+        self.last_checkpoint_s = 0.0
+        self.last_checkpoint_at = 0.0
+        self._since_checkpoint = 0
+        self._stopping = False
+        self._advanced = asyncio.Event() if _has_loop() else None
+        self._store: Store | None = None
+        self._task: asyncio.Task | None = None
+        if autostart:
+            self._task = asyncio.get_event_loop().create_task(self._run())
+
+    # -- the loop -------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the loop on the running event loop (when built with autostart=False)."""
+        if self._task is None:
+            self._advanced = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        if self._advanced is None:
+            self._advanced = asyncio.Event()
+        self._store = Store(connect(self.redis_url), self.shards)
+        while not self._stopping:
+            try:
+                await self._recover()
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("shard %d: recovery failed (%s); retrying", self.index, exc)
+                await asyncio.sleep(0.5)
+        self.ready = True
+        log.info("shard %d ready at %s with %d profiles", self.index, self.pos, len(self.partition.profiles))
+        interval = self.settings.checkpoint_interval_ms / 1000.0
+        block_ms = max(int(interval * 500), 1)
+        while not self._stopping:
+            try:
+                entries = await self._store.read(
+                    self.index, self.pos, count=self.settings.read_count, block_ms=block_ms
+                )
+                if entries:
+                    self._apply(entries)
+                if self._since_checkpoint and (
+                    self._since_checkpoint >= self.settings.checkpoint_events
+                    or time.monotonic() - self.last_checkpoint_at >= interval
+                ):
+                    await self._checkpoint()
+            except (RedisError, OSError) as exc:
+                log.warning("shard %d: Redis error (%s); retrying", self.index, exc)
+                await asyncio.sleep(0.2)
+
+    async def _recover(self) -> None:
+        pos, profiles, aliases, erased = await self._store.load_checkpoint(self.index)
+        self.partition = Partition(self.partition.owns, limits=self.partition.limits)
+        self.partition.restore(profiles, aliases, erased)
+        self.pos = self.checkpoint_pos = pos
+        await self._store.deliver_forwards(self.index)
+        self.last_checkpoint_at = time.monotonic()
+
+    def _apply(self, entries: list[tuple[str, list]]) -> None:
+        apply = self.partition.apply
+        for sid, events in entries:
+            for event in events:
+                try:
+                    apply(event)
+                except Exception:  # a bug must not wedge the shard; count it and go on
+                    self.failed_events += 1
+                    log.exception("shard %d: could not apply event %s", self.index, event.get("messageId"))
+            self._since_checkpoint += len(events)
+        self.pos = entries[-1][0]
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def _checkpoint(self) -> None:
+        # Snapshot synchronously, before any await, so it matches self.pos exactly.
+        changes = self.partition.take_changes()
+        pos = self.pos
+        started = time.perf_counter()
+        try:
+            await self._store.save_checkpoint(self.index, changes, pos)
+        except BaseException:
+            self._requeue(changes)
+            raise
+        self.checkpoint_pos = pos
+        self._since_checkpoint = 0
+        self.checkpoints += 1
+        self.last_checkpoint_at = time.monotonic()
+        self.last_checkpoint_s = time.perf_counter() - started
+        if changes.forwards:
+            await self._store.deliver_forwards(self.index)
+
+    def _requeue(self, changes: Any) -> None:
+        # The write failed: mark everything dirty again so the next try carries it.
+        part = self.partition
+        part._dirty.update(cid for cid in changes.profiles if cid in part.profiles)
+        part._deleted.update(changes.deleted)
+        part._dirty_aliases.update(a for a in changes.aliases if a in part.aliases)
+        part._unaliased.update(changes.unaliased)
+        part._new_erased = changes.erased + part._new_erased
+        part._forwards = changes.forwards + part._forwards
+
+    # -- calls ----------------------------------------------------------------
+    async def wait_applied(self, pos: str, timeout: float = 5.0) -> bool:
+        """Wait until the stream is applied up to `pos`; False on timeout."""
+        target = parse_id(pos)
+        deadline = time.monotonic() + timeout
+        while not self.ready or parse_id(self.pos) < target:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            waiter = self._advanced
+            if waiter is None:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                await asyncio.wait_for(waiter.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    async def get_profiles(self, ids: list[str], min_pos: str | None = None) -> list[Any]:
+        """Public profiles for `ids`: a dict, the id it was merged into (str), or None.
+
+        With `min_pos`, answer only after the stream is applied up to it, so an
+        acknowledged event is visible (read-your-writes).
+        """
+        if min_pos is not None:
+            await self.wait_applied(min_pos)
+        out: list[Any] = []
+        for customer in ids:
+            found = self.partition.lookup(customer)
+            out.append(found.public() if hasattr(found, "public") else found)
+        return out
+
+    async def status(self) -> dict:
+        """Readiness, position, counters and memory of this shard."""
+        return {
+            "index": self.index,
+            "ready": self.ready,
+            "pid": os.getpid(),
+            "pos": self.pos,
+            "checkpoint_pos": self.checkpoint_pos,
+            "profiles": len(self.partition.profiles),
+            "aliases": len(self.partition.aliases),
+            "stats": dict(self.partition.stats),
+            "failed_events": self.failed_events,
+            "checkpoints": self.checkpoints,
+            "last_checkpoint_s": self.last_checkpoint_s,
+            "rss_bytes": _rss_bytes(),
+        }
+
+    async def checkpoint_now(self) -> str:
+        """Checkpoint at once; returns the checkpointed position."""
+        if self.ready and self._since_checkpoint:
+            await self._checkpoint()
+        return self.checkpoint_pos
+
+    async def stop(self) -> str:
+        """Stop reading, take a final checkpoint and close; returns its position."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.ready and self._since_checkpoint:
+            await self._checkpoint()
+        if self._store is not None:
+            await self._store.close()
+        return self.checkpoint_pos
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

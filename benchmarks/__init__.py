@@ -1,0 +1,1 @@
+"""Benchmarks that print figures beside baselines measured in the same run."""

@@ -1,0 +1,222 @@
+"""The HTTP API (Starlette): Segment-compatible ingest, profiles, health.
+
+Thin: authenticate, parse, validate, hand events to the store, and ask the
+shards through a ShardClient. Errors leave as JSON {"error": {...}}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from actors.client import ShardClient
+from engine import events as ev
+from engine.auth import ADMIN, WRITE, KeyRing
+from engine.config import Config
+from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
+from engine.store import Store, connect
+
+log = logging.getLogger(__name__)
+
+_OK = b'{"success":true}'
+
+
+class JSONResponse(Response):
+    """orjson-encoded JSON."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+def _error(exc: EngineError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, gunzipped if needed, refusing anything over `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit * 4:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit * 4:  # even compressed, this cannot fit
+            raise PayloadTooLarge(f"body is larger than {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").lower().strip()
+    if encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            raise ValidationError("body is not valid gzip", field="Content-Encoding") from None
+    elif encoding not in ("", "identity"):
+        raise ValidationError(f"unsupported Content-Encoding {encoding!r}", field="Content-Encoding", code="unsupported_encoding")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    return body
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(f"malformed JSON: {exc}", field="body", code="invalid_json") from None
+
+
+ShardsFactory = Callable[[], Awaitable[ShardClient]]
+
+
+def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) -> Starlette:
+    """The ASGI app; `shards_factory` connects to the shards once the loop runs."""
+    keys = KeyRing(config.auth)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state["store"] = Store(connect(redis_url), config.engine.shards)
+        state["shards"] = await shards_factory()
+        yield
+        await state["store"].close()
+
+    def store() -> Store:
+        return state["store"]
+
+    def shards() -> ShardClient:
+        return state["shards"]
+
+    async def ingest(request: Request, kind: str | None) -> JSONResponse:
+        keys.require(request.headers.get("authorization"), WRITE)
+        received = time.time()
+        if kind is None:
+            body = await read_body(request, ev.MAX_BATCH_BYTES)
+            accepted, rejected = ev.normalize_batch(_parse(body), received_at=received, body_bytes=len(body))
+            if not accepted:
+                return JSONResponse(
+                    {
+                        "error": {
+                            "code": "invalid_batch",
+                            "message": f"all {len(rejected)} messages were rejected",
+                            "field": "batch",
+                        },
+                        "rejected": rejected,
+                    },
+                    status_code=400,
+                )
+        else:
+            body = await read_body(request, ev.MAX_EVENT_BYTES)
+            accepted = [ev.normalize(_parse(body), kind=kind, received_at=received)]
+            rejected = []
+        await store().append(accepted)
+        if rejected:
+            return JSONResponse({"success": True, "accepted": len(accepted), "rejected": rejected})
+        return JSONResponse(_OK)
+
+    def single(kind: str) -> Callable:
+        async def endpoint(request: Request) -> JSONResponse:
+            return await ingest(request, kind)
+
+        endpoint.__name__ = kind
+        return endpoint
+
+    async def batch(request: Request) -> JSONResponse:
+        return await ingest(request, None)
+
+    async def fresh_positions(customer: str) -> dict[int, str]:
+        index = shards().shard_of(customer)
+        return {index: await store().tail(index)}
+
+    async def get_profile(request: Request) -> JSONResponse:
+        keys.require(request.headers.get("authorization"), ADMIN)
+        customer = request.path_params["customer_id"]
+        min_pos = None
+        if request.query_params.get("fresh", "1") not in ("0", "false"):
+            min_pos = {i: await store().tail(i) for i in range(config.engine.shards)}
+        found = await shards().profile(customer, min_pos=min_pos)
+        if found is None:
+            raise NotFound(f"no customer {customer!r}", field="customer_id")
+        return JSONResponse(found)
+
+    async def delete_profile(request: Request) -> JSONResponse:
+        keys.require(request.headers.get("authorization"), ADMIN)
+        customer = request.path_params["customer_id"]
+        min_pos = {i: await store().tail(i) for i in range(config.engine.shards)}
+        found = await shards().profile(customer, min_pos=min_pos)
+        targets = [customer]
+        if found is not None and found["id"] != customer:
+            targets.append(found["id"])  # the id was merged: erase the person it now names
+        now = time.time()
+        erase = [
+            {"type": "_erase", "customer": c, "userId": c, "anonymousId": None,
+             "messageId": "erase-" + uuid.uuid4().hex, "ts": now, "receivedAt": now}
+            for c in targets
+        ]
+        written = await store().append(erase)
+        for index, pos in written.items():
+            if not await shards().wait_applied(index, pos, timeout=10.0):
+                raise Unavailable("erasure is stored but not yet applied; it will be", field="customer_id")
+        return JSONResponse({"erased": targets, "existed": found is not None})
+
+    async def healthz(request: Request) -> JSONResponse:
+        statuses = await shards().statuses()
+        up = sum(1 for s in statuses if s and s["ready"])
+        body = {"status": "ok" if up == len(statuses) else "starting", "shards_ready": up, "shards": len(statuses)}
+        return JSONResponse(body, status_code=200 if up == len(statuses) else 503)
+
+    async def readyz(request: Request) -> JSONResponse:
+        redis_ok = await store().ping()
+        statuses = await shards().statuses()
+        up = sum(1 for s in statuses if s and s["ready"])
+        ready = redis_ok and up == len(statuses)
+        body = {"ready": ready, "redis": redis_ok, "shards_ready": up, "shards": len(statuses)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def status(request: Request) -> JSONResponse:
+        keys.require(request.headers.get("authorization"), ADMIN)
+        statuses = await shards().statuses()
+        infos = [await store().info(i) for i in range(config.engine.shards)]
+        return JSONResponse(
+            {"shards": [{**(s or {"index": i, "ready": False}), **info} for i, (s, info) in enumerate(zip(statuses, infos, strict=True))]}
+        )
+
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return _error(exc)
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"code": code, "message": exc.detail, "field": None}}, status_code=exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": {"code": "internal", "message": "internal error", "field": None}}, status_code=500)
+
+    routes = [Route(f"/v1/{kind}", single(kind), methods=["POST"]) for kind in ev.TYPES]
+    routes += [
+        Route("/v1/batch", batch, methods=["POST"]),
+        Route("/v1/import", batch, methods=["POST"]),
+        Route("/v1/profiles/{customer_id:path}", get_profile, methods=["GET"]),
+        Route("/v1/profiles/{customer_id:path}", delete_profile, methods=["DELETE"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={EngineError: engine_error, HTTPException: http_error, Exception: internal_error},
+    )

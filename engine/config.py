@@ -1,0 +1,205 @@
+"""Typed, frozen settings: defaults here, config.toml over them, NUDGE_* over that.
+
+Every setting has one environment variable, NUDGE_ plus its name in capitals
+(NUDGE_PORT, NUDGE_REDIS_URL, NUDGE_WRITE_KEYS="k1,k2"); RAY_ADDRESS is also
+honoured, as Ray's own tools set it. The environment is read once, in `load`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEV_KEYS = frozenset({"dev-write-key", "dev-content-key", "dev-admin-key"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP API."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    shutdown_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Shards, storage and the cluster."""
+
+    shards: int = 4
+    data_dir: str = "./data"
+    redis_url: str = ""
+    ray_address: str = ""
+    ray_namespace: str = "nudge"
+    redis_fsync: str = "everysec"
+    checkpoint_interval_ms: int = 200
+    checkpoint_events: int = 20_000
+    read_count: int = 200
+    dedupe_window_s: float = 86_400.0
+    dedupe_max_ids: int = 100
+    recent_max: int = 50
+    recent_window_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """API keys by role: write (ingest), content (read content only), admin (all)."""
+
+    write_keys: tuple[str, ...] = ("dev-write-key",)
+    content_keys: tuple[str, ...] = ("dev-content-key",)
+    admin_keys: tuple[str, ...] = ("dev-admin-key",)
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings, passed in to whatever needs them."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    @property
+    def dev_keys_in_use(self) -> list[str]:
+        """The shipped development keys still configured, if any."""
+        keys = self.auth.write_keys + self.auth.content_keys + self.auth.admin_keys
+        return sorted(DEV_KEYS.intersection(keys))
+
+
+_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "auth": AuthConfig}
+
+
+def _coerce(value: Any, default: Any, path: str) -> Any:
+    kind = type(default)
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path} must be a list of strings", field=path)
+        return tuple(value)
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false", field=path)
+        return value
+    if kind in (int, float):
+        if isinstance(value, str):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise ConfigError(f"{path} must be a number, got {value!r}", field=path) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number", field=path)
+        if kind is int and not float(value).is_integer():
+            raise ConfigError(f"{path} must be a whole number", field=path)
+        return kind(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{path} must be a string", field=path)
+    return value
+
+
+def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from parsed TOML and environment overrides; errors name the key."""
+    env = env or {}
+    sections = {}
+    for name in data:
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{name}]", field=name)
+    for name, cls in _SECTIONS.items():
+        given = data.get(name, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{name}] must be a table", field=name)
+        known = {f.name: f for f in fields(cls)}
+        for key in given:
+            if key not in known:
+                raise ConfigError(f"unknown setting {name}.{key}", field=f"{name}.{key}")
+        defaults = cls()
+        values = {}
+        for key in known:
+            default = getattr(defaults, key)
+            env_name = "NUDGE_" + key.upper()
+            if env_name in env:
+                values[key] = _coerce(env[env_name], default, env_name)
+            elif key == "ray_address" and env.get("RAY_ADDRESS"):
+                values[key] = env["RAY_ADDRESS"]
+            elif key in given:
+                values[key] = _coerce(given[key], default, f"{name}.{key}")
+        sections[name] = replace(defaults, **values)
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Reject settings that cannot work or are unsafe."""
+    checks = [
+        (1 <= config.server.port <= 65535 or config.server.port == 0, "server.port", "must be 0-65535"),
+        (config.server.workers >= 1, "server.workers", "must be at least 1"),
+        (1 <= config.engine.shards <= 1024, "engine.shards", "must be 1-1024"),
+        (config.engine.checkpoint_interval_ms >= 1, "engine.checkpoint_interval_ms", "must be positive"),
+        (config.engine.checkpoint_events >= 1, "engine.checkpoint_events", "must be positive"),
+        (config.engine.read_count >= 1, "engine.read_count", "must be positive"),
+        (config.engine.redis_fsync in ("everysec", "always", "no"), "engine.redis_fsync",
+         "must be everysec, always or no"),
+        (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
+        (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),
+    ]
+    for ok, path, problem in checks:
+        if not ok:
+            raise ConfigError(f"{path} {problem}", field=path)
+    if config.dev_keys_in_use and not _is_loopback(config.server.host):
+        raise ConfigError(
+            f"refusing to listen on {config.server.host} with the development keys "
+            f"({', '.join(config.dev_keys_in_use)}): set your own in [auth]",
+            field="auth",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read config.toml (the given path, else ./config.toml if present, else defaults)."""
+    env = dict(os.environ) if env is None else env
+    if path is None and env.get("NUDGE_CONFIG"):
+        path = env["NUDGE_CONFIG"]
+    if path is None and Path("config.toml").is_file():
+        path = "config.toml"
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist", field="config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}", field="config") from None
+    return from_mapping(data, env)
+
+
+def warn_dev_keys(config: Config) -> None:
+    """Log a warning when the shipped development keys are configured."""
+    if config.dev_keys_in_use:
+        log.warning(
+            "using the development API keys %s: fine on this machine, never in production",
+            ", ".join(config.dev_keys_in_use),
+        )

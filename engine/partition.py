@@ -1,0 +1,215 @@
+"""One shard's state: its customers' profiles, aliases and erasures (pure, no I/O).
+
+The shard actor feeds events in stream order with `apply`, reads profiles with
+`lookup`, and calls `take_changes` to learn what to checkpoint. Messages for
+customers owned by other shards come back as forwards; the actor writes them
+to the owners' streams (at least once: every receiver here is idempotent).
+
+Internal event types, written by the engine and never accepted from clients:
+  _merge_out  at the old id's shard: give its profile to `userId`, leave an alias
+  _merge_in   at the new id's shard: fold the carried profile in (once per id)
+  _erase      remove a customer for good; later events for the id are dropped
+  _unalias    drop an alias to an erased customer
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from engine.profile import Limits, Profile, apply_event, merge_profiles
+
+APPLIED, DUPLICATE, DROPPED, FORWARDED = "applied", "duplicate", "dropped", "forwarded"
+_MAX_HOPS = 4
+
+
+def erased_key(customer_id: str) -> str:
+    """The digest kept for an erased customer, so the id itself is not retained."""
+    return hashlib.blake2b(customer_id.encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class Changes:
+    """What changed since the last checkpoint, already encoded (safe to await after)."""
+
+    profiles: dict[str, bytes] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    unaliased: list[str] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list)
+    forwards: list[tuple[str, dict]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.profiles or self.deleted or self.aliases or self.unaliased or self.erased or self.forwards
+        )
+
+
+class Partition:
+    """Profiles of the customers that hash to one shard."""
+
+    def __init__(self, owns: Callable[[str], bool], *, limits: Limits | None = None):
+        self.owns = owns
+        self.limits = limits or Limits()
+        self.profiles: dict[str, Profile] = {}
+        self.aliases: dict[str, str] = {}
+        self.erased: set[str] = set()
+        self.stats = {APPLIED: 0, DUPLICATE: 0, DROPPED: 0, FORWARDED: 0}
+        self._dirty: set[str] = set()
+        self._deleted: set[str] = set()
+        self._dirty_aliases: set[str] = set()
+        self._unaliased: set[str] = set()
+        self._new_erased: list[str] = []
+        self._forwards: list[tuple[str, dict]] = []
+
+    # -- reading -------------------------------------------------------------
+    def lookup(self, customer_id: str) -> Profile | str | None:
+        """The profile, the id it was merged into (a str), or None if unknown."""
+        profile = self.profiles.get(customer_id)
+        if profile is not None:
+            return profile
+        return self.aliases.get(customer_id)
+
+    # -- applying ------------------------------------------------------------
+    def apply(self, event: dict) -> str:
+        """Apply one normalized event; returns applied, duplicate, dropped or forwarded."""
+        outcome = self._apply(event)
+        self.stats[outcome] += 1
+        return outcome
+
+    def _apply(self, event: dict) -> str:
+        kind = event["type"]
+        customer = event["customer"]
+        if kind[0] == "_":
+            return self._internal(kind, customer, event)
+        if erased_key(customer) in self.erased:
+            return DROPPED
+        if event["userId"] is None and customer in self.aliases:
+            target = self.aliases[customer]
+            return self._forward(target, {**event, "userId": target, "customer": target})
+        profile = self.profiles.get(customer)
+        if profile is None:
+            profile = self.profiles[customer] = Profile(customer, anonymous=event["userId"] is None)
+            self._deleted.discard(customer)
+        if profile.is_duplicate(event["messageId"], event["receivedAt"], self.limits):
+            return DUPLICATE
+        apply_event(profile, event, self.limits)
+        self._dirty.add(customer)
+        other = event.get("previousId") if kind == "alias" else event["anonymousId"]
+        if other and other != customer and other not in profile.merged_ids and other not in profile.merging:
+            profile.merging.append(other)
+            self._send(other, {"type": "_merge_out", "customer": other, "userId": customer, "ts": event["ts"]})
+        return APPLIED
+
+    def _internal(self, kind: str, customer: str, event: dict) -> str:
+        if kind == "_merge_out":
+            target = event["userId"]
+            profile = self.profiles.pop(customer, None)
+            if profile is not None:
+                self._mark_deleted(customer)
+            self.aliases[customer] = target
+            self._dirty_aliases.add(customer)
+            self._unaliased.discard(customer)
+            self._send(
+                target,
+                {
+                    "type": "_merge_in",
+                    "customer": target,
+                    "from": customer,
+                    "profile": profile.to_dict() if profile is not None else None,
+                    "ts": event["ts"],
+                },
+            )
+            return APPLIED
+        if kind == "_merge_in":
+            if erased_key(customer) in self.erased:
+                return DROPPED
+            source = event["from"]
+            profile = self.profiles.get(customer)
+            if profile is None:
+                profile = self.profiles[customer] = Profile(customer)
+                self._deleted.discard(customer)
+            if source in profile.merged_ids:
+                return DUPLICATE
+            if event.get("profile") is not None:
+                merge_profiles(profile, Profile.from_dict(event["profile"]), self.limits)
+            profile.merged_ids.append(source)
+            if source in profile.merging:
+                profile.merging.remove(source)
+            self._dirty.add(customer)
+            return APPLIED
+        if kind == "_erase":
+            key = erased_key(customer)
+            if key not in self.erased:
+                self.erased.add(key)
+                self._new_erased.append(key)
+            profile = self.profiles.pop(customer, None)
+            if profile is not None:
+                self._mark_deleted(customer)
+                for old in profile.merged_ids + profile.merging:
+                    self._send(old, {"type": "_unalias", "customer": old, "userId": customer, "ts": event["ts"]})
+            if self.aliases.pop(customer, None) is not None:
+                self._unalias(customer)
+            return APPLIED
+        if kind == "_unalias":
+            if self.aliases.get(customer) == event["userId"]:
+                del self.aliases[customer]
+                self._unalias(customer)
+            return APPLIED
+        return DROPPED
+
+    def _mark_deleted(self, customer: str) -> None:
+        self._dirty.discard(customer)
+        self._deleted.add(customer)
+
+    def _unalias(self, customer: str) -> None:
+        self._dirty_aliases.discard(customer)
+        self._unaliased.add(customer)
+
+    def _forward(self, target: str, event: dict) -> str:
+        hops = event.get("_hops", 0) + 1
+        if hops > _MAX_HOPS:  # an alias cycle; refuse rather than loop
+            return DROPPED
+        self._send(target, {**event, "_hops": hops})
+        return FORWARDED
+
+    def _send(self, target: str, event: dict) -> None:
+        if self.owns(target):
+            self.apply(event)
+        else:
+            self._forwards.append((target, event))
+
+    # -- checkpoints ------------------------------------------------------------
+    def take_changes(self) -> Changes:
+        """Encode and hand over everything changed since the last call."""
+        profiles = self.profiles
+        changes = Changes(
+            profiles={cid: orjson.dumps(profiles[cid].to_dict()) for cid in self._dirty},
+            deleted=list(self._deleted),
+            aliases={old: self.aliases[old] for old in self._dirty_aliases},
+            unaliased=list(self._unaliased),
+            erased=self._new_erased,
+            forwards=self._forwards,
+        )
+        self._dirty = set()
+        self._deleted = set()
+        self._dirty_aliases = set()
+        self._unaliased = set()
+        self._new_erased = []
+        self._forwards = []
+        return changes
+
+    def restore(self, profiles: dict[bytes | str, bytes], aliases: dict, erased: set) -> None:
+        """Load a checkpoint (as read back from the store) into an empty partition."""
+        self.profiles = {
+            (k.decode() if isinstance(k, bytes) else k): Profile.from_dict(orjson.loads(v))
+            for k, v in profiles.items()
+        }
+        self.aliases = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in aliases.items()
+        }
+        self.erased = {k.decode() if isinstance(k, bytes) else k for k in erased}

@@ -1,0 +1,344 @@
+"""A customer's live profile and how one event changes it (pure, no I/O).
+
+Event and property names follow Segment's e-commerce spec: Product Viewed,
+Product Added, Product Removed, Order Completed, and Email Opened / Email Link
+Clicked / Unsubscribed for engagement and consent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FORMAT_VERSION = 1
+
+_CART_FIELDS = ("product_id", "sku", "name", "brand", "category", "variant", "price", "url", "image_url")
+_OPT_OUT_TRAITS = ("unsubscribed", "email_opt_out", "opted_out")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that keep a profile's memory fixed however busy the customer is."""
+
+    recent_max: int = 50
+    recent_window_s: float = 30 * 86400.0
+    dedupe_window_s: float = 86400.0
+    dedupe_max_ids: int = 100
+    purchased_max: int = 50
+
+
+def product_key(props: dict) -> str | None:
+    """The product an event is about: product_id, else sku, as a string."""
+    key = props.get("product_id", props.get("sku"))
+    return None if key is None else str(key)
+
+
+def _number(value: Any, default: float = 0.0) -> float:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return default
+    return default
+
+
+class Profile:
+    """Everything Nudge knows about one customer, in plain data."""
+
+    __slots__ = (
+        "anonymous",
+        "cart",
+        "cart_id",
+        "cart_updated",
+        "consent",
+        "counts",
+        "email",
+        "first_seen",
+        "groups",
+        "id",
+        "last_order_at",
+        "last_order_id",
+        "last_seen",
+        "merged_ids",
+        "merging",
+        "orders",
+        "purchased",
+        "recent",
+        "revenue",
+        "seen",
+        "timezone",
+        "traits",
+    )
+
+    def __init__(self, customer_id: str, *, anonymous: bool = False):
+        self.id = customer_id
+        self.anonymous = anonymous
+        self.traits: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.first_seen: float | None = None
+        self.last_seen: float | None = None
+        # [ts, event name, product id or None, category or None], oldest first
+        self.recent: list[list] = []
+        self.cart: dict[str, dict] = {}
+        self.cart_id: str | None = None
+        self.cart_updated: float | None = None
+        self.orders = 0
+        self.revenue = 0.0
+        self.last_order_at: float | None = None
+        self.last_order_id: str | None = None
+        self.purchased: list[list] = []  # [ts, product id], oldest first
+        self.email: dict[str, Any] = {"opened": 0, "clicked": 0, "last_opened": None, "last_clicked": None}
+        self.consent: dict[str, Any] = {"unsubscribed": False, "unsubscribed_at": None}
+        self.timezone: str | None = None
+        self.groups: dict[str, dict] = {}
+        self.merged_ids: list[str] = []
+        self.merging: list[str] = []
+        self.seen: dict[str, float] = {}  # messageId -> receivedAt, oldest first
+
+    # -- snapshot -----------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain-data form, used for checkpoints and the profile API."""
+        data = {name: getattr(self, name) for name in self.__slots__}
+        data["v"] = FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
+        """Rebuild a profile from `to_dict` output."""
+        version = data.get("v")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"profile format version {version!r} is not {FORMAT_VERSION}")
+        profile = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(profile, name, data[name])
+        return profile
+
+    def public(self) -> dict:
+        """The profile as the API shows it (without dedupe bookkeeping)."""
+        data = self.to_dict()
+        del data["seen"], data["merging"], data["v"]
+        data["cart_total"] = round(sum(_number(i.get("price")) * i.get("quantity", 1) for i in self.cart.values()), 2)
+        return data
+
+    @property
+    def suppressed(self) -> bool:
+        """True when the customer must get no email (unsubscribed or opted out)."""
+        return bool(self.consent.get("unsubscribed"))
+
+    # -- dedupe -------------------------------------------------------------
+    def is_duplicate(self, message_id: str, received_at: float, limits: Limits) -> bool:
+        """Remember `message_id`; True if it was already seen inside the window."""
+        seen = self.seen
+        previous = seen.get(message_id)
+        if previous is not None and received_at - previous <= limits.dedupe_window_s:
+            return True
+        if previous is not None:
+            del seen[message_id]
+        seen[message_id] = received_at
+        if len(seen) > limits.dedupe_max_ids:
+            horizon = received_at - limits.dedupe_window_s
+            for old in list(seen)[: len(seen) - limits.dedupe_max_ids]:
+                del seen[old]
+            for old in [k for k, t in seen.items() if t < horizon]:
+                del seen[old]
+        return False
+
+
+def apply_event(profile: Profile, event: dict, limits: Limits) -> None:
+    """Fold one normalized event into `profile` (the caller has deduped it)."""
+    ts = event["ts"]
+    if profile.first_seen is None or ts < profile.first_seen:
+        profile.first_seen = ts
+    if profile.last_seen is None or ts > profile.last_seen:
+        profile.last_seen = ts
+    context = event.get("context")
+    if context:
+        tz = context.get("timezone")
+        if isinstance(tz, str) and tz:
+            profile.timezone = tz
+        traits = context.get("traits")
+        if isinstance(traits, dict) and traits:
+            _apply_traits(profile, traits, ts)
+
+    kind = event["type"]
+    if kind == "identify":
+        _apply_traits(profile, event.get("traits") or {}, ts)
+        return
+    if kind == "group":
+        profile.groups[event["groupId"]] = event.get("traits") or {}
+        return
+    if kind == "alias":
+        return
+
+    name = event["event"]
+    counts = profile.counts
+    counts[name] = counts.get(name, 0) + 1
+    props = event.get("properties") or {}
+    product = product_key(props)
+    category = props.get("category")
+    _remember(profile, [ts, name, product, category if isinstance(category, str) else None], limits)
+
+    handler = _HANDLERS.get(name)
+    if handler is not None:
+        handler(profile, props, ts, event, limits)
+
+
+def _remember(profile: Profile, entry: list, limits: Limits) -> None:
+    recent = profile.recent
+    if not recent or recent[-1][0] <= entry[0]:
+        recent.append(entry)
+    else:  # late event: keep time order so windows stay easy to read
+        at = len(recent)
+        while at and recent[at - 1][0] > entry[0]:
+            at -= 1
+        recent.insert(at, entry)
+    horizon = recent[-1][0] - limits.recent_window_s
+    drop = max(len(recent) - limits.recent_max, 0)
+    while drop < len(recent) and recent[drop][0] < horizon:
+        drop += 1
+    if drop:
+        del recent[:drop]
+
+
+def _apply_traits(profile: Profile, traits: dict, ts: float) -> None:
+    profile.traits.update(traits)
+    for name in _OPT_OUT_TRAITS:
+        if name in traits:
+            _set_unsubscribed(profile, bool(traits[name]), ts)
+    if "email_opt_in" in traits:
+        _set_unsubscribed(profile, not traits["email_opt_in"], ts)
+
+
+def _set_unsubscribed(profile: Profile, value: bool, ts: float) -> None:
+    profile.consent["unsubscribed"] = value
+    profile.consent["unsubscribed_at"] = ts if value else None
+
+
+def _cart_item(props: dict, product: str) -> dict:
+    item = {name: props[name] for name in _CART_FIELDS if props.get(name) is not None}
+    item["product_id"] = product
+    return item
+
+
+def _product_added(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
+    product = product_key(props)
+    if product is None:
+        return
+    quantity = max(int(_number(props.get("quantity"), 1.0)), 1)
+    item = profile.cart.get(product)
+    if item is None:
+        item = _cart_item(props, product)
+        item["quantity"] = quantity
+        item["added_at"] = ts
+        profile.cart[product] = item
+    else:
+        item["quantity"] = item.get("quantity", 1) + quantity
+    if props.get("cart_id") is not None:
+        profile.cart_id = str(props["cart_id"])
+    profile.cart_updated = ts
+
+
+def _product_removed(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
+    product = product_key(props)
+    item = profile.cart.get(product) if product is not None else None
+    if item is None:
+        return
+    remaining = item.get("quantity", 1) - max(int(_number(props.get("quantity"), item.get("quantity", 1))), 1)
+    if remaining > 0:
+        item["quantity"] = remaining
+    else:
+        del profile.cart[product]
+    profile.cart_updated = ts
+
+
+def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
+    products = props.get("products") if isinstance(props.get("products"), list) else []
+    revenue = props.get("revenue", props.get("total"))
+    if revenue is None:
+        revenue = sum(
+            _number(p.get("price")) * _number(p.get("quantity"), 1.0) for p in products if isinstance(p, dict)
+        )
+    profile.orders += 1
+    profile.revenue = round(profile.revenue + _number(revenue), 2)
+    if profile.last_order_at is None or ts >= profile.last_order_at:
+        profile.last_order_at = ts
+        if props.get("order_id") is not None:
+            profile.last_order_id = str(props["order_id"])
+    for line in products:
+        if isinstance(line, dict) and (key := product_key(line)) is not None:
+            profile.purchased.append([ts, key])
+    if len(profile.purchased) > limits.purchased_max:
+        profile.purchased.sort(key=lambda entry: entry[0])
+        del profile.purchased[: len(profile.purchased) - limits.purchased_max]
+    profile.cart.clear()
+    profile.cart_id = None
+    profile.cart_updated = ts
+
+
+def _email_opened(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
+    profile.email["opened"] += 1
+    profile.email["last_opened"] = ts
+
+
+def _email_clicked(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
+    profile.email["clicked"] += 1
+    profile.email["last_clicked"] = ts
+
+
+def _unsubscribed(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
+    _set_unsubscribed(profile, True, ts)
+
+
+_HANDLERS = {
+    "Product Added": _product_added,
+    "Product Removed": _product_removed,
+    "Order Completed": _order_completed,
+    "Email Opened": _email_opened,
+    "Email Link Clicked": _email_clicked,
+    "Unsubscribed": _unsubscribed,
+}
+
+
+def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
+    """Fold `other` (an anonymous or older identity) into `into`, which wins ties."""
+    into.traits = {**other.traits, **into.traits}
+    for name, n in other.counts.items():
+        into.counts[name] = into.counts.get(name, 0) + n
+    if other.first_seen is not None and (into.first_seen is None or other.first_seen < into.first_seen):
+        into.first_seen = other.first_seen
+    if other.last_seen is not None and (into.last_seen is None or other.last_seen > into.last_seen):
+        into.last_seen = other.last_seen
+    recent = sorted(into.recent + other.recent, key=lambda entry: entry[0])
+    into.recent = []
+    for entry in recent:
+        _remember(into, entry, limits)
+    for product, item in other.cart.items():
+        into.cart.setdefault(product, item)
+    if other.cart and (into.cart_updated is None or (other.cart_updated or 0) > into.cart_updated):
+        into.cart_updated = other.cart_updated
+        into.cart_id = into.cart_id or other.cart_id
+    into.orders += other.orders
+    into.revenue = round(into.revenue + other.revenue, 2)
+    if other.last_order_at is not None and (into.last_order_at is None or other.last_order_at > into.last_order_at):
+        into.last_order_at = other.last_order_at
+        into.last_order_id = other.last_order_id
+    into.purchased = sorted(into.purchased + other.purchased, key=lambda e: e[0])[-limits.purchased_max :]
+    for name in ("opened", "clicked"):
+        into.email[name] += other.email.get(name, 0)
+    for name in ("last_opened", "last_clicked"):
+        if (other.email.get(name) or 0) > (into.email.get(name) or 0):
+            into.email[name] = other.email[name]
+    if other.consent.get("unsubscribed") and not into.consent.get("unsubscribed"):
+        into.consent = dict(other.consent)  # the stricter consent wins
+    into.timezone = into.timezone or other.timezone
+    for group, traits in other.groups.items():
+        into.groups.setdefault(group, traits)
+    for message_id, at in other.seen.items():
+        into.seen.setdefault(message_id, at)
+    for merged in other.merged_ids:
+        if merged not in into.merged_ids:
+            into.merged_ids.append(merged)

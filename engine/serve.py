@@ -1,0 +1,88 @@
+"""`nudge serve`: start (or join) Redis and Ray, make sure the shards run, serve HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import uvicorn
+
+from engine.config import Config, load, warn_dev_keys
+from engine.redis_server import EmbeddedRedis
+
+log = logging.getLogger(__name__)
+
+
+def _shards_factory(config: Config):
+    async def connect():
+        from actors.client import ShardClient
+        from actors.cluster import find_shards
+
+        return ShardClient(find_shards(config.engine))
+
+    return connect
+
+
+def worker_app():
+    """App factory for uvicorn worker processes (several workers): joins the running Ray."""
+    from actors.cluster import start_ray
+    from engine.api import create_app
+
+    config = load()
+    start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
+    return create_app(config, config.engine.redis_url, _shards_factory(config))
+
+
+def serve(config: Config) -> None:
+    """Run the engine until SIGTERM or Ctrl-C, then stop everything it started."""
+    from actors.cluster import ensure_shards, start_ray, stop_shards, wait_ready
+    from engine.api import create_app
+
+    warn_dev_keys(config)
+    started = time.monotonic()
+    embedded = None
+    redis_url = config.engine.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis(os.path.join(config.engine.data_dir, "redis"), fsync=config.engine.redis_fsync)
+        redis_url = embedded.start()
+    handles = []
+    joined = bool(config.engine.ray_address)
+    try:
+        gcs = start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
+        handles = ensure_shards(config.engine, redis_url, detached=joined)
+        wait_ready(handles)
+        log.info("%d shards ready in %.1f s", len(handles), time.monotonic() - started)
+        engine = dataclasses.replace(config.engine, redis_url=redis_url, ray_address=gcs)
+        config = dataclasses.replace(config, engine=engine)
+        uv_options = {
+            "host": config.server.host,
+            "port": config.server.port,
+            "log_level": "warning",
+            "access_log": False,
+            "timeout_graceful_shutdown": config.server.shutdown_timeout_s,
+        }
+        print(f"nudge: listening on http://{config.server.host}:{config.server.port} "
+              f"({config.engine.shards} shards, Redis {redis_url})", flush=True)
+        if config.server.workers > 1:
+            os.environ["NUDGE_REDIS_URL"] = redis_url
+            os.environ["NUDGE_RAY_ADDRESS"] = gcs
+            uvicorn.run("engine.serve:worker_app", factory=True, workers=config.server.workers, **uv_options)
+        else:
+            app = create_app(config, redis_url, _shards_factory(config))
+            uvicorn.Server(uvicorn.Config(app, **uv_options)).run()
+    finally:
+        # Ignore a second Ctrl-C while we checkpoint and shut down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopping = time.monotonic()
+        if handles and not joined:
+            stop_shards(handles)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+        print(f"nudge: stopped cleanly in {time.monotonic() - stopping:.1f} s", flush=True)

@@ -1,0 +1,158 @@
+"""Everything Nudge keeps in Redis, behind one class.
+
+Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
+  nudge:{sN}:events    stream; one entry per (request, shard), field e = JSON list of events
+  nudge:{sN}:profiles  hash customer id -> encoded profile (checkpoint)
+  nudge:{sN}:aliases   hash old id -> id it was merged into (checkpoint)
+  nudge:{sN}:erased    set of digests of erased ids (checkpoint)
+  nudge:{sN}:pos       last stream id the checkpoint includes
+  nudge:{sN}:fwd       stream of messages for other shards, written with the checkpoint
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from engine.errors import StoreError
+from engine.partition import Changes
+from engine.routing import shard_for, shard_tag, stream_key
+
+_CHUNK = 1000  # profiles per HSET: the measured sweet spot (DESIGN.md)
+
+
+def parse_id(stream_id: str | bytes) -> tuple[int, int]:
+    """A stream id as a comparable (milliseconds, sequence) pair."""
+    if isinstance(stream_id, bytes):
+        stream_id = stream_id.decode()
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _key(index: int, name: str) -> str:
+    return f"nudge:{shard_tag(index)}:{name}"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis:// or unix://)."""
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+class Store:
+    """Streams and checkpoints of all shards in one Redis."""
+
+    def __init__(self, client: aioredis.Redis, shards: int):
+        self.redis = client
+        self.shards = shards
+
+    async def close(self) -> None:
+        """Release the connection pool."""
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        """True if Redis answers."""
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    # -- ingest -------------------------------------------------------------
+    async def append(self, events: list[dict]) -> dict[int, str]:
+        """Make `events` durable: one XADD per shard they touch, all or nothing.
+
+        Returns the stream id written per shard.
+        """
+        groups: dict[int, list[dict]] = defaultdict(list)
+        shards = self.shards
+        for event in events:
+            groups[shard_for(event["customer"], shards)].append(event)
+        return await self.append_groups(groups)
+
+    async def append_groups(self, groups: dict[int, list[dict]]) -> dict[int, str]:
+        """XADD each shard's events as one entry (in MULTI/EXEC when several)."""
+        try:
+            async with self.redis.pipeline(transaction=len(groups) > 1) as pipe:
+                order = list(groups)
+                for index in order:
+                    pipe.xadd(stream_key(index), {"e": orjson.dumps(groups[index])})
+                ids = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"could not store events: {exc}") from exc
+        return {index: sid.decode() for index, sid in zip(order, ids, strict=True)}
+
+    async def tail(self, index: int) -> str:
+        """The newest id in shard `index`'s stream, or 0-0 when it is empty."""
+        try:
+            last = await self.redis.xrevrange(stream_key(index), count=1)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"could not read stream tail: {exc}") from exc
+        return last[0][0].decode() if last else "0-0"
+
+    # -- shard side -----------------------------------------------------------
+    async def read(self, index: int, after: str, *, count: int, block_ms: int) -> list[tuple[str, list]]:
+        """Up to `count` stream entries after `after`, waiting up to `block_ms` for one."""
+        reply = await self.redis.xread({stream_key(index): after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        return [(sid.decode(), orjson.loads(fields[b"e"])) for sid, fields in reply[0][1]]
+
+    async def load_checkpoint(self, index: int) -> tuple[str, dict, dict, set]:
+        """(position, profiles, aliases, erased) as last checkpointed; empty if none."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(_key(index, "pos"))
+            pipe.hgetall(_key(index, "profiles"))
+            pipe.hgetall(_key(index, "aliases"))
+            pipe.smembers(_key(index, "erased"))
+            pos, profiles, aliases, erased = await pipe.execute()
+        return (pos.decode() if pos else "0-0"), profiles, aliases, erased
+
+    async def save_checkpoint(self, index: int, changes: Changes, pos: str) -> None:
+        """Write changes, forwards and the stream position in one MULTI/EXEC, then trim."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            items = list(changes.profiles.items())
+            for start in range(0, len(items), _CHUNK):
+                pipe.hset(_key(index, "profiles"), mapping=dict(items[start : start + _CHUNK]))
+            if changes.deleted:
+                pipe.hdel(_key(index, "profiles"), *changes.deleted)
+            if changes.aliases:
+                pipe.hset(_key(index, "aliases"), mapping=changes.aliases)
+            if changes.unaliased:
+                pipe.hdel(_key(index, "aliases"), *changes.unaliased)
+            if changes.erased:
+                pipe.sadd(_key(index, "erased"), *changes.erased)
+            if changes.forwards:
+                pipe.xadd(_key(index, "fwd"), {"f": orjson.dumps(changes.forwards)})
+            pipe.set(_key(index, "pos"), pos)
+            # Entries at or below the checkpoint are applied and no longer needed.
+            pipe.xtrim(stream_key(index), minid=pos, approximate=False)
+            await pipe.execute()
+
+    async def deliver_forwards(self, index: int) -> int:
+        """Append pending forwards to their owners' streams; returns how many went out.
+
+        At least once: a crash between the XADDs and the XDEL re-sends, which
+        the receiving partitions ignore (merges and forwarded events are idempotent).
+        """
+        entries = await self.redis.xrange(_key(index, "fwd"))
+        if not entries:
+            return 0
+        groups: dict[int, list[dict]] = defaultdict(list)
+        for _, fields in entries:
+            for target, event in orjson.loads(fields[b"f"]):
+                groups[shard_for(target, self.shards)].append(event)
+        await self.append_groups(groups)
+        await self.redis.xdel(_key(index, "fwd"), *[sid for sid, _ in entries])
+        return sum(len(group) for group in groups.values())
+
+    async def info(self, index: int) -> dict[str, Any]:
+        """Stream length and checkpoint position of one shard."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(stream_key(index))
+            pipe.get(_key(index, "pos"))
+            pipe.hlen(_key(index, "profiles"))
+            length, pos, profiles = await pipe.execute()
+        return {"stream_length": length, "checkpoint_pos": (pos or b"0-0").decode(), "checkpointed_profiles": profiles}
