@@ -35,8 +35,9 @@ class LocalHandle:
 class _Coalescer:
     """Queues profile reads for one shard and sends them as one call at a time."""
 
-    def __init__(self, handle: Any):
-        self.handle = handle
+    def __init__(self, client: ShardClient, index: int):
+        self.client = client
+        self.index = index
         self.pending: list[tuple[str, str | None, asyncio.Future]] = []
         self.busy = False
 
@@ -54,8 +55,9 @@ class _Coalescer:
                 batch, self.pending = self.pending, []
                 positions = [p for _, p, _ in batch if p is not None]
                 min_pos = max(positions, key=_id_key) if positions else None
+                ids = [c for c, _, _ in batch]
                 try:
-                    results = await self.handle.get_profiles.remote([c for c, _, _ in batch], min_pos)
+                    results = await self.client.call(self.index, "get_profiles", ids, min_pos)
                 except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
@@ -76,10 +78,23 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class ShardClient:
     """Reads and waits on shards for the API, batching concurrent requests per shard."""
 
-    def __init__(self, handles: list[Any]):
+    def __init__(self, handles: list[Any], *, resolve: Any = None, on_close: Any = None):
         self.handles = handles
+        self._resolve = resolve
+        self._on_close = on_close
         self.shards = len(handles)
-        self._coalescers = [_Coalescer(h) for h in handles]
+        self._coalescers = [_Coalescer(self, i) for i in range(len(handles))]
+
+    async def call(self, index: int, method: str, *args: Any) -> Any:
+        """Call `method` on shard `index`; if its actor is gone for good, find it by name again."""
+        try:
+            return await getattr(self.handles[index], method).remote(*args)
+        except Exception:
+            if self._resolve is None:
+                raise
+            # A shard that was stopped and started again (not a Ray restart) is a new actor.
+            self.handles[index] = self._resolve(index)
+            return await getattr(self.handles[index], method).remote(*args)
 
     def shard_of(self, customer: str) -> int:
         """The shard index that owns `customer`."""
@@ -98,19 +113,20 @@ class ShardClient:
 
     async def wait_applied(self, index: int, pos: str, timeout: float = 5.0) -> bool:
         """True once shard `index` has applied its stream up to `pos`."""
-        return await self.handles[index].wait_applied.remote(pos, timeout)
+        return await self.call(index, "wait_applied", pos, timeout)
+
+    async def aclose(self) -> None:
+        """Release what the client holds (stops in-process shards, if it owns any)."""
+        if self._on_close is not None:
+            await self._on_close()
 
     async def statuses(self, timeout: float = 2.0) -> list[dict | None]:
         """Every shard's status (None for a shard that did not answer in time)."""
 
-        async def one(handle: Any) -> dict | None:
+        async def one(index: int) -> dict | None:
             try:
-                return await asyncio.wait_for(_awaitable(handle.status.remote()), timeout)
+                return await asyncio.wait_for(self.call(index, "status"), timeout)
             except Exception:
                 return None
 
-        return list(await asyncio.gather(*(one(h) for h in self.handles)))
-
-
-async def _awaitable(value: Any) -> Any:
-    return await value
+        return list(await asyncio.gather(*(one(i) for i in range(self.shards))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -62,9 +63,21 @@ def ensure_shards(settings: EngineConfig, redis_url: str, *, detached: bool = Fa
     return handles
 
 
+def find_shard(settings: EngineConfig, index: int):
+    """A handle to the existing shard actor `index`, looked up by name."""
+    return ray.get_actor(shard_name(index), namespace=settings.ray_namespace)
+
+
 def find_shards(settings: EngineConfig) -> list:
-    """Handles to existing shard actors, looked up by name."""
-    return [ray.get_actor(shard_name(i), namespace=settings.ray_namespace) for i in range(settings.shards)]
+    """Handles to all existing shard actors, looked up by name."""
+    return [find_shard(settings, i) for i in range(settings.shards)]
+
+
+def shard_client(settings: EngineConfig):
+    """A ShardClient over the named shards that re-finds a shard started anew."""
+    from actors.client import ShardClient
+
+    return ShardClient(find_shards(settings), resolve=lambda index: find_shard(settings, index))
 
 
 def wait_ready(handles: list, timeout: float = 60.0) -> None:
@@ -74,7 +87,9 @@ def wait_ready(handles: list, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     pending = list(handles)
     while pending:
-        statuses = ray.get([h.status.remote() for h in pending], timeout=max(deadline - time.monotonic(), 1))
+        statuses = ray.get(
+            [h.status.remote() for h in pending], timeout=max(deadline - time.monotonic(), 1)
+        )
         pending = [h for h, s in zip(pending, statuses, strict=True) if not s["ready"]]
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} shard(s) not ready after {timeout:.0f} s")
@@ -89,7 +104,5 @@ def stop_shards(handles: list, timeout: float = 5.0) -> None:
     except Exception as exc:  # a shard that cannot checkpoint now replays on next start
         log.warning("final checkpoint incomplete: %s", exc)
     for handle in handles:
-        try:
+        with contextlib.suppress(Exception):
             ray.kill(handle, no_restart=True)
-        except Exception:
-            pass

@@ -11,6 +11,7 @@ stream after it, so every acknowledged event is applied exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -30,7 +31,15 @@ log = logging.getLogger(__name__)
 class ShardActor:
     """Owns the customers with `shard_for(id) == index`."""
 
-    def __init__(self, index: int, shards: int, settings: EngineConfig, redis_url: str, *, autostart: bool = True):
+    def __init__(
+        self,
+        index: int,
+        shards: int,
+        settings: EngineConfig,
+        redis_url: str,
+        *,
+        autostart: bool = True,
+    ):
         self.index = index
         self.shards = shards
         self.settings = settings
@@ -78,7 +87,12 @@ class ShardActor:
                 log.warning("shard %d: recovery failed (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.5)
         self.ready = True
-        log.info("shard %d ready at %s with %d profiles", self.index, self.pos, len(self.partition.profiles))
+        log.info(
+            "shard %d ready at %s with %d profiles",
+            self.index,
+            self.pos,
+            len(self.partition.profiles),
+        )
         interval = self.settings.checkpoint_interval_ms / 1000.0
         block_ms = max(int(interval * 500), 1)
         while not self._stopping:
@@ -107,13 +121,15 @@ class ShardActor:
 
     def _apply(self, entries: list[tuple[str, list]]) -> None:
         apply = self.partition.apply
-        for sid, events in entries:
+        for _sid, events in entries:
             for event in events:
                 try:
                     apply(event)
                 except Exception:  # a bug must not wedge the shard; count it and go on
                     self.failed_events += 1
-                    log.exception("shard %d: could not apply event %s", self.index, event.get("messageId"))
+                    log.exception(
+                        "shard %d: could not apply event %s", self.index, event.get("messageId")
+                    )
             self._since_checkpoint += len(events)
         self.pos = entries[-1][0]
         self._advanced.set()
@@ -186,6 +202,7 @@ class ShardActor:
             "index": self.index,
             "ready": self.ready,
             "pid": os.getpid(),
+            "node": _ray_node_id(),
             "pos": self.pos,
             "checkpoint_pos": self.checkpoint_pos,
             "profiles": len(self.partition.profiles),
@@ -208,10 +225,8 @@ class ShardActor:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
         if self.ready and self._since_checkpoint:
             await self._checkpoint()
         if self._store is not None:
@@ -225,6 +240,16 @@ def _has_loop() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this shard runs on, or None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _rss_bytes() -> int:

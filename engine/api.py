@@ -66,7 +66,11 @@ async def read_body(request: Request, limit: int) -> bytes:
         except zlib.error:
             raise ValidationError("body is not valid gzip", field="Content-Encoding") from None
     elif encoding not in ("", "identity"):
-        raise ValidationError(f"unsupported Content-Encoding {encoding!r}", field="Content-Encoding", code="unsupported_encoding")
+        raise ValidationError(
+            f"unsupported Content-Encoding {encoding!r}",
+            field="Content-Encoding",
+            code="unsupported_encoding",
+        )
     if len(body) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes")
     return body
@@ -92,6 +96,7 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
         state["store"] = Store(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
         yield
+        await state["shards"].aclose()
         await state["store"].close()
 
     def store() -> Store:
@@ -105,7 +110,9 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
         received = time.time()
         if kind is None:
             body = await read_body(request, ev.MAX_BATCH_BYTES)
-            accepted, rejected = ev.normalize_batch(_parse(body), received_at=received, body_bytes=len(body))
+            accepted, rejected = ev.normalize_batch(
+                _parse(body), received_at=received, body_bytes=len(body)
+            )
             if not accepted:
                 return JSONResponse(
                     {
@@ -162,20 +169,33 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
             targets.append(found["id"])  # the id was merged: erase the person it now names
         now = time.time()
         erase = [
-            {"type": "_erase", "customer": c, "userId": c, "anonymousId": None,
-             "messageId": "erase-" + uuid.uuid4().hex, "ts": now, "receivedAt": now}
+            {
+                "type": "_erase",
+                "customer": c,
+                "userId": c,
+                "anonymousId": None,
+                "messageId": "erase-" + uuid.uuid4().hex,
+                "ts": now,
+                "receivedAt": now,
+            }
             for c in targets
         ]
         written = await store().append(erase)
         for index, pos in written.items():
             if not await shards().wait_applied(index, pos, timeout=10.0):
-                raise Unavailable("erasure is stored but not yet applied; it will be", field="customer_id")
+                raise Unavailable(
+                    "erasure is stored but not yet applied; it will be", field="customer_id"
+                )
         return JSONResponse({"erased": targets, "existed": found is not None})
 
     async def healthz(request: Request) -> JSONResponse:
         statuses = await shards().statuses()
         up = sum(1 for s in statuses if s and s["ready"])
-        body = {"status": "ok" if up == len(statuses) else "starting", "shards_ready": up, "shards": len(statuses)}
+        body = {
+            "status": "ok" if up == len(statuses) else "starting",
+            "shards_ready": up,
+            "shards": len(statuses),
+        }
         return JSONResponse(body, status_code=200 if up == len(statuses) else 503)
 
     async def readyz(request: Request) -> JSONResponse:
@@ -191,7 +211,12 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
         statuses = await shards().statuses()
         infos = [await store().info(i) for i in range(config.engine.shards)]
         return JSONResponse(
-            {"shards": [{**(s or {"index": i, "ready": False}), **info} for i, (s, info) in enumerate(zip(statuses, infos, strict=True))]}
+            {
+                "shards": [
+                    {**(s or {"index": i, "ready": False}), **info}
+                    for i, (s, info) in enumerate(zip(statuses, infos, strict=True))
+                ]
+            }
         )
 
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -199,11 +224,17 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": {"code": code, "message": exc.detail, "field": None}}, status_code=exc.status_code)
+        return JSONResponse(
+            {"error": {"code": code, "message": exc.detail, "field": None}},
+            status_code=exc.status_code,
+        )
 
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"error": {"code": "internal", "message": "internal error", "field": None}}, status_code=500)
+        return JSONResponse(
+            {"error": {"code": "internal", "message": "internal error", "field": None}},
+            status_code=500,
+        )
 
     routes = [Route(f"/v1/{kind}", single(kind), methods=["POST"]) for kind in ev.TYPES]
     routes += [
@@ -218,5 +249,9 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={EngineError: engine_error, HTTPException: http_error, Exception: internal_error},
+        exception_handlers={
+            EngineError: engine_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
     )

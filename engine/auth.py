@@ -17,14 +17,20 @@ class KeyRing:
 
     def __init__(self, auth: AuthConfig):
         self._roles: dict[str, str] = {}
-        for role, keys in ((WRITE, auth.write_keys), (CONTENT, auth.content_keys), (ADMIN, auth.admin_keys)):
+        for role, keys in (
+            (WRITE, auth.write_keys),
+            (CONTENT, auth.content_keys),
+            (ADMIN, auth.admin_keys),
+        ):
             for key in keys:
                 self._roles[key] = role
 
     def role_of(self, header: str | None) -> str:
         """The role of the key in an Authorization header (Basic key: or Bearer key)."""
         if not header:
-            raise AuthError("missing Authorization header (Basic with the key as user name, or Bearer)")
+            raise AuthError(
+                "missing Authorization header (Basic with the key as user name, or Bearer)"
+            )
         scheme, _, value = header.partition(" ")
         scheme = scheme.lower()
         if scheme == "basic":

@@ -12,7 +12,11 @@ from engine.errors import EngineError
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    server = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None}
+    server = {
+        k: v
+        for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers))
+        if v is not None
+    }
     engine = {
         k: v
         for k, v in (
@@ -34,14 +38,20 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nudge` console script."""
-    parser = argparse.ArgumentParser(prog="nudge", description="Real-time behavioural trigger engine")
+    parser = argparse.ArgumentParser(
+        prog="nudge", description="Real-time behavioural trigger engine"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the engine (embedded Redis and local Ray unless configured)")
+    serve = sub.add_parser(
+        "serve", help="run the engine (embedded Redis and local Ray unless configured)"
+    )
     serve.add_argument("--config", help="config.toml to read (default: ./config.toml if present)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes")
-    serve.add_argument("--data-dir", help="where the embedded Redis keeps its data (default ./data)")
+    serve.add_argument(
+        "--data-dir", help="where the embedded Redis keeps its data (default ./data)"
+    )
     serve.add_argument("--shards", type=int)
     serve.add_argument("--redis-url", help="use this Redis instead of the embedded one")
     serve.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
@@ -49,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--config")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "serve":
             from engine.serve import serve as run
@@ -58,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "config":
             import orjson
 
-            print(orjson.dumps(dataclasses.asdict(load(args.config)), option=orjson.OPT_INDENT_2).decode())
+            print(
+                orjson.dumps(
+                    dataclasses.asdict(load(args.config)), option=orjson.OPT_INDENT_2
+                ).decode()
+            )
     except EngineError as exc:
         where = f" ({exc.field})" if exc.field else ""
         print(f"nudge: error{where}: {exc.message}", file=sys.stderr)
@@ -69,3 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["from_mapping", "main"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

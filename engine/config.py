@@ -79,10 +79,10 @@ class Config:
 _SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "auth": AuthConfig}
 
 
-def _coerce(value: Any, default: Any, path: str) -> Any:
+def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
     kind = type(default)
     if kind is tuple:
-        if isinstance(value, str):
+        if isinstance(value, str) and from_env:
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path} must be a list of strings", field=path)
@@ -133,7 +133,7 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             default = getattr(defaults, key)
             env_name = "NUDGE_" + key.upper()
             if env_name in env:
-                values[key] = _coerce(env[env_name], default, env_name)
+                values[key] = _coerce(env[env_name], default, env_name, from_env=True)
             elif key == "ray_address" and env.get("RAY_ADDRESS"):
                 values[key] = env["RAY_ADDRESS"]
             elif key in given:
@@ -147,14 +147,25 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
 def validate(config: Config) -> None:
     """Reject settings that cannot work or are unsafe."""
     checks = [
-        (1 <= config.server.port <= 65535 or config.server.port == 0, "server.port", "must be 0-65535"),
+        (
+            1 <= config.server.port <= 65535 or config.server.port == 0,
+            "server.port",
+            "must be 0-65535",
+        ),
         (config.server.workers >= 1, "server.workers", "must be at least 1"),
         (1 <= config.engine.shards <= 1024, "engine.shards", "must be 1-1024"),
-        (config.engine.checkpoint_interval_ms >= 1, "engine.checkpoint_interval_ms", "must be positive"),
+        (
+            config.engine.checkpoint_interval_ms >= 1,
+            "engine.checkpoint_interval_ms",
+            "must be positive",
+        ),
         (config.engine.checkpoint_events >= 1, "engine.checkpoint_events", "must be positive"),
         (config.engine.read_count >= 1, "engine.read_count", "must be positive"),
-        (config.engine.redis_fsync in ("everysec", "always", "no"), "engine.redis_fsync",
-         "must be everysec, always or no"),
+        (
+            config.engine.redis_fsync in ("everysec", "always", "no"),
+            "engine.redis_fsync",
+            "must be everysec, always or no",
+        ),
         (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
         (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),
     ]

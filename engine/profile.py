@@ -60,6 +60,7 @@ class Profile:
         "first_seen",
         "groups",
         "id",
+        "journey",
         "last_order_at",
         "last_order_id",
         "last_seen",
@@ -98,6 +99,8 @@ class Profile:
         self.merged_ids: list[str] = []
         self.merging: list[str] = []
         self.seen: dict[str, float] = {}  # messageId -> receivedAt, oldest first
+        # Trigger-rule state (instances, timers, cap history); owned by engine.rules.
+        self.journey: dict[str, Any] = {}
 
     # -- snapshot -----------------------------------------------------------
     def to_dict(self) -> dict:

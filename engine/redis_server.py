@@ -55,22 +55,32 @@ class EmbeddedRedis:
             pid = int(pidfile.read_text().strip() or 0)
             if pid and _alive(pid):
                 raise ConfigError(
-                    f"{self.data_dir} is in use by another Redis (pid {pid}); stop it or use another --data-dir",
+                    f"{self.data_dir} is in use by another Redis (pid {pid}); "
+                    "stop it or use another --data-dir",
                     field="engine.data_dir",
                 )
             pidfile.unlink()
         sock = self.data_dir / "redis.sock"
         args = [
             _binary(),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", self.fsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--pidfile", str(pidfile),
-            "--logfile", str(self.data_dir / "redis.log"),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.fsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--pidfile",
+            str(pidfile),
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
         ]
         if len(str(sock)) < 100:
             sock.unlink(missing_ok=True)
@@ -93,7 +103,9 @@ class EmbeddedRedis:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise Unavailable(f"embedded Redis exited at start; see {self.data_dir / 'redis.log'}")
+                    raise Unavailable(
+                        f"embedded Redis exited at start; see {self.data_dir / 'redis.log'}"
+                    )
                 try:
                     # Loading a large AOF answers LOADING until done; wait for it.
                     if client.ping():

@@ -12,7 +12,7 @@ def shard_for(customer_id: str, shards: int) -> int:
 
 def shard_tag(index: int) -> str:
     """The Redis hash tag that keeps one shard's keys in one cluster slot."""
-    return "{s%d}" % index
+    return f"{{s{index}}}"
 
 
 def stream_key(index: int) -> str:

@@ -18,10 +18,9 @@ log = logging.getLogger(__name__)
 
 def _shards_factory(config: Config):
     async def connect():
-        from actors.client import ShardClient
-        from actors.cluster import find_shards
+        from actors.cluster import shard_client
 
-        return ShardClient(find_shards(config.engine))
+        return shard_client(config.engine)
 
     return connect
 
@@ -36,6 +35,14 @@ def worker_app():
     return create_app(config, config.engine.redis_url, _shards_factory(config))
 
 
+class _Stop(Exception):
+    """SIGTERM arrived: leave the server loop and shut down cleanly."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
 def serve(config: Config) -> None:
     """Run the engine until SIGTERM or Ctrl-C, then stop everything it started."""
     from actors.cluster import ensure_shards, start_ray, stop_shards, wait_ready
@@ -46,7 +53,9 @@ def serve(config: Config) -> None:
     embedded = None
     redis_url = config.engine.redis_url
     if not redis_url:
-        embedded = EmbeddedRedis(os.path.join(config.engine.data_dir, "redis"), fsync=config.engine.redis_fsync)
+        embedded = EmbeddedRedis(
+            os.path.join(config.engine.data_dir, "redis"), fsync=config.engine.redis_fsync
+        )
         redis_url = embedded.start()
     handles = []
     joined = bool(config.engine.ray_address)
@@ -64,18 +73,30 @@ def serve(config: Config) -> None:
             "access_log": False,
             "timeout_graceful_shutdown": config.server.shutdown_timeout_s,
         }
-        print(f"nudge: listening on http://{config.server.host}:{config.server.port} "
-              f"({config.engine.shards} shards, Redis {redis_url})", flush=True)
+        print(
+            f"nudge: listening on http://{config.server.host}:{config.server.port} "
+            f"({config.engine.shards} shards, Redis {redis_url})",
+            flush=True,
+        )
+        # uvicorn re-raises the signal it caught once it has drained; with this
+        # handler (set after ray.init, which installs its own) that becomes an
+        # exception we clean up after.
+        signal.signal(signal.SIGTERM, _raise_stop)
         if config.server.workers > 1:
             os.environ["NUDGE_REDIS_URL"] = redis_url
             os.environ["NUDGE_RAY_ADDRESS"] = gcs
-            uvicorn.run("engine.serve:worker_app", factory=True, workers=config.server.workers, **uv_options)
+            uvicorn.run(
+                "engine.serve:worker_app", factory=True, workers=config.server.workers, **uv_options
+            )
         else:
             app = create_app(config, redis_url, _shards_factory(config))
             uvicorn.Server(uvicorn.Config(app, **uv_options)).run()
+    except (_Stop, KeyboardInterrupt):
+        pass
     finally:
         # Ignore a second Ctrl-C while we checkpoint and shut down.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopping = time.monotonic()
         if handles and not joined:
             stop_shards(handles)

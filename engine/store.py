@@ -93,7 +93,9 @@ class Store:
         return last[0][0].decode() if last else "0-0"
 
     # -- shard side -----------------------------------------------------------
-    async def read(self, index: int, after: str, *, count: int, block_ms: int) -> list[tuple[str, list]]:
+    async def read(
+        self, index: int, after: str, *, count: int, block_ms: int
+    ) -> list[tuple[str, list]]:
         """Up to `count` stream entries after `after`, waiting up to `block_ms` for one."""
         reply = await self.redis.xread({stream_key(index): after}, count=count, block=block_ms)
         if not reply:
@@ -155,4 +157,8 @@ class Store:
             pipe.get(_key(index, "pos"))
             pipe.hlen(_key(index, "profiles"))
             length, pos, profiles = await pipe.execute()
-        return {"stream_length": length, "checkpoint_pos": (pos or b"0-0").decode(), "checkpointed_profiles": profiles}
+        return {
+            "stream_length": length,
+            "checkpoint_pos": (pos or b"0-0").decode(),
+            "checkpointed_profiles": profiles,
+        }

