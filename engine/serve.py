@@ -31,7 +31,11 @@ def worker_app():
     from engine.api import create_app
 
     config = load()
+    # ray.init installs its own SIGTERM handler; keep uvicorn's, so workers drain.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     return create_app(config, config.engine.redis_url, _shards_factory(config))
 
 
