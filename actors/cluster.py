@@ -35,7 +35,8 @@ def start_ray(address: str = "", *, namespace: str = NAMESPACE, num_cpus: int | 
     if address:
         ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
+        # "local" forces a new cluster even when another one runs on this machine.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **options)
     return ray.get_runtime_context().gcs_address
 
 

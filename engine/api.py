@@ -144,16 +144,12 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
     async def batch(request: Request) -> JSONResponse:
         return await ingest(request, None)
 
-    async def fresh_positions(customer: str) -> dict[int, str]:
-        index = shards().shard_of(customer)
-        return {index: await store().tail(index)}
-
     async def get_profile(request: Request) -> JSONResponse:
         keys.require(request.headers.get("authorization"), ADMIN)
         customer = request.path_params["customer_id"]
         min_pos = None
         if request.query_params.get("fresh", "1") not in ("0", "false"):
-            min_pos = {i: await store().tail(i) for i in range(config.engine.shards)}
+            min_pos = await store().tails()
         found = await shards().profile(customer, min_pos=min_pos)
         if found is None:
             raise NotFound(f"no customer {customer!r}", field="customer_id")
@@ -162,8 +158,7 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
     async def delete_profile(request: Request) -> JSONResponse:
         keys.require(request.headers.get("authorization"), ADMIN)
         customer = request.path_params["customer_id"]
-        min_pos = {i: await store().tail(i) for i in range(config.engine.shards)}
-        found = await shards().profile(customer, min_pos=min_pos)
+        found = await shards().profile(customer, min_pos=await store().tails())
         targets = [customer]
         if found is not None and found["id"] != customer:
             targets.append(found["id"])  # the id was merged: erase the person it now names

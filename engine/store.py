@@ -92,6 +92,17 @@ class Store:
             raise StoreError(f"could not read stream tail: {exc}") from exc
         return last[0][0].decode() if last else "0-0"
 
+    async def tails(self) -> dict[int, str]:
+        """The newest id of every shard's stream, in one round trip."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index in range(self.shards):
+                    pipe.xrevrange(stream_key(index), count=1)
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"could not read stream tails: {exc}") from exc
+        return {i: (last[0][0].decode() if last else "0-0") for i, last in enumerate(replies)}
+
     # -- shard side -----------------------------------------------------------
     async def read(
         self, index: int, after: str, *, count: int, block_ms: int
