@@ -111,6 +111,16 @@ class ShardClient:
             current = found
         return None
 
+    async def explain(self, customer: str) -> tuple[str, list[dict]] | None:
+        """(canonical id, per-rule explanation) for `customer`, following merges."""
+        current = customer
+        for _ in range(_MAX_HOPS + 1):
+            found = await self.call(self.shard_of(current), "explain", current)
+            if not isinstance(found, str):
+                return None if found is None else (current, found)
+            current = found
+        return None
+
     async def wait_applied(self, index: int, pos: str, timeout: float = 5.0) -> bool:
         """True once shard `index` has applied its stream up to `pos`."""
         return await self.call(index, "wait_applied", pos, timeout)

@@ -47,7 +47,13 @@ def remote_shard_class(max_restarts: int = -1):
     )(ShardActor)
 
 
-def ensure_shards(settings: EngineConfig, redis_url: str, *, detached: bool = False) -> list:
+def ensure_shards(
+    settings: EngineConfig,
+    redis_url: str,
+    *,
+    rules: tuple[tuple[str, str], ...] = (),
+    detached: bool = False,
+) -> list:
     """Create the shard actors that do not exist yet and return handles to all of them."""
     cls = remote_shard_class()
     handles = []
@@ -60,7 +66,9 @@ def ensure_shards(settings: EngineConfig, redis_url: str, *, detached: bool = Fa
         }
         if detached:
             options["lifetime"] = "detached"
-        handles.append(cls.options(**options).remote(index, settings.shards, settings, redis_url))
+        handles.append(
+            cls.options(**options).remote(index, settings.shards, settings, redis_url, rules=rules)
+        )
     return handles
 
 

@@ -19,10 +19,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from engine.clock import Clock, SystemClock
 from engine.config import EngineConfig
 from engine.partition import Partition
 from engine.profile import Limits
 from engine.routing import shard_for
+from engine.rules import RuleSet
 from engine.store import Store, connect, parse_id
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,17 @@ class ShardActor:
         settings: EngineConfig,
         redis_url: str,
         *,
+        rules: tuple[tuple[str, str], ...] = (),
+        clock: Clock | None = None,
         autostart: bool = True,
     ):
         self.index = index
         self.shards = shards
         self.settings = settings
         self.redis_url = redis_url
+        self.clock = clock or SystemClock()
+        # Rules travel as TOML text: compiled closures cannot be pickled to a worker.
+        self.rules = RuleSet.from_sources(rules) if rules else None
         self.partition = Partition(
             lambda customer: shard_for(customer, shards) == index,
             limits=Limits(
@@ -52,6 +59,7 @@ class ShardActor:
                 dedupe_window_s=settings.dedupe_window_s,
                 dedupe_max_ids=settings.dedupe_max_ids,
             ),
+            rules=self.rules,
         )
         self.pos = "0-0"
         self.checkpoint_pos = "0-0"
@@ -94,14 +102,19 @@ class ShardActor:
             len(self.partition.profiles),
         )
         interval = self.settings.checkpoint_interval_ms / 1000.0
-        block_ms = max(int(interval * 500), 1)
+        idle_ms = max(int(interval * 500), 1)
         while not self._stopping:
             try:
+                block_ms = idle_ms
+                deadline = self.partition.next_deadline()
+                if deadline is not None:
+                    block_ms = max(min(idle_ms, int((deadline - self.clock.now()) * 1000)), 1)
                 entries = await self._store.read(
                     self.index, self.pos, count=self.settings.read_count, block_ms=block_ms
                 )
                 if entries:
                     self._apply(entries)
+                self._tick()
                 if self._since_checkpoint and (
                     self._since_checkpoint >= self.settings.checkpoint_events
                     or time.monotonic() - self.last_checkpoint_at >= interval
@@ -113,7 +126,9 @@ class ShardActor:
 
     async def _recover(self) -> None:
         pos, profiles, aliases, erased = await self._store.load_checkpoint(self.index)
-        self.partition = Partition(self.partition.owns, limits=self.partition.limits)
+        self.partition = Partition(
+            self.partition.owns, limits=self.partition.limits, rules=self.rules
+        )
         self.partition.restore(profiles, aliases, erased)
         self.pos = self.checkpoint_pos = pos
         await self._store.deliver_forwards(self.index)
@@ -134,6 +149,13 @@ class ShardActor:
         self.pos = entries[-1][0]
         self._advanced.set()
         self._advanced = asyncio.Event()
+
+    def _tick(self) -> None:
+        try:
+            if self.partition.tick(self.clock.now()):
+                self._since_checkpoint += 1  # sends wait in memory until the next checkpoint
+        except Exception:
+            log.exception("shard %d: firing timers failed", self.index)
 
     async def _checkpoint(self) -> None:
         # Snapshot synchronously, before any await, so it matches self.pos exactly.
@@ -162,6 +184,7 @@ class ShardActor:
         part._unaliased.update(changes.unaliased)
         part._new_erased = changes.erased + part._new_erased
         part._forwards = changes.forwards + part._forwards
+        part._sends = changes.sends + part._sends
 
     # -- calls ----------------------------------------------------------------
     async def wait_applied(self, pos: str, timeout: float = 5.0) -> bool:
@@ -196,6 +219,10 @@ class ShardActor:
             out.append(found.public() if hasattr(found, "public") else found)
         return out
 
+    async def explain(self, customer: str) -> list[dict] | str | None:
+        """Per rule, why `customer` did or did not get an email now; str if merged elsewhere."""
+        return self.partition.explain(customer, self.clock.now())
+
     async def status(self) -> dict:
         """Readiness, position, counters and memory of this shard."""
         return {
@@ -209,6 +236,8 @@ class ShardActor:
             "aliases": len(self.partition.aliases),
             "stats": dict(self.partition.stats),
             "failed_events": self.failed_events,
+            "timers": len(self.partition.timers),
+            "sends": self.partition.sent,
             "checkpoints": self.checkpoints,
             "last_checkpoint_s": self.last_checkpoint_s,
             "rss_bytes": _rss_bytes(),

@@ -155,6 +155,16 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
             raise NotFound(f"no customer {customer!r}", field="customer_id")
         return JSONResponse(found)
 
+    async def explain(request: Request) -> JSONResponse:
+        keys.require(request.headers.get("authorization"), ADMIN)
+        customer = request.path_params["customer_id"]
+        await shards().profile(customer, min_pos=await store().tails())  # read-your-writes
+        found = await shards().explain(customer)
+        if found is None:
+            raise NotFound(f"no customer {customer!r}", field="customer_id")
+        canonical, rules = found
+        return JSONResponse({"customer": canonical, "now": time.time(), "rules": rules})
+
     async def delete_profile(request: Request) -> JSONResponse:
         keys.require(request.headers.get("authorization"), ADMIN)
         customer = request.path_params["customer_id"]
@@ -235,6 +245,7 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
     routes += [
         Route("/v1/batch", batch, methods=["POST"]),
         Route("/v1/import", batch, methods=["POST"]),
+        Route("/v1/profiles/{customer_id:path}/explain", explain, methods=["GET"]),
         Route("/v1/profiles/{customer_id:path}", get_profile, methods=["GET"]),
         Route("/v1/profiles/{customer_id:path}", delete_profile, methods=["DELETE"]),
         Route("/v1/status", status, methods=["GET"]),

@@ -1,4 +1,4 @@
-"""The `nudge` command."""
+"""The `nudge` command: serve, lint, simulate, explain, config."""
 
 from __future__ import annotations
 
@@ -6,9 +6,26 @@ import argparse
 import dataclasses
 import logging
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime
 
-from engine.config import Config, from_mapping, load, validate
+import orjson
+
+from engine.config import Config, load, validate
 from engine.errors import EngineError
+
+# Subcommands whose own module parses the rest of the command line.
+_DELEGATED = {
+    "lint": ("engine.rules.lint", "main", "check a rule set: typos, overlaps, unreachable steps"),
+    "simulate": ("engine.simulate", "main", "run a scripted scenario on a virtual clock"),
+    "explain-scenario": (
+        "engine.simulate",
+        "explain_main",
+        "run a scenario, then explain one customer",
+    ),
+}
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
@@ -36,8 +53,52 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
     return config
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """Ask a running engine why each rule did or did not email a customer."""
+    config = load(args.config)
+    url = args.url or f"http://{config.server.host}:{config.server.port}"
+    key = args.key or (config.auth.admin_keys[0] if config.auth.admin_keys else "")
+    quoted = urllib.parse.quote(args.customer, safe="")
+    request = urllib.request.Request(
+        f"{url}/v1/profiles/{quoted}/explain", headers={"Authorization": f"Bearer {key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            body = orjson.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        error = orjson.loads(exc.read() or b"{}").get("error", {})
+        print(f"nudge explain: {exc.code} {error.get('message', exc.reason)}", file=sys.stderr)
+        return 2
+    except urllib.error.URLError as exc:
+        print(f"nudge explain: cannot reach {url}: {exc.reason}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"customer {body['customer']}, as of {_iso(body['now'])}")
+    for rule in body["rules"]:
+        print(f"  {rule['rule']:<28} {rule['status']}")
+        for wait in rule.get("waiting", []):
+            print(f"      step {wait['step']} due {wait.get('due_iso') or _iso(wait['due'])}")
+        last = rule.get("last")
+        if last and last.get("detail"):
+            print(f"      last: {last['outcome']}: {last['detail']}")
+    return 0
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nudge` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        module, function, _ = _DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
+
     parser = argparse.ArgumentParser(
         prog="nudge", description="Real-time behavioural trigger engine"
     )
@@ -49,14 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes")
-    serve.add_argument(
-        "--data-dir", help="where the embedded Redis keeps its data (default ./data)"
-    )
+    serve.add_argument("--data-dir", help="where the embedded Redis keeps its data (default ./data)")
     serve.add_argument("--shards", type=int)
     serve.add_argument("--redis-url", help="use this Redis instead of the embedded one")
     serve.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    explain = sub.add_parser("explain", help="why a customer did or did not get each email")
+    explain.add_argument("customer")
+    explain.add_argument("--url", help="the engine's base URL (default: from the config)")
+    explain.add_argument("--key", help="an admin key (default: the first in the config)")
+    explain.add_argument("--config")
+    explain.add_argument("--json", action="store_true", help="print the full explanation")
     show = sub.add_parser("config", help="print the effective configuration as JSON")
     show.add_argument("--config")
+    for name, (_, _, summary) in _DELEGATED.items():
+        sub.add_parser(name, help=summary + f" (see nudge {name} --help)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -67,14 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             from engine.serve import serve as run
 
             run(_with_overrides(load(args.config), args))
+        elif args.command == "explain":
+            return _explain(args)
         elif args.command == "config":
-            import orjson
-
-            print(
-                orjson.dumps(
-                    dataclasses.asdict(load(args.config)), option=orjson.OPT_INDENT_2
-                ).decode()
-            )
+            config = dataclasses.asdict(load(args.config))
+            config["rules"] = [source for _, source in config["rules"]]
+            print(orjson.dumps(config, option=orjson.OPT_INDENT_2).decode())
     except EngineError as exc:
         where = f" ({exc.field})" if exc.field else ""
         print(f"nudge: error{where}: {exc.message}", file=sys.stderr)
@@ -82,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-__all__ = ["from_mapping", "main"]
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # (TOML text, where it came from) of every rule document: compiled by each
+    # shard, since compiled rules cannot travel between processes.
+    rules: tuple[tuple[str, str], ...] = ()
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -77,6 +80,8 @@ class Config:
 
 
 _SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "auth": AuthConfig}
+# Sections read by their own modules: trigger rules (engine.rules) and content.
+_FOREIGN = frozenset({"rules", "rule", "segment", "content"})
 
 
 def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
@@ -117,7 +122,7 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     env = env or {}
     sections = {}
     for name in data:
-        if name not in _SECTIONS:
+        if name not in _SECTIONS and name not in _FOREIGN:
             raise ConfigError(f"unknown section [{name}]", field=name)
     for name, cls in _SECTIONS.items():
         given = data.get(name, {})
@@ -190,7 +195,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:
-    """Read config.toml (the given path, else ./config.toml if present, else defaults)."""
+    """Read config.toml (the given path, else ./config.toml if present, else defaults).
+
+    Also reads and compiles the trigger rules it holds or names, so a broken
+    rule stops the engine at start with its file and line; with no config file
+    the starter rules apply.
+    """
     env = dict(os.environ) if env is None else env
     if path is None and env.get("NUDGE_CONFIG"):
         path = env["NUDGE_CONFIG"]
@@ -204,7 +214,16 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
             raise ConfigError(f"config file {path} does not exist", field="config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}", field="config") from None
-    return from_mapping(data, env)
+    config = from_mapping(data, env)
+    from engine.rules import RuleSet, rule_sources
+    from engine.rules.files import STARTER
+
+    if path is None:
+        sources = [(STARTER.read_text(encoding="utf-8"), str(STARTER))]
+    else:
+        sources = rule_sources(path)
+    RuleSet.from_sources(sources)  # refuse to start on a rule that does not compile
+    return replace(config, rules=tuple(sources))
 
 
 def warn_dev_keys(config: Config) -> None:

@@ -30,7 +30,9 @@ def parse_time(value: Any, field: str) -> float:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise ValidationError(f"{field} is not an ISO-8601 time: {value[:40]!r}", field=field) from None
+        raise ValidationError(
+            f"{field} is not an ISO-8601 time: {value[:40]!r}", field=field
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -44,7 +46,9 @@ def _identifier(msg: dict, name: str, prefix: str) -> str | None:
         raise ValidationError(f"{name} must be a string", field=prefix + name)
     value = str(value)
     if len(value) > _MAX_ID_CHARS:
-        raise ValidationError(f"{name} is longer than {_MAX_ID_CHARS} characters", field=prefix + name)
+        raise ValidationError(
+            f"{name} is longer than {_MAX_ID_CHARS} characters", field=prefix + name
+        )
     return value
 
 
@@ -63,7 +67,9 @@ def normalize(
     message names its own). Raises ValidationError naming the field at fault.
     """
     if not isinstance(msg, dict):
-        raise ValidationError("each message must be a JSON object", field=prefix.rstrip(".") or None)
+        raise ValidationError(
+            "each message must be a JSON object", field=prefix.rstrip(".") or None
+        )
     msg_type = msg.get("type", kind) if kind is None else kind
     if msg_type not in TYPES:
         raise ValidationError(
@@ -81,7 +87,9 @@ def normalize(
     if msg_type == "alias":
         previous = _identifier(msg, "previousId", prefix)
         if previous is None:
-            raise ValidationError("alias needs previousId", field=prefix + "previousId", code="missing_id")
+            raise ValidationError(
+                "alias needs previousId", field=prefix + "previousId", code="missing_id"
+            )
         if user_id is None:
             raise ValidationError("alias needs userId", field=prefix + "userId", code="missing_id")
         out["previousId"] = previous
@@ -107,7 +115,9 @@ def normalize(
     elif msg_type == "group":
         group_id = _identifier(msg, "groupId", prefix)
         if group_id is None:
-            raise ValidationError("group needs groupId", field=prefix + "groupId", code="missing_id")
+            raise ValidationError(
+                "group needs groupId", field=prefix + "groupId", code="missing_id"
+            )
         out["groupId"] = group_id
 
     message_id = msg.get("messageId")

@@ -10,6 +10,11 @@ Internal event types, written by the engine and never accepted from clients:
   _merge_in   at the new id's shard: fold the carried profile in (once per id)
   _erase      remove a customer for good; later events for the id are dropped
   _unalias    drop an alias to an erased customer
+
+With a RuleSet, every applied event is also offered to the trigger rules and
+`tick(now)` fires due timers; decided sends leave through `take_changes`,
+to be written to the outbox atomically with the checkpoint that holds the
+state that decided them, so a replay after a crash never sends twice.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from engine.profile import Limits, Profile, apply_event, merge_profiles
+from engine.rules import RuleSet, TimerIndex, merge_journey
 
 APPLIED, DUPLICATE, DROPPED, FORWARDED = "applied", "duplicate", "dropped", "forwarded"
 _MAX_HOPS = 4
@@ -41,19 +47,35 @@ class Changes:
     unaliased: list[str] = field(default_factory=list)
     erased: list[str] = field(default_factory=list)
     forwards: list[tuple[str, dict]] = field(default_factory=list)
+    sends: list[dict] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
-            self.profiles or self.deleted or self.aliases or self.unaliased or self.erased or self.forwards
+            self.profiles
+            or self.deleted
+            or self.aliases
+            or self.unaliased
+            or self.erased
+            or self.forwards
+            or self.sends
         )
 
 
 class Partition:
     """Profiles of the customers that hash to one shard."""
 
-    def __init__(self, owns: Callable[[str], bool], *, limits: Limits | None = None):
+    def __init__(
+        self,
+        owns: Callable[[str], bool],
+        *,
+        limits: Limits | None = None,
+        rules: RuleSet | None = None,
+    ):
         self.owns = owns
         self.limits = limits or Limits()
+        self.rules = rules
+        self.timers = TimerIndex()
+        self.sent = 0
         self.profiles: dict[str, Profile] = {}
         self.aliases: dict[str, str] = {}
         self.erased: set[str] = set()
@@ -64,6 +86,7 @@ class Partition:
         self._unaliased: set[str] = set()
         self._new_erased: list[str] = []
         self._forwards: list[tuple[str, dict]] = []
+        self._sends: list[dict] = []
 
     # -- reading -------------------------------------------------------------
     def lookup(self, customer_id: str) -> Profile | str | None:
@@ -98,10 +121,21 @@ class Partition:
             return DUPLICATE
         apply_event(profile, event, self.limits)
         self._dirty.add(customer)
+        if self.rules is not None:
+            # receivedAt, not the wall clock: a replay must decide exactly the same.
+            self._decided(profile, self.rules.on_event(profile, event, event["receivedAt"]))
         other = event.get("previousId") if kind == "alias" else event["anonymousId"]
-        if other and other != customer and other not in profile.merged_ids and other not in profile.merging:
+        if (
+            other
+            and other != customer
+            and other not in profile.merged_ids
+            and other not in profile.merging
+        ):
             profile.merging.append(other)
-            self._send(other, {"type": "_merge_out", "customer": other, "userId": customer, "ts": event["ts"]})
+            self._send(
+                other,
+                {"type": "_merge_out", "customer": other, "userId": customer, "ts": event["ts"]},
+            )
         return APPLIED
 
     def _internal(self, kind: str, customer: str, event: dict) -> str:
@@ -110,6 +144,7 @@ class Partition:
             profile = self.profiles.pop(customer, None)
             if profile is not None:
                 self._mark_deleted(customer)
+                self.timers.discard(customer)
             self.aliases[customer] = target
             self._dirty_aliases.add(customer)
             self._unaliased.discard(customer)
@@ -135,7 +170,11 @@ class Partition:
             if source in profile.merged_ids:
                 return DUPLICATE
             if event.get("profile") is not None:
-                merge_profiles(profile, Profile.from_dict(event["profile"]), self.limits)
+                other = Profile.from_dict(event["profile"])
+                merge_profiles(profile, other, self.limits)
+                merge_journey(profile.journey, other.journey)
+                if self.rules is not None:
+                    self.timers.schedule(customer, self.rules.next_deadline(profile))
             profile.merged_ids.append(source)
             if source in profile.merging:
                 profile.merging.remove(source)
@@ -147,10 +186,19 @@ class Partition:
                 self.erased.add(key)
                 self._new_erased.append(key)
             profile = self.profiles.pop(customer, None)
+            self.timers.discard(customer)
             if profile is not None:
                 self._mark_deleted(customer)
                 for old in profile.merged_ids + profile.merging:
-                    self._send(old, {"type": "_unalias", "customer": old, "userId": customer, "ts": event["ts"]})
+                    self._send(
+                        old,
+                        {
+                            "type": "_unalias",
+                            "customer": old,
+                            "userId": customer,
+                            "ts": event["ts"],
+                        },
+                    )
             if self.aliases.pop(customer, None) is not None:
                 self._unalias(customer)
             return APPLIED
@@ -160,6 +208,37 @@ class Partition:
                 self._unalias(customer)
             return APPLIED
         return DROPPED
+
+    # -- rules --------------------------------------------------------------------
+    def _decided(self, profile: Profile, sends: list) -> None:
+        for send in sends:
+            self._sends.append(send.to_dict())
+        self.sent += len(sends)
+        self.timers.schedule(profile.id, self.rules.next_deadline(profile))
+
+    def tick(self, now: float) -> int:
+        """Fire every timer due at or before `now`; returns how many sends that decided."""
+        if self.rules is None:
+            return 0
+        before = self.sent
+        for customer in self.timers.pop_due(now):
+            profile = self.profiles.get(customer)
+            if profile is None:
+                continue
+            self._decided(profile, self.rules.on_due(profile, now))
+            self._dirty.add(customer)
+        return self.sent - before
+
+    def next_deadline(self) -> float | None:
+        """The earliest pending timer of any customer here."""
+        return self.timers.next_deadline()
+
+    def explain(self, customer_id: str, now: float) -> list[dict] | str | None:
+        """Per rule, why `customer_id` did or did not get an email (see RuleSet.explain)."""
+        found = self.lookup(customer_id)
+        if not isinstance(found, Profile):
+            return found
+        return self.rules.explain(found, now) if self.rules is not None else []
 
     def _mark_deleted(self, customer: str) -> None:
         self._dirty.discard(customer)
@@ -193,6 +272,7 @@ class Partition:
             unaliased=list(self._unaliased),
             erased=self._new_erased,
             forwards=self._forwards,
+            sends=self._sends,
         )
         self._dirty = set()
         self._deleted = set()
@@ -200,6 +280,7 @@ class Partition:
         self._unaliased = set()
         self._new_erased = []
         self._forwards = []
+        self._sends = []
         return changes
 
     def restore(self, profiles: dict[bytes | str, bytes], aliases: dict, erased: set) -> None:
@@ -213,3 +294,8 @@ class Partition:
             for k, v in aliases.items()
         }
         self.erased = {k.decode() if isinstance(k, bytes) else k for k in erased}
+        self.timers = TimerIndex()
+        if self.rules is not None:
+            self.timers = TimerIndex.rebuild(
+                (cid, self.rules.next_deadline(p)) for cid, p in self.profiles.items()
+            )

@@ -12,7 +12,17 @@ from typing import Any
 
 FORMAT_VERSION = 1
 
-_CART_FIELDS = ("product_id", "sku", "name", "brand", "category", "variant", "price", "url", "image_url")
+_CART_FIELDS = (
+    "product_id",
+    "sku",
+    "name",
+    "brand",
+    "category",
+    "variant",
+    "price",
+    "url",
+    "image_url",
+)
 _OPT_OUT_TRAITS = ("unsubscribed", "email_opt_out", "opted_out")
 
 
@@ -92,7 +102,12 @@ class Profile:
         self.last_order_at: float | None = None
         self.last_order_id: str | None = None
         self.purchased: list[list] = []  # [ts, product id], oldest first
-        self.email: dict[str, Any] = {"opened": 0, "clicked": 0, "last_opened": None, "last_clicked": None}
+        self.email: dict[str, Any] = {
+            "opened": 0,
+            "clicked": 0,
+            "last_opened": None,
+            "last_clicked": None,
+        }
         self.consent: dict[str, Any] = {"unsubscribed": False, "unsubscribed_at": None}
         self.timezone: str | None = None
         self.groups: dict[str, dict] = {}
@@ -124,7 +139,9 @@ class Profile:
         """The profile as the API shows it (without dedupe bookkeeping)."""
         data = self.to_dict()
         del data["seen"], data["merging"], data["v"]
-        data["cart_total"] = round(sum(_number(i.get("price")) * i.get("quantity", 1) for i in self.cart.values()), 2)
+        data["cart_total"] = round(
+            sum(_number(i.get("price")) * i.get("quantity", 1) for i in self.cart.values()), 2
+        )
         return data
 
     @property
@@ -250,7 +267,9 @@ def _product_removed(profile: Profile, props: dict, ts: float, event: dict, limi
     item = profile.cart.get(product) if product is not None else None
     if item is None:
         return
-    remaining = item.get("quantity", 1) - max(int(_number(props.get("quantity"), item.get("quantity", 1))), 1)
+    remaining = item.get("quantity", 1) - max(
+        int(_number(props.get("quantity"), item.get("quantity", 1))), 1
+    )
     if remaining > 0:
         item["quantity"] = remaining
     else:
@@ -263,7 +282,9 @@ def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limi
     revenue = props.get("revenue", props.get("total"))
     if revenue is None:
         revenue = sum(
-            _number(p.get("price")) * _number(p.get("quantity"), 1.0) for p in products if isinstance(p, dict)
+            _number(p.get("price")) * _number(p.get("quantity"), 1.0)
+            for p in products
+            if isinstance(p, dict)
         )
     profile.orders += 1
     profile.revenue = round(profile.revenue + _number(revenue), 2)
@@ -311,7 +332,9 @@ def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
     into.traits = {**other.traits, **into.traits}
     for name, n in other.counts.items():
         into.counts[name] = into.counts.get(name, 0) + n
-    if other.first_seen is not None and (into.first_seen is None or other.first_seen < into.first_seen):
+    if other.first_seen is not None and (
+        into.first_seen is None or other.first_seen < into.first_seen
+    ):
         into.first_seen = other.first_seen
     if other.last_seen is not None and (into.last_seen is None or other.last_seen > into.last_seen):
         into.last_seen = other.last_seen
@@ -326,10 +349,14 @@ def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
         into.cart_id = into.cart_id or other.cart_id
     into.orders += other.orders
     into.revenue = round(into.revenue + other.revenue, 2)
-    if other.last_order_at is not None and (into.last_order_at is None or other.last_order_at > into.last_order_at):
+    if other.last_order_at is not None and (
+        into.last_order_at is None or other.last_order_at > into.last_order_at
+    ):
         into.last_order_at = other.last_order_at
         into.last_order_id = other.last_order_id
-    into.purchased = sorted(into.purchased + other.purchased, key=lambda e: e[0])[-limits.purchased_max :]
+    into.purchased = sorted(into.purchased + other.purchased, key=lambda e: e[0])[
+        -limits.purchased_max :
+    ]
     for name in ("opened", "clicked"):
         into.email[name] += other.email.get(name, 0)
     for name in ("last_opened", "last_clicked"):

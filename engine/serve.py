@@ -65,7 +65,7 @@ def serve(config: Config) -> None:
     joined = bool(config.engine.ray_address)
     try:
         gcs = start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
-        handles = ensure_shards(config.engine, redis_url, detached=joined)
+        handles = ensure_shards(config.engine, redis_url, rules=config.rules, detached=joined)
         wait_ready(handles)
         log.info("%d shards ready in %.1f s", len(handles), time.monotonic() - started)
         engine = dataclasses.replace(config.engine, redis_url=redis_url, ray_address=gcs)

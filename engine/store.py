@@ -7,6 +7,8 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
   nudge:{sN}:erased    set of digests of erased ids (checkpoint)
   nudge:{sN}:pos       last stream id the checkpoint includes
   nudge:{sN}:fwd       stream of messages for other shards, written with the checkpoint
+  nudge:{sN}:outbox    stream of decided sends, field s = JSON send; written with the
+                       checkpoint whose state decided them, so each is written once
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def parse_id(stream_id: str | bytes) -> tuple[int, int]:
 
 def _key(index: int, name: str) -> str:
     return f"nudge:{shard_tag(index)}:{name}"
+
+
+def outbox_key(index: int) -> str:
+    """The stream of sends decided by shard `index`."""
+    return _key(index, "outbox")
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -139,6 +146,8 @@ class Store:
                 pipe.sadd(_key(index, "erased"), *changes.erased)
             if changes.forwards:
                 pipe.xadd(_key(index, "fwd"), {"f": orjson.dumps(changes.forwards)})
+            for send in changes.sends:
+                pipe.xadd(outbox_key(index), {"s": orjson.dumps(send)})
             pipe.set(_key(index, "pos"), pos)
             # Entries at or below the checkpoint are applied and no longer needed.
             pipe.xtrim(stream_key(index), minid=pos, approximate=False)
@@ -160,6 +169,14 @@ class Store:
         await self.append_groups(groups)
         await self.redis.xdel(_key(index, "fwd"), *[sid for sid, _ in entries])
         return sum(len(group) for group in groups.values())
+
+    async def outbox(
+        self, index: int, *, after: str = "-", count: int = 1000
+    ) -> list[tuple[str, dict]]:
+        """Sends in shard `index`'s outbox after stream id `after` (exclusive unless "-")."""
+        start = after if after == "-" else f"({after}"
+        entries = await self.redis.xrange(outbox_key(index), min=start, count=count)
+        return [(sid.decode(), orjson.loads(fields[b"s"])) for sid, fields in entries]
 
     async def info(self, index: int) -> dict[str, Any]:
         """Stream length and checkpoint position of one shard."""

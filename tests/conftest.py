@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +19,8 @@ import uvicorn
 
 from engine.config import Config, EngineConfig
 from engine.redis_server import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -106,9 +109,10 @@ def serve_app(app: object) -> Iterator[str]:
 class LocalShards:
     """Plain ShardActors on the server's event loop: the whole engine without Ray."""
 
-    def __init__(self, config: Config, redis_url: str):
+    def __init__(self, config: Config, redis_url: str, clock: object = None):
         self.config = config
         self.redis_url = redis_url
+        self.clock = clock
         self.actors: list = []
 
     async def connect(self):
@@ -117,7 +121,13 @@ class LocalShards:
 
         self.actors = [
             ShardActor(
-                i, self.config.engine.shards, self.config.engine, self.redis_url, autostart=False
+                i,
+                self.config.engine.shards,
+                self.config.engine,
+                self.redis_url,
+                rules=self.config.rules,
+                clock=self.clock,
+                autostart=False,
             )
             for i in range(self.config.engine.shards)
         ]

@@ -11,13 +11,13 @@ _counter = itertools.count()
 
 
 def track(
-    customer: str, name: str = "Product Viewed", *, anonymous: bool = False, **props: object
+    customer: str, event: str = "Product Viewed", *, anonymous: bool = False, **props: object
 ) -> dict:
-    """A raw Segment track message with a fresh messageId."""
+    """A raw Segment track message with a fresh messageId; keyword arguments are properties."""
     who = {"anonymousId": customer} if anonymous else {"userId": customer}
     return {
         "type": "track",
-        "event": name,
+        "event": event,
         "messageId": f"m-{uuid.uuid4().hex}",
         "properties": props,
         **who,

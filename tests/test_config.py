@@ -7,6 +7,8 @@ import pytest
 
 from engine.config import Config, from_mapping, load
 from engine.errors import ConfigError
+from engine.rules import RuleSet
+from engine.rules.files import STARTER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,6 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_shipped_config_is_exactly_the_defaults() -> None:
     shipped = from_mapping(tomllib.loads((ROOT / "config.toml").read_text()), {})
     assert shipped == Config()
+
+
+def test_shipped_rules_are_the_starter_set() -> None:
+    shipped = RuleSet.from_sources(load(ROOT / "config.toml", env={}).rules)
+    starter = RuleSet.from_sources([(STARTER.read_text(), "starter.toml")])
+    assert [r.name for r in shipped.rules] == [r.name for r in starter.rules]
+    assert len(shipped.rules) == 5
+
+
+def test_a_broken_rule_stops_loading_with_its_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[server]\nport = 8000\n\n[[rule]]\nname = "x"\non = "Product Added"\nif = "count(("\n'
+    )
+    with pytest.raises(ConfigError, match=r"config\.toml:\d"):
+        load(config, env={})
 
 
 def test_environment_overrides_file() -> None:

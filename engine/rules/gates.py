@@ -1,0 +1,116 @@
+"""What stands between a due step and a send: quiet hours, caps, priority, variants.
+
+Pure functions over plain data; the customer's send history is a list of
+`[ts, rule name]` pairs kept in the journey.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from engine.rules.durations import Cap
+
+HOLDOUT = "holdout"
+_BUCKETS = 10_000
+
+
+class Zones:
+    """ZoneInfo by name, cached; unknown names fall back to the default zone."""
+
+    def __init__(self, default: str = "UTC", *, limit: int = 1024):
+        self.default = ZoneInfo(default)
+        self._cache: dict[str, ZoneInfo] = {}
+        self._limit = limit
+
+    def get(self, name: str | None) -> ZoneInfo:
+        """The zone called `name`, or the default when it is missing or unknown."""
+        if not name:
+            return self.default
+        zone = self._cache.get(name)
+        if zone is None:
+            try:
+                zone = ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError, TypeError):
+                zone = self.default
+            if len(self._cache) < self._limit:
+                self._cache[name] = zone
+        return zone
+
+
+def is_quiet(local: datetime, quiet: tuple[int, int]) -> bool:
+    """True when the local wall-clock time falls inside the quiet hours [start, end)."""
+    minute = local.hour * 60 + local.minute
+    start, end = quiet
+    if start < end:
+        return start <= minute < end
+    return minute >= start or minute < end  # the quiet hours span midnight
+
+
+def next_allowed(at: float, zone: ZoneInfo, quiet: tuple[int, int] | None) -> float:
+    """`at` itself when sending is allowed then, else the first minute after the quiet hours.
+
+    >>> from zoneinfo import ZoneInfo
+    >>> paris = ZoneInfo("Europe/Paris")
+    >>> t = datetime(2024, 3, 4, 22, 30, tzinfo=paris).timestamp()
+    >>> datetime.fromtimestamp(next_allowed(t, paris, (21 * 60, 8 * 60)), paris).isoformat()
+    '2024-03-05T08:00:00+01:00'
+    """
+    if quiet is None:
+        return at
+    local = datetime.fromtimestamp(at, zone)
+    if not is_quiet(local, quiet):
+        return at
+    end_h, end_m = divmod(quiet[1], 60)
+    day = local.date()
+    if local.hour * 60 + local.minute >= quiet[1]:
+        day += timedelta(days=1)  # the quiet hours end tomorrow morning
+    end = datetime(day.year, day.month, day.day, end_h, end_m, tzinfo=zone)
+    return max(end.timestamp(), at)
+
+
+def cap_free_at(
+    history: Iterable[list], caps: Iterable[Cap], at: float, rule: str | None
+) -> float | None:
+    """None if a send at `at` stays within every cap, else the earliest time it would.
+
+    `rule` limits the count to that rule's sends (None: all sends). Sends
+    recorded later than `at` count too, so a late event cannot squeeze in
+    over a cap.
+    """
+    free = None
+    for cap in caps:
+        lo = at - cap.per
+        times = sorted(ts for ts, name in history if ts > lo and (rule is None or name == rule))
+        if len(times) >= cap.max:
+            if cap.max == 0:
+                return float("inf")
+            candidate = times[len(times) - cap.max] + cap.per
+            free = candidate if free is None else max(free, candidate)
+    return free
+
+
+def assign(
+    experiment: str, customer: str, variants: tuple[tuple[str, float], ...], holdout: float
+) -> str | None:
+    """Sticky variant for `customer`: "holdout", a variant name, or None without variants.
+
+    A blake2b hash of experiment and customer decides, so the same customer
+    always lands in the same arm, in any process, without storing anything.
+    """
+    digest = hashlib.blake2b(f"{experiment}\x1f{customer}".encode(), digest_size=8).digest()
+    number = int.from_bytes(digest, "big")
+    bucket = number % _BUCKETS
+    if holdout > 0 and bucket < holdout * _BUCKETS / 100:
+        return HOLDOUT
+    if not variants:
+        return None
+    total = sum(weight for _, weight in variants)
+    point = ((number // _BUCKETS) % 1_000_000) / 1_000_000 * total
+    for name, weight in variants:
+        if point < weight:
+            return name
+        point -= weight
+    return variants[-1][0]

@@ -1,0 +1,108 @@
+"""nudge lint: the mistakes it catches, and a clean starter set."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.rules import RuleSet, lint
+from engine.rules.files import STARTER
+from engine.rules.lint import main
+
+
+def findings(text: str, **kwargs) -> list[tuple[str, str, str]]:
+    ruleset = RuleSet.from_toml(text, source="r.toml")
+    return [(f.level, f.code, f.where) for f in lint(ruleset, **kwargs)]
+
+
+def test_the_starter_set_is_clean() -> None:
+    assert lint(RuleSet.from_toml(STARTER.read_text(), source="starter.toml")) == []
+
+
+RULE = """
+[[rule]]
+name = "{name}"
+on = "{on}"
+priority = {priority}
+{extra}
+[[rule.step]]
+template = "t"
+{steps}
+"""
+
+
+def one(
+    extra: str = "",
+    *,
+    on: str = "Product Viewed",
+    steps: str = "",
+    name: str = "r",
+    priority: int = 0,
+) -> str:
+    return RULE.format(name=name, on=on, priority=priority, extra=extra, steps=steps)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (one(on="Prodcut Viewed"), ("warning", "unknown-event", "r.toml:2")),
+        (one("if = \"count('Order Complete', 7d) > 0\""), ("warning", "unknown-event", "r.toml:6")),
+        (one("if = \"event.prodcut_id == 'x'\""), ("warning", "unknown-property", "r.toml:6")),
+        (one('if = "email.opnd > 0"'), ("error", "unknown-field", "r.toml:6")),
+        (one('if = "revenue > 100 and revenue < 50"'), ("error", "unreachable", "r.toml:6")),
+        (
+            one("if = \"traits.tier == 'a' and traits.tier == 'b'\""),
+            ("error", "unreachable", "r.toml:6"),
+        ),
+        (one('if = "1 > 2"'), ("error", "unreachable", "r.toml:6")),
+        (one('exit = "true"'), ("error", "unreachable", "r.toml:6")),
+        (one("if = \"count('Product Viewed', 7d) >= 60\""), ("warning", "window", "r.toml:6")),
+        (one("if = \"count('Product Viewed', 90d) >= 2\""), ("warning", "window", "r.toml:6")),
+        (
+            one(
+                'caps = ["1/1d"]\non_cap = "skip"',
+                steps='[[rule.step]]\nwait = "1h"\ntemplate = "u"',
+            ),
+            ("error", "cap-blocks-step", "r.toml:10"),
+        ),
+        (
+            one(
+                'caps = ["1/1d"]\non_cap = "defer"',
+                steps='[[rule.step]]\nwait = "1h"\ntemplate = "u"',
+            ),
+            ("warning", "cap-blocks-step", "r.toml:10"),
+        ),
+        ("[rules]\ncaps = ['0/1d']\n" + one(), ("error", "cap-blocks-step", "r.toml:4")),
+        (one('variants = ["a"]\nholdout = 100'), ("warning", "holdout-all", "r.toml:2")),
+        (one() + one(name="s"), ("warning", "overlap", "r.toml:11")),
+    ],
+)
+def test_findings(text: str, expected: tuple[str, str, str]) -> None:
+    assert findings(text) == [expected]
+
+
+def test_a_priority_between_overlapping_rules_silences_the_warning() -> None:
+    assert findings(one() + one(name="s", priority=1)) == []
+
+
+def test_known_events_can_be_extended() -> None:
+    assert findings(one(on="Quote Requested"), known_events={"Quote Requested"}) == []
+
+
+def test_main_reports_and_exits_by_severity(tmp_path, capsys) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(one())
+    assert main([str(good)]) == 0
+    warn = tmp_path / "warn.toml"
+    warn.write_text(one(on="Quote Requested"))
+    assert main([str(warn)]) == 0
+    assert main([str(warn), "--strict"]) == 1
+    assert main([str(warn), "--strict", "--known-events", "Quote Requested"]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(one('if = "1 > 2"'))
+    assert main([str(bad)]) == 1
+    broken = tmp_path / "broken.toml"
+    broken.write_text(one('if = "1 >"'))
+    assert main([str(broken)]) == 2
+    out = capsys.readouterr()
+    assert "bad.toml:6: error: rule 'r' if can never be true [unreachable]" in out.out
+    assert "broken.toml:6: rule 'r' if: expected a value" in out.err

@@ -1,0 +1,153 @@
+"""The simulator: every scenario under tests/scenarios sends exactly what it expects."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.rules.files import STARTER, read_rules
+from engine.simulate import (
+    ScenarioError,
+    check,
+    explain_main,
+    format_sends,
+    load_scenario,
+    main,
+    simulate,
+)
+
+SCENARIOS = sorted((Path(__file__).parent.parent / "scenarios").glob("*.toml"))
+CART = Path(__file__).parent.parent / "scenarios" / "cart_abandonment.toml"
+
+
+@pytest.fixture(scope="module")
+def starter():
+    return read_rules(STARTER)
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_scenario_sends_exactly_what_it_expects(path: Path, starter) -> None:
+    scenario = load_scenario(path)
+    assert scenario.expect, "every scenario states its expected sends"
+    ruleset = read_rules(path.parent / scenario.rules) if scenario.rules else starter
+    sends = simulate(scenario, ruleset)
+    assert check(scenario, sends) == []
+
+
+def test_every_starter_journey_has_a_scenario(starter) -> None:
+    covered = {e["rule"] for path in SCENARIOS for e in load_scenario(path).expect}
+    assert {r.name for r in starter.rules} <= covered
+
+
+def test_check_reports_differences(starter) -> None:
+    scenario = load_scenario(CART)
+    sends = simulate(scenario, starter)
+    sends[0] = {**sends[0], "at": sends[0]["at"] + 60, "template": "other"}
+    problems = check(scenario, sends[:-1])
+    assert problems[0].startswith("expected ") and any("template is 'other'" in p for p in problems)
+
+
+JSONL = """\
+{"start": "2024-03-04T09:00:00Z", "until": "+1d"}
+{"at": "+0m", "user": "bob", "event": "Product Added", \
+"properties": {"product_id": "p1", "price": 5}}
+{"expect": {"at": "+15m", "user": "bob", "rule": "cart_abandonment", "step": 1}}
+"""
+
+
+def test_jsonl_scenarios_and_formatting(starter) -> None:
+    scenario = load_scenario(JSONL)
+    sends = simulate(scenario, starter)
+    assert check(scenario, sends) == []
+    text = format_sends(sends, start=scenario.start)
+    assert text.startswith(
+        "2024-03-04T09:15:00Z       +15m  bob        cart_abandonment#1 variant=classic"
+    )
+    assert format_sends([]) == "(no sends)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("start = '2024-03-04T09:00:00Z'\n", "needs at least one [[event]]"),
+        ("[[event]]\nat = '+1m'\nuser = 'a'\nevent = 'X'\n", "set `start`"),
+        ("start = 'soon'\n[[event]]\nuser = 'a'\nevent = 'X'\n", "not an ISO time"),
+        ("start = 1\n[[event]]\nuser = 'a'\nevent = 'X'\ncolour = 'red'\n", "unknown key 'colour'"),
+        ("start = 1\n[[event]]\nevent = 'X'\n", "needs `user` or `anonymous`"),
+        ("start = 1\n[[event]]\nuser = 'a'\nat = '+1 day'\nevent = 'X'\n", "not a duration"),
+    ],
+)
+def test_scenario_errors(text: str, message: str) -> None:
+    with pytest.raises(ScenarioError, match=re.escape(message)):
+        load_scenario(text)
+
+
+def test_anonymous_events_follow_an_identify_merge(starter) -> None:
+    text = """
+    start = "2024-03-04T09:00:00Z"
+    until = "+1h"
+    [[event]]
+    anonymous = "anon-1"
+    event = "Product Viewed"
+    properties = { product_id = "p1" }
+    [[event]]
+    at = "+1m"
+    user = "bob"
+    anonymous = "anon-1"
+    type = "identify"
+    traits = { email = "bob@example.com" }
+    [[event]]
+    at = "+2m"
+    anonymous = "anon-1"
+    event = "Product Added"
+    properties = { product_id = "p1", price = 5 }
+    """
+    sends = simulate(text, starter)
+    assert [(s["customer"], s["rule"], s["at_iso"]) for s in sends] == [
+        ("bob", "cart_abandonment", "2024-03-04T09:17:00Z"),
+    ]
+
+
+def test_main_prints_checks_and_explains(capsys, tmp_path) -> None:
+    path = str(CART)
+    assert main([path, "--check"]) == 0
+    assert main([path, "--json", "--until", "+1h"]) == 0
+    assert main([str(tmp_path / "missing.toml")]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert any("cart_abandonment#1" in line for line in out)
+    assert orjson.loads(out[-1])["rule"] == "cart_abandonment"
+    assert explain_main([path, "--user", "bob", "--at", "+10m"]) == 0
+    report = orjson.loads(capsys.readouterr().out)
+    assert report[0]["rule"] == "cart_abandonment" and report[0]["status"] == "waiting"
+    assert explain_main([path, "--user", "nobody"]) == 2
+
+
+def test_a_simulated_day_of_traffic_takes_about_a_second(starter) -> None:
+    """1,000 customers, 10,000 events over a day (plus a month of timers) on the virtual clock."""
+    lines = ['{"start": "2024-03-04T00:00:00Z", "until": "+2d"}']
+    names = ["Product Viewed"] * 6 + [
+        "Product Added",
+        "Email Opened",
+        "Page Viewed",
+        "Order Completed",
+    ]
+    for i in range(10_000):
+        at = i * 8.64
+        name = names[(i * 7) % len(names)]
+        props = {"product_id": f"p{i % 37}", "price": 10, "name": "x", "category": "c"}
+        if name == "Order Completed":
+            props = {"order_id": f"o{i}", "revenue": 40, "products": [{"product_id": f"p{i % 37}"}]}
+        lines.append(
+            orjson.dumps(
+                {"at": at, "user": f"u{i % 1000}", "event": name, "properties": props}
+            ).decode()
+        )
+    scenario = load_scenario("\n".join(lines))
+    started = time.perf_counter()
+    sends = simulate(scenario, starter)
+    elapsed = time.perf_counter() - started
+    assert sends and elapsed < 5.0  # about a second on our 2-core machines; generous for CI
