@@ -11,7 +11,6 @@ stream after it, so every acknowledged event is applied exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -28,6 +27,8 @@ from engine.rules import RuleSet
 from engine.store import Store, connect, parse_id
 
 log = logging.getLogger(__name__)
+
+_MAX_BLOCK_MS = 250
 
 
 class ShardActor:
@@ -102,7 +103,9 @@ class ShardActor:
             len(self.partition.profiles),
         )
         interval = self.settings.checkpoint_interval_ms / 1000.0
-        idle_ms = max(int(interval * 500), 1)
+        # Never block near the client's socket timeout (redis-py: 5 s) and wake
+        # at least every 250 ms, so timers and stop() are never kept waiting.
+        idle_ms = max(min(int(interval * 500), _MAX_BLOCK_MS), 1)
         while not self._stopping:
             try:
                 block_ms = idle_ms
@@ -253,9 +256,14 @@ class ShardActor:
         """Stop reading, take a final checkpoint and close; returns its position."""
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            # Let the loop leave between reads: cancelling a blocked XREAD can leave
+            # redis-py's connection in a state that stalls the event loop later.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), _MAX_BLOCK_MS / 1000 + 2)
+            except TimeoutError:
+                self._task.cancel()
+            except Exception:
+                log.exception("shard %d: loop failed while stopping", self.index)
         if self.ready and self._since_checkpoint:
             await self._checkpoint()
         if self._store is not None:

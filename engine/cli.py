@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes")
-    serve.add_argument("--data-dir", help="where the embedded Redis keeps its data (default ./data)")
+    serve.add_argument(
+        "--data-dir", help="where the embedded Redis keeps its data (default ./data)"
+    )
     serve.add_argument("--shards", type=int)
     serve.add_argument("--redis-url", help="use this Redis instead of the embedded one")
     serve.add_argument("--ray-address", help="join this Ray cluster instead of starting one")

@@ -46,7 +46,9 @@ def outbox_key(index: int) -> str:
 
 def connect(url: str) -> aioredis.Redis:
     """An asyncio Redis client for `url` (redis:// or unix://)."""
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    return aioredis.Redis.from_url(
+        url, decode_responses=False, health_check_interval=30, socket_timeout=10
+    )
 
 
 class Store:

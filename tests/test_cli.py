@@ -39,7 +39,9 @@ def test_bad_config_is_reported_not_raised(tmp_path) -> None:
     bad = tmp_path / "config.toml"
     bad.write_text("[engine]\nshards = 0\n")
     done = subprocess.run(
-        [sys.executable, "-m", "engine", "config", "--config", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "engine", "config", "--config", str(bad)],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2
     assert "engine.shards" in done.stderr and "Traceback" not in done.stderr
