@@ -32,6 +32,9 @@ def start_ray(address: str = "", *, namespace: str = NAMESPACE, num_cpus: int | 
         "log_to_driver": True,
         "configure_logging": False,
     }
+    # Ray starts workers at nice 15, which starves the shards behind the API and
+    # Redis on a busy machine; they are the engine's hot path, not background work.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address, **options)
     else:

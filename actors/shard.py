@@ -117,6 +117,8 @@ class ShardActor:
                 )
                 if entries:
                     self._apply(entries)
+                    # Let status, reads and waits in between long runs of applying.
+                    await asyncio.sleep(0)
                 self._tick()
                 if self._since_checkpoint and (
                     self._since_checkpoint >= self.settings.checkpoint_events

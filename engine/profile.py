@@ -7,6 +7,7 @@ Clicked / Unsubscribed for engagement and consent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,12 @@ _CART_FIELDS = (
     "image_url",
 )
 _OPT_OUT_TRAITS = ("unsubscribed", "email_opt_out", "opted_out")
+_TRUE_WORDS = frozenset(("true", "yes", "y", "1", "on"))
+_FALSE_WORDS = frozenset(("false", "no", "n", "0", "off", ""))
+# Amounts past this are treated as garbage: they could only reach inf (which
+# checkpoints as null) or integers orjson cannot encode, wedging the shard.
+_MAX_NUMBER = 1e15
+_MAX_QUANTITY = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +46,46 @@ class Limits:
 
 def product_key(props: dict) -> str | None:
     """The product an event is about: product_id, else sku, as a string."""
-    key = props.get("product_id", props.get("sku"))
+    key = props.get("product_id")
+    if key is None:
+        key = props.get("sku")
     return None if key is None else str(key)
 
 
 def _number(value: Any, default: float = 0.0) -> float:
+    """A finite number from a JSON value ("12.5" too), else `default`."""
     if isinstance(value, bool):
         return default
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             return default
-    return default
+    else:
+        return default
+    # "nan", "inf" and "1e999" parse; none of them is an amount or a quantity.
+    return number if math.isfinite(number) and abs(number) <= _MAX_NUMBER else default
+
+
+def _quantity(value: Any, default: int) -> int:
+    return min(max(int(_number(value, default)), 1), _MAX_QUANTITY)
+
+
+def _flag(value: Any) -> bool | None:
+    """A yes/no trait as CRMs send it (true, "false", 0, "yes"); None when unclear."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value != 0
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return None
 
 
 class Profile:
@@ -159,12 +191,17 @@ class Profile:
         if previous is not None:
             del seen[message_id]
         seen[message_id] = received_at
-        if len(seen) > limits.dedupe_max_ids:
-            horizon = received_at - limits.dedupe_window_s
-            for old in list(seen)[: len(seen) - limits.dedupe_max_ids]:
-                del seen[old]
-            for old in [k for k, t in seen.items() if t < horizon]:
-                del seen[old]
+        # Insertion order is arrival order: trim from the front, oldest first.
+        excess = len(seen) - limits.dedupe_max_ids
+        while excess > 0:
+            del seen[next(iter(seen))]
+            excess -= 1
+        horizon = received_at - limits.dedupe_window_s
+        while True:
+            oldest = next(iter(seen))
+            if seen[oldest] >= horizon:
+                break
+            del seen[oldest]
         return False
 
 
@@ -182,7 +219,9 @@ def apply_event(profile: Profile, event: dict, limits: Limits) -> None:
             profile.timezone = tz
         traits = context.get("traits")
         if isinstance(traits, dict) and traits:
-            _apply_traits(profile, traits, ts)
+            # SDKs copy cached identify traits into every call's context: they may
+            # tighten consent but never undo a newer unsubscribe.
+            _apply_traits(profile, traits, ts, may_resubscribe=False)
 
     kind = event["type"]
     if kind == "identify":
@@ -224,18 +263,29 @@ def _remember(profile: Profile, entry: list, limits: Limits) -> None:
         del recent[:drop]
 
 
-def _apply_traits(profile: Profile, traits: dict, ts: float) -> None:
+def _apply_traits(
+    profile: Profile, traits: dict, ts: float, *, may_resubscribe: bool = True
+) -> None:
     profile.traits.update(traits)
-    for name in _OPT_OUT_TRAITS:
-        if name in traits:
-            _set_unsubscribed(profile, bool(traits[name]), ts)
-    if "email_opt_in" in traits:
-        _set_unsubscribed(profile, not traits["email_opt_in"], ts)
+    # Each consent trait votes; unclear values (null, "maybe") abstain, and
+    # the stricter answer wins when traits disagree.
+    votes = [_flag(traits[name]) for name in _OPT_OUT_TRAITS if name in traits]
+    if "email_opt_in" in traits and (opt_in := _flag(traits["email_opt_in"])) is not None:
+        votes.append(not opt_in)
+    if True in votes:
+        _set_unsubscribed(profile, True, ts)
+    elif False in votes and may_resubscribe:
+        _set_unsubscribed(profile, False, ts)
 
 
 def _set_unsubscribed(profile: Profile, value: bool, ts: float) -> None:
-    profile.consent["unsubscribed"] = value
-    profile.consent["unsubscribed_at"] = ts if value else None
+    consent = profile.consent
+    if not value and consent.get("unsubscribed"):
+        since = consent.get("unsubscribed_at")
+        if since is not None and ts < since:
+            return  # a late, older opt-in does not undo a newer unsubscribe
+    consent["unsubscribed"] = value
+    consent["unsubscribed_at"] = ts if value else None
 
 
 def _cart_item(props: dict, product: str) -> dict:
@@ -248,7 +298,7 @@ def _product_added(profile: Profile, props: dict, ts: float, event: dict, limits
     product = product_key(props)
     if product is None:
         return
-    quantity = max(int(_number(props.get("quantity"), 1.0)), 1)
+    quantity = _quantity(props.get("quantity"), 1)
     item = profile.cart.get(product)
     if item is None:
         item = _cart_item(props, product)
@@ -256,7 +306,7 @@ def _product_added(profile: Profile, props: dict, ts: float, event: dict, limits
         item["added_at"] = ts
         profile.cart[product] = item
     else:
-        item["quantity"] = item.get("quantity", 1) + quantity
+        item["quantity"] = min(item.get("quantity", 1) + quantity, _MAX_QUANTITY)
     if props.get("cart_id") is not None:
         profile.cart_id = str(props["cart_id"])
     profile.cart_updated = ts
@@ -267,9 +317,7 @@ def _product_removed(profile: Profile, props: dict, ts: float, event: dict, limi
     item = profile.cart.get(product) if product is not None else None
     if item is None:
         return
-    remaining = item.get("quantity", 1) - max(
-        int(_number(props.get("quantity"), item.get("quantity", 1))), 1
-    )
+    remaining = item.get("quantity", 1) - _quantity(props.get("quantity"), item.get("quantity", 1))
     if remaining > 0:
         item["quantity"] = remaining
     else:
@@ -279,7 +327,9 @@ def _product_removed(profile: Profile, props: dict, ts: float, event: dict, limi
 
 def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
     products = props.get("products") if isinstance(props.get("products"), list) else []
-    revenue = props.get("revenue", props.get("total"))
+    revenue = props.get("revenue")
+    if revenue is None:
+        revenue = props.get("total")
     if revenue is None:
         revenue = sum(
             _number(p.get("price")) * _number(p.get("quantity"), 1.0)
@@ -292,12 +342,15 @@ def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limi
         profile.last_order_at = ts
         if props.get("order_id") is not None:
             profile.last_order_id = str(props["order_id"])
+    purchased = profile.purchased
+    late = bool(purchased) and purchased[-1][0] > ts
     for line in products:
         if isinstance(line, dict) and (key := product_key(line)) is not None:
-            profile.purchased.append([ts, key])
-    if len(profile.purchased) > limits.purchased_max:
-        profile.purchased.sort(key=lambda entry: entry[0])
-        del profile.purchased[: len(profile.purchased) - limits.purchased_max]
+            purchased.append([ts, key])
+    if late:  # keep oldest first, so trimming drops the oldest
+        purchased.sort(key=lambda entry: entry[0])
+    if len(purchased) > limits.purchased_max:
+        del purchased[: len(purchased) - limits.purchased_max]
     profile.cart.clear()
     profile.cart_id = None
     profile.cart_updated = ts
@@ -367,8 +420,9 @@ def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
     into.timezone = into.timezone or other.timezone
     for group, traits in other.groups.items():
         into.groups.setdefault(group, traits)
-    for message_id, at in other.seen.items():
-        into.seen.setdefault(message_id, at)
+    if other.seen:  # oldest first, as is_duplicate expects, and only the newest kept
+        seen = sorted({**other.seen, **into.seen}.items(), key=lambda item: item[1])
+        into.seen = dict(seen[max(len(seen) - limits.dedupe_max_ids, 0) :])
     for merged in other.merged_ids:
         if merged not in into.merged_ids:
             into.merged_ids.append(merged)

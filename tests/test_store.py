@@ -45,9 +45,9 @@ async def test_checkpoint_round_trip_and_trim(store: Store, sync_redis: redis.Re
     assert profiles == {b"a": b'{"x":1}'}
     assert aliases == {b"anon": b"a"}
     assert erased == {b"d1"}
-    # Entries below the checkpoint are trimmed, the rest kept for replay.
+    # Trimming (approximate, by whole stream nodes) never drops what replay needs.
     remaining = [sid.decode() for sid, _ in sync_redis.xrange(stream_key(0))]
-    assert remaining == ids[1:]
+    assert remaining[-2:] == ids[1:]
     await store.save_checkpoint(0, Changes(deleted=["a"], unaliased=["anon"]), ids[2])
     _, profiles, aliases, _ = await store.load_checkpoint(0)
     assert profiles == {} and aliases == {}
