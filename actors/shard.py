@@ -51,7 +51,10 @@ class ShardActor:
         self.redis_url = redis_url
         self.clock = clock or SystemClock()
         # Rules travel as TOML text: compiled closures cannot be pickled to a worker.
-        self.rules = RuleSet.from_sources(rules) if rules else None
+        compiled = RuleSet.from_sources(rules) if rules else None
+        self.rules = (
+            compiled if compiled is not None and (compiled.rules or compiled.segments) else None
+        )
         self.partition = Partition(
             lambda customer: shard_for(customer, shards) == index,
             limits=Limits(
