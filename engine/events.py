@@ -21,6 +21,10 @@ MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 _OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
 _MAX_ID_CHARS = 1024
+# Nesting allowed inside properties, traits and context. orjson refuses to encode
+# past 255 levels, and events are nested a few levels deeper in stream entries,
+# forwards and checkpoints; a deeper message must be a 400 here, not a 500 later.
+MAX_DEPTH = 64
 
 
 def parse_time(value: Any, field: str) -> float:
@@ -52,6 +56,23 @@ def _identifier(msg: dict, name: str, prefix: str) -> str | None:
     return value
 
 
+def _nesting_ok(value: dict | list, budget: int) -> bool:
+    """True when `value` holds at most `budget` levels of objects and arrays."""
+    if budget <= 0:
+        return False
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, (dict, list)) and not _nesting_ok(child, budget - 1):
+            return False
+    return True
+
+
+def _check_nesting(value: dict, field: str) -> None:
+    if not _nesting_ok(value, MAX_DEPTH):
+        raise ValidationError(
+            f"{field} is nested deeper than {MAX_DEPTH} levels", field=field, code="too_deep"
+        )
+
+
 def normalize(
     msg: Any,
     *,
@@ -79,6 +100,8 @@ def normalize(
         value = msg.get(name)
         if value is not None and not isinstance(value, dict):
             raise ValidationError(f"{name} must be an object", field=prefix + name)
+        if value and name != "integrations":  # integrations are not kept
+            _check_nesting(value, prefix + name)
 
     user_id = _identifier(msg, "userId", prefix)
     anonymous_id = _identifier(msg, "anonymousId", prefix)
@@ -126,11 +149,12 @@ def normalize(
     elif not isinstance(message_id, str) or not message_id:
         raise ValidationError("messageId must be a non-empty string", field=prefix + "messageId")
 
-    stamp = msg.get("timestamp", msg.get("originalTimestamp"))
+    stamp_field = "timestamp" if msg.get("timestamp") is not None else "originalTimestamp"
+    stamp = msg.get(stamp_field)
     if stamp is None:
         ts = received_at
     else:
-        ts = parse_time(stamp, prefix + "timestamp")
+        ts = parse_time(stamp, prefix + stamp_field)
         own_sent = msg.get("sentAt")
         sent = parse_time(own_sent, prefix + "sentAt") if own_sent is not None else sent_at
         if sent is not None:
@@ -174,13 +198,15 @@ def normalize_batch(
     batch_context = body.get("context")
     if batch_context is not None and not isinstance(batch_context, dict):
         raise ValidationError("context must be an object", field="context")
+    if batch_context:
+        _check_nesting(batch_context, "context")
     check_sizes = body_bytes > MAX_EVENT_BYTES  # smaller bodies cannot hold an oversized event
     accepted: list[dict] = []
     rejected: list[dict] = []
     for index, msg in enumerate(batch):
         prefix = f"batch[{index}]."
         try:
-            if check_sizes and len(orjson.dumps(msg)) > MAX_EVENT_BYTES:
+            if check_sizes and _encoded_size(msg, f"batch[{index}]") > MAX_EVENT_BYTES:
                 raise PayloadTooLarge(
                     f"message is larger than {MAX_EVENT_BYTES} bytes", field=f"batch[{index}]"
                 )
@@ -199,3 +225,12 @@ def normalize_batch(
                 {"index": index, "code": exc.code, "message": exc.message, "field": exc.field}
             )
     return accepted, rejected
+
+
+def _encoded_size(msg: Any, field: str) -> int:
+    try:
+        return len(orjson.dumps(msg))
+    except orjson.JSONEncodeError:  # nested past orjson's limit, in any field
+        raise ValidationError(
+            f"{field} is nested too deeply", field=field, code="too_deep"
+        ) from None

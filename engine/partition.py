@@ -110,7 +110,9 @@ class Partition:
             return self._internal(kind, customer, event)
         if erased_key(customer) in self.erased:
             return DROPPED
-        if event["userId"] is None and customer in self.aliases:
+        if customer in self.aliases:
+            # A merged id (anonymous, or an alias's previousId) now names another
+            # profile; following it, never recreating one here, keeps one person one profile.
             target = self.aliases[customer]
             return self._forward(target, {**event, "userId": target, "customer": target})
         profile = self.profiles.get(customer)
@@ -140,6 +142,8 @@ class Partition:
 
     def _internal(self, kind: str, customer: str, event: dict) -> str:
         if kind == "_merge_out":
+            if erased_key(customer) in self.erased:
+                return DROPPED  # an erased id is never linked to anyone again
             target = event["userId"]
             profile = self.profiles.pop(customer, None)
             if profile is not None:
@@ -162,6 +166,9 @@ class Partition:
         if kind == "_merge_in":
             if erased_key(customer) in self.erased:
                 return DROPPED
+            if customer in self.aliases:  # merged away meanwhile: follow it
+                target = self.aliases[customer]
+                return self._forward(target, {**event, "customer": target})
             source = event["from"]
             profile = self.profiles.get(customer)
             if profile is None:

@@ -193,15 +193,19 @@ class Profile:
         seen[message_id] = received_at
         # Insertion order is arrival order: trim from the front, oldest first.
         excess = len(seen) - limits.dedupe_max_ids
-        while excess > 0:
-            del seen[next(iter(seen))]
-            excess -= 1
-        horizon = received_at - limits.dedupe_window_s
-        while True:
-            oldest = next(iter(seen))
-            if seen[oldest] >= horizon:
-                break
-            del seen[oldest]
+        if excess > 0:
+            while excess > 0:
+                del seen[next(iter(seen))]
+                excess -= 1
+            # Expired ids go only when the memory is full: a replayed or re-forwarded
+            # copy keeps its original receivedAt, so forgetting by time alone would
+            # let it through after a day of newer events (README: only the cap does).
+            horizon = received_at - limits.dedupe_window_s
+            while seen:
+                oldest = next(iter(seen))
+                if seen[oldest] >= horizon:
+                    break
+                del seen[oldest]
         return False
 
 
