@@ -285,6 +285,7 @@ def _hot(ruleset: RuleSet, events: list[dict], limits: Limits) -> tuple[float, f
     for event in events:
         if event["customer"] == busiest:
             apply_event(profile, event, limits)
+            ruleset.on_event(profile, event, event["ts"])  # the journey as the rules keep it
     view = next(e for e in reversed(events) if e["event"] == "Product Viewed")
     view = dict(view, customer=busiest, userId=busiest, ts=(profile.last_seen or T0) + 1)
     journey = profile.journey

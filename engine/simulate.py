@@ -25,8 +25,8 @@ A scenario is a small TOML (or JSONL) file::
 
 JSONL holds one object per line: events as above, `{"start": ...}` settings and
 `{"expect": {...}}` lines. Events go through engine.events.normalize and a real
-Partition; between events, timers fire in deadline order through a TimerIndex,
-exactly as a shard does.
+Partition holding the rules; between events, `Partition.tick` fires timers in
+deadline order, exactly as a shard does, and sends leave through `take_changes`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import orjson
 from engine.clock import ManualClock
 from engine.errors import ConfigError, EngineError
 from engine.events import normalize
-from engine.partition import APPLIED, FORWARDED, Partition
+from engine.partition import Partition
 from engine.profile import Limits
 from engine.rules.durations import format_duration, parse_duration
 from engine.rules.ruleset import RuleSet
@@ -254,51 +254,57 @@ def _message(raw: dict, what: str, message_id: str) -> dict:
 
 # -- running ---------------------------------------------------------------------------
 class Simulator:
-    """A one-shard engine on a virtual clock: a Partition, the rules and a TimerIndex."""
+    """A one-shard engine on a virtual clock: a real Partition with the rules, driven as a shard.
+
+    Events go in with `partition.apply` (which runs the rules); between events,
+    `partition.tick` fires timers in deadline order; decided sends leave through
+    `take_changes`, as a shard hands them to its outbox. Like a shard, which
+    checkpoints per batch rather than per event, changes are taken only when
+    `sends` is read (the profile encodings they carry are the costly part).
+    """
 
     def __init__(self, ruleset: RuleSet, *, start: float, limits: Limits | None = None):
         self.ruleset = ruleset
         self.clock = ManualClock(start)
-        self.partition = Partition(lambda customer: True, limits=limits)
-        self.timers = TimerIndex()
-        self.sends: list[Send] = []
+        self.partition = Partition(lambda customer: True, limits=limits, rules=ruleset)
+        self._sends: list[Send] = []
+        self._taken = 0  # partition.sent as of the last take_changes
 
-    def event(self, at: float, message: dict) -> list[Send]:
-        """Deliver one Segment message at virtual time `at` (timers due before it fire first)."""
+    @property
+    def timers(self) -> TimerIndex:
+        """The partition's timer index."""
+        return self.partition.timers
+
+    @property
+    def sends(self) -> list[Send]:
+        """Every send decided so far, in order."""
+        partition = self.partition
+        if partition.sent != self._taken:
+            self._sends += [Send.from_dict(data) for data in partition.take_changes().sends]
+            self._taken = partition.sent
+        return self._sends
+
+    def event(self, at: float, message: dict) -> int:
+        """Deliver one Segment message at virtual time `at` (timers due before it fire first).
+
+        Returns how many sends the event decided (timers that fired first not included).
+        """
         self.run_until(at, inclusive=False)
         self.clock.set(max(self.clock.now(), at))
-        event = normalize(message, kind=None, received_at=at)
-        outcome = self.partition.apply(event)
-        customer = event["customer"]
-        if outcome == FORWARDED:  # an alias: the event went to the merged profile
-            customer = self.partition.aliases.get(customer, customer)
-            event = {**event, "customer": customer, "userId": customer}
-        elif outcome != APPLIED:
-            return []
-        profile = self.partition.profiles.get(customer)
-        if profile is None:
-            return []
-        out = self.ruleset.on_event(profile, event, self.clock.now())
-        self.sends.extend(out)
-        self.timers.schedule(customer, self.ruleset.next_deadline(profile))
-        return out
+        before = self.partition.sent
+        self.partition.apply(normalize(message, kind=None, received_at=at))
+        return self.partition.sent - before
 
-    def run_until(self, limit: float, *, inclusive: bool = True) -> list[Send]:
-        """Fire every timer due before `limit` (or at it), in deadline order."""
-        fired: list[Send] = []
+    def run_until(self, limit: float, *, inclusive: bool = True) -> int:
+        """Fire every timer due before `limit` (or at it), in deadline order; returns the sends."""
+        partition = self.partition
+        fired = 0
         while True:
-            deadline = self.timers.next_deadline()
+            deadline = partition.next_deadline()
             if deadline is None or deadline > limit or (deadline == limit and not inclusive):
                 break
             self.clock.set(max(self.clock.now(), deadline))
-            for customer in self.timers.pop_due(deadline):
-                profile = self.partition.profiles.get(customer)
-                if profile is None:
-                    continue  # erased or merged away
-                out = self.ruleset.on_due(profile, deadline)
-                fired.extend(out)
-                self.timers.schedule(customer, self.ruleset.next_deadline(profile))
-        self.sends.extend(fired)
+            fired += partition.tick(deadline)
         if limit > self.clock.now():
             self.clock.set(limit)
         return fired
@@ -469,11 +475,13 @@ def explain_main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"nudge explain: {exc.message}", file=sys.stderr)
         return 2
-    profile = sim.partition.profiles.get(args.user)
-    if profile is None:
+    report = sim.partition.explain(args.user, sim.clock.now())
+    if isinstance(report, str):  # an id merged into another customer: explain that one
+        print(f"nudge explain: {args.user!r} was merged into {report!r}", file=sys.stderr)
+        report = sim.partition.explain(report, sim.clock.now())
+    if not isinstance(report, list):
         print(f"nudge explain: no customer {args.user!r} in the scenario", file=sys.stderr)
         return 2
-    report = ruleset.explain(profile, sim.clock.now())
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -81,12 +81,15 @@ class Ctx:
         self.p = profile
         self.j = profile.journey
         self.now = now
-        self.ev = event if event is not None else {}
+        self.ev = _NO_PROPS if event is None else event
         self.name = name
         self.key = key
-        self.trig = trigger if trigger is not None else {}
+        self.trig = _NO_PROPS if trigger is None else trigger
         self.started = started
         self.memo: dict | None = None  # per-event cache of window counts
+
+
+_NO_PROPS: dict = {}  # shared: expressions only read `event` and `trigger`
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.rules import index
 from engine.rules.durations import parse_duration
 
 Fn = Callable[[Any], Any]
@@ -135,6 +136,11 @@ def _build_count(
             if pid is None:
                 return 0
         cat = category_fn(c) if category_fn is not None else None
+        if pid is not None:
+            if cat is None:
+                return _indexed(c, wanted, index.PRODUCT, pid, lo, now)
+        elif cat.__class__ is str:
+            return _indexed(c, wanted, index.CATEGORY, cat, lo, now)
         # rules on one event often ask the same question, or the same kind: answer once
         memo = c.memo
         if memo is None:
@@ -147,7 +153,44 @@ def _build_count(
             )
         return found
 
+    if single is not None and since_fn is None and not callable(window):
+        # the common shapes, straight to the index: count("X", 7d, product=...)
+        span = math.inf if window is None else window
+        if product_fn is not None and category_fn is None:
+            by_product = index.index_key(single, index.PRODUCT)
+
+            def count_product(c: Any) -> int:
+                value = product_fn(c)
+                pid = value if value.__class__ is str else _ident(value)
+                if pid is None:
+                    return 0
+                now = c.now
+                return index.count(
+                    c.p, c.j, by_product, single, index.PRODUCT, pid, now - span, now
+                )
+
+            return count_product
+        if category_fn is not None and product_fn is None:
+            by_category = index.index_key(single, index.CATEGORY)
+
+            def count_category(c: Any) -> int:
+                cat = category_fn(c)
+                if cat.__class__ is not str:
+                    return count(c)  # null: any category; not text: matches nothing
+                now = c.now
+                return index.count(
+                    c.p, c.j, by_category, single, index.CATEGORY, cat, now - span, now
+                )
+
+            return count_category
     return count
+
+
+def _indexed(c: Any, wanted: tuple[str, ...], at: int, want: str, lo: float, now: float) -> int:
+    """The count from the journey's index of `recent` (engine.rules.index)."""
+    return sum(
+        index.count(c.p, c.j, index.index_key(name, at), name, at, want, lo, now) for name in wanted
+    )
 
 
 _TS = operator.itemgetter(0)

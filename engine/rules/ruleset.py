@@ -26,6 +26,8 @@ from engine.rules.send import Send, send_id
 
 _MAX_FIRINGS = 500  # per call: a guard, far above what any sane flow needs
 _MAX_DEFERS = 100  # per step: quiet hours and caps always converge well before this
+_LATE_HORIZON = state.LATE_HORIZON
+_remember_last, _note_activity = state.remember_last, state.note_activity
 _EMPTY: dict = {}
 
 
@@ -99,19 +101,20 @@ class RuleSet:
             return []
         sends: list[Send] = []
         if journey:
-            if t <= journey.get("silenced", -math.inf):
+            silenced = journey.get("silenced")
+            if silenced is not None and t <= silenced:
                 return []  # from before consent was withdrawn: it may not act after it
             due = journey.get("due")
             if due is not None and due < t:
                 self._run_due(profile, t, now, sends, strict=True)
         last_seen = profile.last_seen
-        if last_seen is not None and t < last_seen - state.LATE_HORIZON:
+        if last_seen is not None and t < last_seen - _LATE_HORIZON:
             return []  # too late to tell from a replay, and too stale to start a journey
         name = event.get("event") or event.get("type") or ""
         todo = self._plans.get(name) or self._default_plan
         props = event.get("properties") or _EMPTY
         if todo.track:
-            state.remember_last(journey, name, t, props, todo.keep)
+            _remember_last(journey, name, t, props, todo.keep)
         entered = left = ()
         if todo.segments:
             entered, left = self._update_segments(profile, t)
@@ -144,7 +147,8 @@ class RuleSet:
                     rule.cond is None or rule.cond.fn(ctx)
                 ):
                     changed |= self._enter(profile, rule, ctx, t, props)
-        if todo.activity and state.note_activity(journey, t, todo.activity):
+        activity = todo.activity
+        if activity and _note_activity(journey, t, activity):
             changed = True
         if changed:
             state.refresh_due(journey)
@@ -256,10 +260,12 @@ class RuleSet:
         for _ in range(_MAX_FIRINGS):
             found = state.earliest(journey, self._priority)
             if found is None:
-                break
+                journey.pop("due", None)
+                return
             due, kind, name, key = found
             if due > limit or (strict and due == limit):
-                break
+                journey["due"] = due  # the earliest deadline left (what refresh_due would find)
+                return
             rule = self.by_name.get(name)
             if kind == "idle":
                 del journey["idle"][name]
@@ -387,7 +393,12 @@ class RuleSet:
 
 def _plain(value: Any) -> Any:
     """A JSON-able deep copy (the payload must not alias live profile data)."""
-    if value is None or isinstance(value, (str, bool, int, float)):
+    cls = value.__class__
+    if cls is str or cls is int or cls is float or cls is bool or value is None:
+        return value
+    if cls is dict:
+        return {k if k.__class__ is str else str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}

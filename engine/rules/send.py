@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -34,10 +35,34 @@ class Send:
     instance: str = ""  # the trigger instance: "key@start"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for the outbox, JSON and the simulator."""
-        return asdict(self)
+        """Plain data for the outbox, JSON and the simulator (the payload copied, as asdict)."""
+        return {
+            "send_id": self.send_id,
+            "rule": self.rule,
+            "step": self.step,
+            "variant": self.variant,
+            "customer": self.customer,
+            "at": self.at,
+            "template": self.template,
+            "esp": self.esp,
+            "payload": _copy(self.payload),
+            "deliver": self.deliver,
+            "instance": self.instance,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Send:
         """Rebuild a Send from `to_dict` output."""
         return cls(**data)
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of plain JSON-like data (what dataclasses.asdict does, minus its overhead)."""
+    cls = value.__class__
+    if cls is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if cls is list:
+        return [_copy(v) for v in value]
+    if cls is str or cls is int or cls is float or cls is bool or value is None:
+        return value
+    return copy.deepcopy(value)

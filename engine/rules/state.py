@@ -12,11 +12,14 @@ Shape (short keys: it is checkpointed with every changed profile)::
       "last": {event: {"ts": ts, prop: value, ...}},  # latest event of the names rules read
       "o":    {rule: [ts, outcome, detail]},          # last thing each rule did, for explain
       "silenced": ts,                    # latest event seen while the customer was opted out
+      "ix":   {"product:Product Viewed": [n, held, newest, {product: [ts, ...]}]},
+                                         # count()'s index of `recent` (engine.rules.index)
       "due":  earliest deadline,         # absent when nothing is pending
     }
 
 Every part is bounded: instances by the rule's `max_instances`, `done` by
-age and count, history by the longest cap or suppression window and a count.
+age and count, history by the longest cap or suppression window and a count,
+the index by the size of `recent`.
 """
 
 from __future__ import annotations
@@ -280,6 +283,13 @@ def merge_journey(into: dict, other: dict) -> None:
     Running instances and ended-instance records move over unless `into`
     already has one for the same rule and key; send histories are combined
     so caps keep counting the emails the other identity received.
+
+    Consent spans identities: an instance that began before either side's
+    latest opted-out event (`silenced`) ends, as it would have had the two
+    been one customer all along. (A shard runs the rules on the identifying
+    event before the merge reaches it, so the surviving side may already be
+    silenced.) The count index ("ix") is not merged: it is rebuilt from the
+    merged `recent` when next asked.
     """
     for name, running in other.get("i", {}).items():
         target = into.setdefault("i", {}).setdefault(name, {})
@@ -298,6 +308,19 @@ def merge_journey(into: dict, other: dict) -> None:
         last = into.setdefault("last", {})
         if name not in last or last[name]["ts"] < entry["ts"]:
             last[name] = entry
+    silenced = max(into.get("silenced", -math.inf), other.get("silenced", -math.inf))
+    if silenced > -math.inf:
+        into["silenced"] = silenced
+        for name, running in list(into.get("i", {}).items()):
+            for key, inst in list(running.items()):
+                if inst["s"] <= silenced:  # ended as silence() ends it: at its step's time
+                    drop(into, name, key)
+                    done = into.setdefault("done", {}).setdefault(name, {})
+                    if key in done and done[key][1] >= inst["s"]:
+                        continue  # the later of two instances is the one remembered
+                    end = max(inst["d"], inst["s"])
+                    done[key] = [inst["id"], inst["s"], end]
+                    into.setdefault("o", {})[name] = [end, "consent", "customer unsubscribed"]
     refresh_due(into)
 
 

@@ -494,3 +494,26 @@ def test_merge_journey_moves_pending_instances() -> None:
     merge_journey(known.journey, run.profile.journey)
     assert starter().next_deadline(known) == T0 + 15 * MIN
     assert [s.rule for s in starter().on_due(known, T0 + 15 * MIN)] == ["cart_abandonment"]
+
+
+def test_merge_journey_ends_instances_that_began_before_either_side_opted_out() -> None:
+    anon = Runner(starter(), "anon-1")
+    anon.at(T0, "Product Added", product_id="p1", price=9)
+    known = Runner(starter(), "bob")
+    known.at(T0 + MIN, "Product Viewed", product_id="p2")
+    known.at(T0 + 2 * MIN, "", kind="identify", unsubscribed=True)  # silences bob's journey
+    known.at(T0 + 3 * MIN, "", kind="identify", unsubscribed=False)
+    known.profile.cart = anon.profile.cart
+    merge_journey(known.profile.journey, anon.profile.journey)
+    journey = known.profile.journey
+    assert "cart_abandonment" not in journey.get("i", {})  # began before bob opted out
+    assert journey["done"]["cart_abandonment"][""][1] == T0
+    assert journey["o"]["cart_abandonment"][1] == "consent"
+    assert known.until(T0 + 2 * DAY) == []
+    # the other way round: an opt-out on the merged-in side ends the survivor's instances
+    later = Runner(starter(), "cleo")
+    later.at(T0, "Product Added", product_id="p1", price=9)
+    gone = Runner(starter(), "anon-2")
+    gone.at(T0 + MIN, "", kind="identify", unsubscribed=True)
+    merge_journey(later.profile.journey, gone.profile.journey)
+    assert "i" not in later.profile.journey and later.profile.journey["silenced"] == T0 + MIN

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import orjson
 import pytest
 
 from engine.rules.files import STARTER, read_rules
+from engine.rules.send import Send
 from engine.simulate import (
     ScenarioError,
+    Simulator,
     check,
     explain_main,
     format_sends,
@@ -86,6 +89,31 @@ def test_scenario_errors(text: str, message: str) -> None:
         load_scenario(text)
 
 
+def test_the_simulator_drives_a_real_partition(starter) -> None:
+    start = load_scenario(CART).start
+    sim = Simulator(starter, start=start)
+    added = {"type": "track", "userId": "bob", "messageId": "m1", "event": "Product Added"}
+    added["properties"] = {"product_id": "p1", "price": 5}
+    assert sim.event(start, added) == 0
+    assert sim.timers is sim.partition.timers
+    assert sim.partition.next_deadline() == start + 900  # the 15-minute reminder
+    assert sim.event(start + 60, added) == 0  # a duplicate: the partition drops it
+    assert sim.partition.stats["duplicate"] == 1
+    assert sim.run_until(start + 900, inclusive=False) == 0
+    assert sim.run_until(start + 900) == 1 and sim.clock.now() == start + 900
+    [send] = sim.sends
+    assert isinstance(send, Send) and (send.rule, send.customer) == ("cart_abandonment", "bob")
+    assert sim.sends == [send] and sim.partition.take_changes().sends == []
+
+
+def test_send_to_dict_matches_asdict() -> None:
+    send = Send("id", "r", 1, None, "bob", 1.0, "t", payload={"items": {"p1": {"n": [1, 2.5]}}})
+    data = send.to_dict()
+    assert data == asdict(send) and Send.from_dict(data) == send
+    data["payload"]["items"]["p1"]["n"].append(3)  # a copy: the send itself is unchanged
+    assert send.payload == {"items": {"p1": {"n": [1, 2.5]}}}
+
+
 def test_anonymous_events_follow_an_identify_merge(starter) -> None:
     text = """
     start = "2024-03-04T09:00:00Z"
@@ -124,6 +152,20 @@ def test_main_prints_checks_and_explains(capsys, tmp_path) -> None:
     report = orjson.loads(capsys.readouterr().out)
     assert report[0]["rule"] == "cart_abandonment" and report[0]["status"] == "waiting"
     assert explain_main([path, "--user", "nobody"]) == 2
+
+
+def test_explain_follows_a_merged_id(capsys, tmp_path) -> None:
+    path = tmp_path / "merge.jsonl"
+    path.write_text(
+        '{"start": "2024-03-04T09:00:00Z", "until": "+1h"}\n'
+        '{"at": "+0m", "anonymous": "anon-1", "event": "Product Added", '
+        '"properties": {"product_id": "p1", "price": 5}}\n'
+        '{"at": "+1m", "user": "bob", "anonymous": "anon-1", "type": "identify"}\n'
+    )
+    assert explain_main([str(path), "--user", "anon-1", "--at", "+5m"]) == 0
+    captured = capsys.readouterr()
+    assert "'anon-1' was merged into 'bob'" in captured.err
+    assert orjson.loads(captured.out)[0]["status"] == "waiting"
 
 
 def test_a_simulated_day_of_traffic_takes_about_a_second(starter) -> None:
