@@ -25,6 +25,7 @@ from actors.client import ShardClient
 from engine import events as ev
 from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
+from engine.content import ContentService, content_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
 from engine.store import Store, connect
 
@@ -86,16 +87,29 @@ def _parse(body: bytes) -> Any:
 ShardsFactory = Callable[[], Awaitable[ShardClient]]
 
 
-def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) -> Starlette:
-    """The ASGI app; `shards_factory` connects to the shards once the loop runs."""
+def create_app(
+    config: Config,
+    redis_url: str,
+    shards_factory: ShardsFactory,
+    *,
+    content: ContentService | None = None,
+) -> Starlette:
+    """The ASGI app; `shards_factory` connects to the shards once the loop runs.
+
+    `content` replaces the content service built from `config.content` (tests
+    hand in one on a manual clock).
+    """
     keys = KeyRing(config.auth)
     state: dict[str, Any] = {}
+    content = content or ContentService(config.content, redis_url=redis_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["store"] = Store(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
+        await content.start()
         yield
+        await content.close()
         await state["shards"].aclose()
         await state["store"].close()
 
@@ -252,6 +266,7 @@ def create_app(config: Config, redis_url: str, shards_factory: ShardsFactory) ->
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
+    routes += content_routes(content.config, auth=config.auth, service=content, shards=shards)
     return Starlette(
         routes=routes,
         lifespan=lifespan,

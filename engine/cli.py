@@ -25,6 +25,7 @@ _DELEGATED = {
         "explain_main",
         "run a scenario, then explain one customer",
     ),
+    "sign-url": ("engine.content.sign_cli", "main", "a signed /v1/content URL for ESP templates"),
 }
 
 

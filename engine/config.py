@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Config:
     # (TOML text, where it came from) of every rule document: compiled by each
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
+    content: ContentConfig = field(default_factory=ContentConfig)
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -144,7 +146,7 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             elif key in given:
                 values[key] = _coerce(given[key], default, f"{name}.{key}")
         sections[name] = replace(defaults, **values)
-    config = Config(**sections)
+    config = Config(**sections, content=content_config_from_mapping(data.get("content"), env))
     validate(config)
     return config
 

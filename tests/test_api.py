@@ -246,3 +246,33 @@ def test_health_and_readiness(api: httpx.Client) -> None:
     assert api.get("/healthz").json() == {"status": "ok", "shards_ready": 4, "shards": 4}
     ready = api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["redis"] is True
+
+
+def test_content_served_by_the_default_app_to_content_keys_only(api: httpx.Client) -> None:
+    customer = f"cc-{uuid.uuid4().hex[:8]}"
+    api.post("/v1/track", auth=WRITE, json=track(customer, "Product Added", product_id="p9"))
+    api.get(f"/v1/profiles/{customer}", headers=ADMIN)  # waits until applied
+    content = {"Authorization": "Bearer dev-content-key"}
+    reply = api.get(f"/v1/content/{customer}?blocks=cart", headers=content)
+    assert reply.status_code == 200, reply.text
+    cart = reply.json()["blocks"]["cart"]
+    assert [item["product_id"] for item in cart["data"]["items"]] == ["p9"]
+    assert api.get(f"/v1/profiles/{customer}", headers=content).status_code == 403
+    assert api.get(f"/v1/content/{customer}", auth=WRITE).status_code in (401, 403)
+
+
+def test_sign_url_command_gives_a_url_the_content_endpoint_accepts(
+    api: httpx.Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    customer = f"sig ned/{uuid.uuid4().hex[:6]}"  # a space and a slash survive encoding
+    api.post("/v1/track", auth=WRITE, json=track(customer, "Product Added", product_id="p2"))
+    api.get(f"/v1/profiles/{customer}", headers=ADMIN)
+    assert main(["sign-url", customer, "--blocks", "cart", "--base", "", "--expires-in", "5m"]) == 0
+    url = capsys.readouterr().out.strip()
+    reply = api.get(url)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["blocks"]["cart"]["data"]["items"][0]["product_id"] == "p2"
+    tampered = url.replace("blocks=cart", "blocks=profile")
+    assert api.get(tampered).status_code == 401

@@ -1,0 +1,153 @@
+"""One absolute deadline per request, and a fan-out that never waits past it.
+
+Each job gets `min(its own budget, what remains)`; a job still running at its
+due time is cancelled and reported as timed out, never awaited. A job that
+raises is reported with its reason, so one bad block costs only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TIMEOUT, ERROR = "timeout", "error"
+
+
+class BlockFailure(Exception):
+    """A block could not produce its content; `reason` is a short code for the answer."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """An absolute point on the event loop's clock (seconds)."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float, *, now: float | None = None) -> Deadline:
+        """The deadline `seconds` from now (the running loop's time unless given)."""
+        start = asyncio.get_running_loop().time() if now is None else now
+        return cls(start + seconds)
+
+    def remaining(self) -> float:
+        """Seconds left, never negative."""
+        return max(self.at - asyncio.get_running_loop().time(), 0.0)
+
+    def due(self, budget_s: float | None) -> float:
+        """The earlier of this deadline and `budget_s` from now."""
+        if not budget_s:
+            return self.at
+        return min(self.at, asyncio.get_running_loop().time() + budget_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One unit of a fan-out: a name, its own budget, and the coroutine to run."""
+
+    name: str
+    budget_s: float | None
+    run: Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one job ended with: its value, or why it has none."""
+
+    name: str
+    value: Any = None
+    failure: str | None = None
+    detail: str = ""
+
+
+async def _guarded(job: Job, due: float) -> Outcome:
+    try:
+        async with asyncio.timeout_at(due):
+            return Outcome(job.name, await job.run())
+    except TimeoutError:
+        return Outcome(job.name, failure=TIMEOUT)
+    except BlockFailure as exc:
+        return Outcome(job.name, failure=exc.reason, detail=str(exc))
+    except Exception as exc:  # a bug in one block must not take the others down
+        log.warning("content block %s failed: %r", job.name, exc)
+        return Outcome(job.name, failure=ERROR, detail=type(exc).__name__)
+
+
+def start(job: Job, deadline: Deadline) -> asyncio.Task:
+    """Run `job` now, bounded by its budget and the deadline."""
+    return asyncio.get_running_loop().create_task(_guarded(job, deadline.due(job.budget_s)))
+
+
+async def gather_until(
+    tasks: Sequence[tuple[str, asyncio.Task]], deadline: Deadline
+) -> dict[str, Outcome]:
+    """Outcomes of started jobs by name; any still running at the deadline is cancelled."""
+    if not tasks:
+        return {}
+    pending = [task for _, task in tasks if not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=deadline.remaining())
+    out: dict[str, Outcome] = {}
+    for name, task in tasks:
+        if task.done():
+            out[name] = task.result()
+        else:  # only when the loop is too busy to run the job's own timeout in time
+            task.cancel()
+            out[name] = Outcome(name, failure=TIMEOUT)
+    return out
+
+
+async def fan_out(jobs: Sequence[Job], deadline: Deadline) -> dict[str, Outcome]:
+    """Run every job in parallel and return their outcomes by name by the deadline."""
+    return await gather_until([(job.name, start(job, deadline)) for job in jobs], deadline)
+
+
+class LagMeter:
+    """How late the event loop has been running timers lately (seconds).
+
+    A busy or CPU-starved process runs a deadline's timer late by about this much,
+    so a fan-out that keeps it back still answers on time.
+    """
+
+    def __init__(self, *, interval_s: float = 0.01, window: int = 100):
+        self.interval_s = interval_s
+        self._lags: deque[float] = deque(maxlen=window)  # window x interval: about 1 s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start sampling on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    async def stop(self) -> None:
+        """Stop sampling."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def record(self, lag_s: float) -> None:
+        """Add one observation (the sampler does this; tests may too)."""
+        self._lags.append(max(lag_s, 0.0))
+
+    def recent(self) -> float:
+        """The worst lag of the last window (0 before any sample)."""
+        return max(self._lags, default=0.0)
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.record(loop.time() - due)

@@ -1,0 +1,353 @@
+"""Answer one content request: profile read, fan-out of blocks, fallbacks, all by a deadline.
+
+The path of a request:
+0. One deadline: now + deadline_ms - reserve_ms - how late the loop runs timers lately.
+1. Sources that need only the customer id start at once (cache first).
+2. The live profile is read from its shard (coalesced per shard by ShardClient).
+   It is never cached, so profile-derived blocks are as fresh as the shard.
+3. Profile-derived blocks are computed inline; the recommender and the other
+   sources run in parallel, each within min(its budget, what remains).
+4. At the deadline every block has a value or its fallback; stragglers are
+   cancelled, never awaited. A source's failure costs only its own block.
+Identical requests in flight together share one answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from engine.clock import Clock, SystemClock
+from engine.content import blocks as b
+from engine.content import render
+from engine.content.cache import (
+    UPSTREAM,
+    Hit,
+    LocalCache,
+    Policy,
+    RedisCache,
+    SharedCache,
+    TieredCache,
+)
+from engine.content.config import BUILTIN_BLOCKS, ContentConfig
+from engine.content.deadline import (
+    BlockFailure,
+    Deadline,
+    Job,
+    LagMeter,
+    Outcome,
+    gather_until,
+    start,
+)
+from engine.content.recommend import RecentInterestRecommender, Recommender
+from engine.content.request import ContentRequest
+from engine.content.sources import AiohttpTransport, HttpSource, Transport
+from engine.content.template import Template
+from engine.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+ProfileReader = Callable[[str], Awaitable[dict | None]]
+
+# Block sources as the answer names them.
+LIVE, RECOMMENDER, CACHE, FALLBACK = "profile", "recommender", "cache", "fallback"
+# Why a profile-derived block has no profile.
+UNKNOWN, PROFILE_TIMEOUT, PROFILE_UNAVAILABLE = (
+    "unknown_customer",
+    "profile_timeout",
+    "profile_unavailable",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockResult:
+    """One block of an answer."""
+
+    name: str
+    data: Any
+    html: str
+    source: str
+    fallback: bool = False
+    reason: str | None = None
+    age_s: float = 0.0
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer: its blocks in request order, and those left out."""
+
+    customer_id: str
+    profile_id: str | None
+    profile: str  # ok, or why there is none
+    blocks: list[BlockResult]
+    omitted: list[str]
+    deadline_ms: int
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """Names of the blocks that are fallbacks (or omitted)."""
+        return [r.name for r in self.blocks if r.fallback] + self.omitted
+
+
+class ContentService:
+    """Holds what content requests share: the HTTP client, the caches, the recommender."""
+
+    def __init__(
+        self,
+        config: ContentConfig,
+        *,
+        redis_url: str | None = None,
+        shared: SharedCache | None = None,
+        transport: Transport | None = None,
+        recommender: Recommender | None = None,
+        clock: Clock | None = None,
+    ):
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.recommender = recommender or RecentInterestRecommender()
+        self._redis_url = redis_url if config.redis_cache else None
+        self._redis: Any = None
+        self._own_transport = transport is None
+        self.transport = transport or AiohttpTransport(max_connections=config.http_max_connections)
+        self.cache = TieredCache(LocalCache(config.local_cache_entries), shared, clock=self.clock)
+        self.sources = {s.name: HttpSource(s, self.transport) for s in config.sources}
+        self._policies = {
+            s.name: Policy(s.ttl_s, s.stale_s, store=s.cache and s.ttl_s + s.stale_s > 0)
+            for s in config.sources
+        }
+        self._renderers = {s.name: render.SourceRenderer(s) for s in config.sources}
+        self._fallback_html = {
+            name: Template(text) if text else None
+            for name, text in [(n, config.block(n).fallback_html) for n in BUILTIN_BLOCKS]
+            + [(s.name, s.fallback_html) for s in config.sources]
+        }
+        self.links = b.Links(config.product_url, config.checkout_url)
+        self.stats: Counter[str] = Counter()
+        self._answering: dict[tuple, asyncio.Task] = {}
+        self.lag = LagMeter()
+
+    async def start(self) -> None:
+        """Open the pooled HTTP client and the Redis cache connection (on the running loop)."""
+        self.lag.start()
+        if self._own_transport and isinstance(self.transport, AiohttpTransport):
+            await self.transport.start()
+        if self._redis_url and self.cache.shared is None:
+            from engine.store import connect
+
+            self._redis = connect(self._redis_url)
+            self.cache.shared = RedisCache(
+                self._redis, timeout_s=self.config.redis_timeout_ms / 1000.0
+            )
+
+    async def close(self) -> None:
+        """Stop background loads; close the HTTP client and Redis."""
+        await self.lag.stop()
+        await self.cache.aclose()
+        if isinstance(self.cache.shared, RedisCache):
+            await self.cache.shared.aclose()
+        if self._own_transport and isinstance(self.transport, AiohttpTransport):
+            await self.transport.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    # -- one request ----------------------------------------------------------
+    async def answer(self, read_profile: ProfileReader, request: ContentRequest) -> Answer:
+        """Every requested block, each a value or its fallback, by the request's deadline.
+
+        Identical requests in flight together (an ESP's HTML, text and AMP passes for
+        one recipient) share one answer: the one that came later has the same deadline
+        and started no earlier, so the shared answer is ready within its deadline too.
+        """
+        key = (request.customer_id, request.blocks, request.deadline_ms, _options_key(request))
+        task = self._answering.get(key)
+        if task is not None:
+            self.stats["answers_shared"] += 1
+            return await asyncio.shield(task)
+        task = asyncio.ensure_future(self._answer(read_profile, request))
+        self._answering[key] = task
+        task.add_done_callback(partial(self._answered, key))
+        return await asyncio.shield(task)
+
+    def _answered(self, key: tuple, task: asyncio.Task) -> None:
+        self._answering.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a 404 whose callers all left is not an asyncio warning
+
+    async def _answer(self, read_profile: ProfileReader, request: ContentRequest) -> Answer:
+        loop = asyncio.get_running_loop()
+        # Kept back: the reserve to build and send the answer, plus how late the loop has
+        # lately run timers (a busy process would fire the deadline late by that much),
+        # but never more than half the deadline.
+        total = request.deadline_ms / 1000.0
+        reserve = min(self.config.reserve_ms / 1000.0 + self.lag.recent(), total / 2)
+        deadline = Deadline(loop.time() + total - reserve)
+        cid = request.customer_id
+        done: dict[str, BlockResult | Outcome] = {}
+        tasks: list[tuple[str, asyncio.Task]] = []
+
+        for name in request.blocks:  # sources that need no profile start now
+            source = self.sources.get(name)
+            if source is not None and not source.needs_profile:
+                self._start_source(source, cid, None, request, deadline, done, tasks)
+
+        profile, status = await self._read(read_profile, cid, deadline)
+        if status == UNKNOWN and self.config.unknown_customer == "404":
+            for _, task in tasks:
+                task.cancel()
+            raise NotFound(f"no customer {cid!r}", field="customer_id")
+
+        for name in request.blocks:
+            if name in done or any(n == name for n, _ in tasks):
+                continue
+            if profile is None:
+                done[name] = Outcome(name, failure=status)
+            elif name in BUILTIN_BLOCKS:
+                self._builtin(name, profile, request, deadline, done, tasks)
+            else:
+                self._start_source(self.sources[name], cid, profile, request, deadline, done, tasks)
+
+        done.update(await gather_until(tasks, deadline))
+        results, omitted = [], []
+        for name in request.blocks:
+            result = self._result(name, done[name], cid)
+            if result is None:
+                omitted.append(name)
+            else:
+                results.append(result)
+        self.stats["answers"] += 1
+        pid = profile.get("id") if profile else None
+        return Answer(cid, pid, status, results, omitted, request.deadline_ms)
+
+    async def _read(
+        self, read_profile: ProfileReader, cid: str, deadline: Deadline
+    ) -> tuple[dict | None, str]:
+        try:
+            async with asyncio.timeout_at(deadline.at):
+                profile = await read_profile(cid)
+        except TimeoutError:
+            self.stats["profile_timeout"] += 1
+            return None, PROFILE_TIMEOUT
+        except Exception as exc:  # a shard that cannot answer costs the profile blocks only
+            log.warning("content: profile read for %r failed: %r", cid, exc)
+            self.stats["profile_unavailable"] += 1
+            return None, PROFILE_UNAVAILABLE
+        return (profile, "ok") if profile is not None else (None, UNKNOWN)
+
+    def _builtin(
+        self,
+        name: str,
+        profile: dict,
+        request: ContentRequest,
+        deadline: Deadline,
+        done: dict,
+        tasks: list,
+    ) -> None:
+        settings = self.config.block(name)
+        limit = request.option(name).get("limit", settings.limit)
+        try:  # pure and fast: computed inline, no task
+            if name == "recommendations":
+                found = self.recommender.recommend(profile, limit=limit)
+                if inspect.isawaitable(found):  # a recommender doing I/O: run it in parallel
+                    budget = settings.timeout_ms / 1000.0 if settings.timeout_ms else None
+                    job = Job(name, budget, partial(self._recommend_later, found, request))
+                    tasks.append((name, start(job, deadline)))
+                    return
+                done[name] = self._recommendations(found, request.customer_id)
+                return
+            if name == "profile":
+                data = b.profile_data(profile, traits=self.config.profile_traits)
+                html = render.profile_html(data)
+            elif name == "cart":
+                data = b.cart_data(profile, self.links)
+                html = render.cart_html(data)
+            else:
+                data = b.recently_viewed_data(profile, self.links, limit=limit)
+                html = render.products_html(data, name)
+            done[name] = BlockResult(name, data, html, LIVE)
+        except BlockFailure as exc:
+            done[name] = Outcome(name, failure=exc.reason, detail=str(exc))
+        except Exception as exc:
+            log.warning("content block %s failed: %r", name, exc)
+            done[name] = Outcome(name, failure="error", detail=type(exc).__name__)
+
+    async def _recommend_later(
+        self, found: Awaitable[list[dict]], request: ContentRequest
+    ) -> BlockResult:
+        return self._recommendations(await found, request.customer_id)
+
+    def _recommendations(self, items: list[dict], customer_id: str) -> BlockResult:
+        data = b.recommendation_data(items, self.links)
+        if not data["items"]:
+            raise BlockFailure("no_recommendations")
+        html = render.products_html(data, "recommendations")
+        return BlockResult("recommendations", data, html, RECOMMENDER)
+
+    def _start_source(
+        self,
+        source: HttpSource,
+        cid: str,
+        profile: Mapping[str, Any] | None,
+        request: ContentRequest,
+        deadline: Deadline,
+        done: dict,
+        tasks: list,
+    ) -> None:
+        name = source.name
+        upstream = source.request(cid, profile, request.option(name))
+        policy = self._policies[name]
+
+        def load() -> Awaitable[Any]:
+            return source.fetch(upstream)
+
+        hit = self.cache.peek(upstream.key, policy, load)
+        if hit is not None:  # the common case: no task, no await
+            done[name] = self._source_result(name, hit)
+            return
+
+        async def run() -> BlockResult:
+            return self._source_result(name, await self.cache.get(upstream.key, policy, load))
+
+        tasks.append((name, start(Job(name, source.timeout_s, run), deadline)))
+
+    def _source_result(self, name: str, hit: Hit) -> BlockResult:
+        age = max(self.clock.now() - hit.entry.fetched_at, 0.0)
+        data = hit.entry.data
+        return BlockResult(
+            name,
+            data,
+            self._renderers[name].render(data),
+            UPSTREAM if hit.via == UPSTREAM else CACHE,
+            age_s=age,
+            stale=hit.stale,
+        )
+
+    def _result(self, name: str, value: BlockResult | Outcome, cid: str) -> BlockResult | None:
+        if isinstance(value, BlockResult):
+            return value
+        if value.failure is None:
+            return value.value
+        self.stats[f"fallback:{value.failure}"] += 1
+        source = self.sources.get(name)
+        settings = source.config if source is not None else self.config.block(name)
+        if settings.on_failure == "omit":
+            return None
+        return BlockResult(
+            name,
+            settings.fallback_data,
+            render.fallback_html(self._fallback_html.get(name), cid),
+            FALLBACK,
+            fallback=True,
+            reason=value.failure,
+        )
+
+
+def _options_key(request: ContentRequest) -> tuple:
+    return tuple(sorted((b, tuple(sorted(o.items()))) for b, o in request.options.items()))

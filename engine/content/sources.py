@@ -1,0 +1,193 @@
+"""External HTTP content sources: build the request, call it, map the answer.
+
+The HTTP client sits behind the `Transport` protocol: `AiohttpTransport` is the
+real one (one pooled keep-alive session for the process), `FakeTransport` the
+in-memory one. Every failure becomes a `BlockFailure` with a short reason
+(timeout, unreachable, http_503, malformed, too_large, overloaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from engine.content.config import SourceConfig
+from engine.content.deadline import BlockFailure
+from engine.content.template import (
+    Template,
+    header_value,
+    lookup,
+    render_body,
+    url_value,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One rendered upstream call and the cache key it answers for."""
+
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    key: str
+
+
+class Transport(Protocol):
+    """Sends one HTTP request: (status, body), raising BlockFailure when it cannot."""
+
+    async def send(self, request: UpstreamRequest, *, max_bytes: int) -> tuple[int, bytes]: ...
+
+
+class AiohttpTransport:
+    """The real transport: one aiohttp session, pooled keep-alive connections."""
+
+    def __init__(self, *, max_connections: int):
+        self.max_connections = max_connections
+        self._session: Any = None
+
+    async def start(self) -> None:
+        """Open the session (needs the running event loop)."""
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, trust_env=False, auto_decompress=True, raise_for_status=False
+        )
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: UpstreamRequest, *, max_bytes: int) -> tuple[int, bytes]:
+        """Send `request`; the caller bounds the time it may take."""
+        import aiohttp
+        import yarl
+
+        if self._session is None:
+            raise BlockFailure("unavailable", "the HTTP client is not started")
+        try:
+            async with self._session.request(
+                request.method,
+                yarl.URL(request.url, encoded=True),  # already encoded: send it as built
+                headers=request.headers,
+                data=request.body,
+                allow_redirects=False,
+            ) as reply:
+                declared = reply.content_length
+                if declared is not None and declared > max_bytes:
+                    raise BlockFailure("too_large", f"{declared} bytes")
+                chunks, size = [], 0
+                async for chunk in reply.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise BlockFailure("too_large", f"over {max_bytes} bytes")
+                    chunks.append(chunk)
+                return reply.status, b"".join(chunks)
+        except aiohttp.ClientError as exc:
+            raise BlockFailure("unreachable", type(exc).__name__) from exc
+
+
+class FakeTransport:
+    """In-memory transport: `handler(request)` returns (status, body) or raises; counts calls."""
+
+    def __init__(self, handler: Callable[[UpstreamRequest], Awaitable[tuple[int, bytes]]]):
+        self.handler = handler
+        self.calls: list[UpstreamRequest] = []
+
+    async def send(self, request: UpstreamRequest, *, max_bytes: int) -> tuple[int, bytes]:
+        """Record the call and answer with the handler."""
+        self.calls.append(request)
+        status, body = await self.handler(request)
+        if len(body) > max_bytes:
+            raise BlockFailure("too_large", f"over {max_bytes} bytes")
+        return status, body
+
+
+def map_response(config: SourceConfig, body: bytes) -> Any:
+    """The block data in an upstream JSON answer: `select`, then `fields` per item."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BlockFailure("malformed", "the answer is not JSON") from None
+    if config.select:
+        value = lookup(value, config.select)
+        if value is None:
+            raise BlockFailure("malformed", f"no {config.select!r} in the answer")
+    if config.fields:
+        if isinstance(value, list):
+            if not all(isinstance(item, dict) for item in value):
+                raise BlockFailure("malformed", "items are not objects")
+            value = [{out: lookup(item, path) for out, path in config.fields} for item in value]
+        elif isinstance(value, dict):
+            value = {out: lookup(value, path) for out, path in config.fields}
+        else:
+            raise BlockFailure("malformed", "the selected value is not an object or a list")
+    return value
+
+
+class HttpSource:
+    """A configured source, its templates compiled once, with a bound on calls in flight."""
+
+    def __init__(self, config: SourceConfig, transport: Transport):
+        self.config = config
+        self.transport = transport
+        self.name = config.name
+        self.needs_profile = config.needs_profile
+        self.timeout_s = config.timeout_ms / 1000.0
+        self._url = Template(config.url)
+        self._headers = [(name, Template(value)) for name, value in config.headers]
+        self.inflight = 0
+        # Top-level profile fields the templates use: only these are copied per request.
+        self._roots = sorted(
+            {f.partition(".")[0] for f in config.template_fields}
+            | {v.partition(".")[0] for v in config.vary}
+        )
+
+    def request(
+        self, customer_id: str, profile: Mapping[str, Any] | None, options: Mapping[str, Any]
+    ) -> UpstreamRequest:
+        """The upstream call for this customer and these options."""
+        context: dict[str, Any] = {k: profile.get(k) for k in self._roots} if profile else {}
+        context["customer_id"] = customer_id
+        context["options"] = options
+        url = self._url.render(context, url_value)
+        headers = {name: t.render(context, header_value) for name, t in self._headers}
+        body = None
+        if self.config.body is not None:
+            body = orjson.dumps(render_body(self.config.body, context))
+            headers.setdefault("Content-Type", "application/json")
+        vary = [lookup(context, path) for path in self.config.vary]
+        digest = hashlib.blake2b(
+            orjson.dumps([self.config.method, url, headers, body and body.decode(), vary]),
+            digest_size=16,
+        ).hexdigest()
+        return UpstreamRequest(self.config.method, url, headers, body, f"{self.name}:{digest}")
+
+    async def fetch(self, request: UpstreamRequest) -> Any:
+        """Call upstream within the source's timeout and return the mapped data."""
+        if self.inflight >= self.config.max_inflight:
+            # A hanging upstream may hold this many connections, never the whole pool.
+            raise BlockFailure("overloaded", f"{self.inflight} calls in flight")
+        self.inflight += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                status, body = await self.transport.send(request, max_bytes=self.config.max_bytes)
+        except TimeoutError:
+            raise BlockFailure("timeout", f"no answer in {self.config.timeout_ms} ms") from None
+        except OSError as exc:
+            raise BlockFailure("unreachable", type(exc).__name__) from exc
+        finally:
+            self.inflight -= 1
+        if not 200 <= status < 300:
+            raise BlockFailure(f"http_{status}")
+        return map_response(self.config, body)

@@ -1,0 +1,179 @@
+"""One answer at a time, in process: shard and sources replaced by controllable fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from engine.clock import ManualClock
+from engine.content import ContentService, content_config_from_mapping
+from engine.content.request import from_query
+from engine.content.sources import FakeTransport, UpstreamRequest
+from engine.errors import NotFound
+
+PROFILE = {
+    "id": "ann",
+    "traits": {"first_name": "Ann", "tier": "gold"},
+    "recent": [[1.0, "Product Viewed", "p1", "Shoes"]],
+    "cart": {"p2": {"product_id": "p2", "name": "Hat", "price": 5.0, "quantity": 1}},
+    "cart_total": 5.0,
+    "orders": 0,
+}
+
+
+def table(**extra: object) -> dict:
+    base = {
+        "source": [
+            {"name": "by_id", "url": "https://up.example/id/{customer_id}", "select": "data",
+             "html": "<p>{title}</p>", "fallback_html": "<p>hi</p>"},
+            {"name": "by_tier", "url": "https://up.example/tier/{traits.tier}", "select": "data",
+             "html": "<p>{title}</p>", "timeout_ms": 50},
+            {"name": "capped", "url": "https://up.example/hang/{customer_id}", "max_inflight": 2,
+             "timeout_ms": 1000},
+        ]
+    }  # fmt: skip
+    base.update(extra)
+    return base
+
+
+class Upstream:
+    """Answers by URL path: /hang/ never, /tier/ after `tier_delay`, else at once."""
+
+    def __init__(self) -> None:
+        self.tier_delay = 0.0
+
+    async def __call__(self, request: UpstreamRequest) -> tuple[int, bytes]:
+        if "/hang/" in request.url:
+            await asyncio.Event().wait()
+        if "/tier/" in request.url and self.tier_delay:
+            await asyncio.sleep(self.tier_delay)
+        return 200, orjson.dumps({"data": {"title": request.url.rsplit("/", 1)[1]}})
+
+
+def service(**extra: object) -> tuple[ContentService, FakeTransport, Upstream]:
+    upstream = Upstream()
+    transport = FakeTransport(upstream)
+    config = content_config_from_mapping(table(**extra))
+    return ContentService(config, transport=transport, clock=ManualClock()), transport, upstream
+
+
+async def reader(customer: str) -> dict | None:
+    return PROFILE if customer == "ann" else None
+
+
+def ask(svc: ContentService, customer: str, blocks: str, deadline_ms: int = 200):
+    pairs = [("blocks", blocks), ("deadline_ms", str(deadline_ms))]
+    return from_query(customer, pairs, svc.config)
+
+
+async def test_every_block_from_profile_and_sources() -> None:
+    svc, transport, _ = service()
+    answer = await svc.answer(reader, ask(svc, "ann", "profile,cart,recommendations,by_id,by_tier"))
+    by_name = {r.name: r for r in answer.blocks}
+    assert [r.name for r in answer.blocks] == [
+        "profile",
+        "cart",
+        "recommendations",
+        "by_id",
+        "by_tier",
+    ]
+    assert not answer.fallbacks and answer.profile == "ok"
+    assert by_name["by_tier"].html == "<p>gold</p>" and by_name["by_id"].data == {"title": "ann"}
+    assert by_name["recommendations"].data["items"][0]["product_id"] == "p1"
+    assert sorted(r.url for r in transport.calls) == [
+        "https://up.example/id/ann", "https://up.example/tier/gold"]  # fmt: skip
+
+
+async def test_unknown_customer_is_404_unless_a_generic_fallback_is_configured() -> None:
+    svc, _, _ = service()
+    with pytest.raises(NotFound):
+        await svc.answer(reader, ask(svc, "nobody", "profile,by_id"))
+    svc, _, _ = service(unknown_customer="fallback")
+    answer = await svc.answer(reader, ask(svc, "nobody", "profile,by_id,by_tier"))
+    by_name = {r.name: r for r in answer.blocks}
+    assert answer.profile == "unknown_customer"
+    assert by_name["profile"].fallback and by_name["by_tier"].reason == "unknown_customer"
+    # a source that needs only the id still answers for a customer Nudge has not seen
+    assert not by_name["by_id"].fallback and by_name["by_id"].data == {"title": "nobody"}
+
+
+async def test_a_shard_that_hangs_costs_the_profile_blocks_only() -> None:
+    svc, _, _ = service()
+
+    async def hanging(customer: str) -> dict | None:
+        await asyncio.Event().wait()
+        return None
+
+    started = time.perf_counter()
+    answer = await svc.answer(hanging, ask(svc, "ann", "profile,cart,by_id", deadline_ms=80))
+    assert time.perf_counter() - started < 0.08 + 0.03
+    by_name = {r.name: r for r in answer.blocks}
+    assert by_name["cart"].reason == by_name["profile"].reason == "profile_timeout"
+    assert not by_name["by_id"].fallback  # started before the profile read, unaffected
+
+    async def broken(customer: str) -> dict | None:
+        raise ConnectionError("shard gone")
+
+    answer = await svc.answer(broken, ask(svc, "ann", "profile"))
+    assert answer.blocks[0].reason == "profile_unavailable"
+
+
+async def test_a_slow_source_is_cut_at_its_own_budget() -> None:
+    svc, _, upstream = service()
+    upstream.tier_delay = 0.1  # the source's own budget is 50 ms
+    started = time.perf_counter()
+    answer = await svc.answer(reader, ask(svc, "ann", "cart,by_tier"))
+    assert time.perf_counter() - started < 0.05 + 0.03
+    assert [(r.name, r.reason) for r in answer.blocks] == [("cart", None), ("by_tier", "timeout")]
+    assert answer.blocks[1].html == ""  # no fallback_html configured for it
+
+
+async def test_a_loop_running_late_makes_the_fan_out_end_earlier() -> None:
+    svc, _, _ = service()
+
+    async def anyone(customer: str) -> dict:
+        return {"id": customer}
+
+    svc.lag.record(0.06)  # timers have lately been running 60 ms late
+    started = time.perf_counter()
+    answer = await svc.answer(anyone, ask(svc, "x", "capped", deadline_ms=200))
+    elapsed = time.perf_counter() - started
+    assert answer.blocks[0].reason == "timeout"
+    assert 0.2 - 0.06 - 0.003 - 0.01 < elapsed < 0.2 - 0.06 + 0.02
+
+
+async def test_bulkhead_a_hanging_source_holds_at_most_max_inflight_calls() -> None:
+    svc, transport, _ = service()
+
+    async def anyone(customer: str) -> dict:
+        return {"id": customer}
+
+    answers = await asyncio.gather(
+        *(svc.answer(anyone, ask(svc, f"id-{i}", "capped", deadline_ms=50)) for i in range(5))
+    )
+    reasons = sorted(a.blocks[0].reason for a in answers)
+    assert reasons == ["overloaded", "overloaded", "overloaded", "timeout", "timeout"]
+    assert len(transport.calls) == 2
+
+
+async def test_a_recommender_that_fails_or_does_io_costs_its_block_only() -> None:
+    class Broken:
+        def recommend(self, profile: dict, *, limit: int) -> list[dict]:
+            raise ValueError("model missing")
+
+    class Slow:
+        async def recommend(self, profile: dict, *, limit: int) -> list[dict]:
+            await asyncio.sleep(1)
+            return []
+
+    svc, _, _ = service(blocks={"recommendations": {"timeout_ms": 30, "on_failure": "omit"}})
+    for recommender, failure in ((Broken(), "error"), (Slow(), "timeout")):
+        svc.recommender = recommender
+        started = time.perf_counter()
+        answer = await svc.answer(reader, ask(svc, "ann", "cart,recommendations"))
+        assert time.perf_counter() - started < 0.03 + 0.03
+        assert [r.name for r in answer.blocks] == ["cart"]
+        assert answer.omitted == ["recommendations"] and svc.stats[f"fallback:{failure}"] == 1
