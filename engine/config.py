@@ -21,7 +21,9 @@ from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEV_KEYS = frozenset({"dev-write-key", "dev-content-key", "dev-admin-key"})
+DEV_KEYS = frozenset(
+    {"dev-write-key", "dev-content-key", "dev-admin-key", "dev-tracking-secret"}
+)
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,23 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Signed open, click and unsubscribe links in emails."""
+
+    # HMAC secret of tracking tokens; changing it breaks the links of every email sent.
+    tracking_secret: str = "dev-tracking-secret"
+    # Where recipients' browsers reach this engine (the links' base URL).
+    public_url: str = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings, passed in to whatever needs them."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # (TOML text, where it came from) of every rule document: compiled by each
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
@@ -78,10 +91,16 @@ class Config:
     def dev_keys_in_use(self) -> list[str]:
         """The shipped development keys still configured, if any."""
         keys = self.auth.write_keys + self.auth.content_keys + self.auth.admin_keys
+        keys += (self.tracking.tracking_secret,)
         return sorted(DEV_KEYS.intersection(keys))
 
 
-_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "auth": AuthConfig}
+_SECTIONS = {
+    "server": ServerConfig,
+    "engine": EngineConfig,
+    "auth": AuthConfig,
+    "tracking": TrackingConfig,
+}
 # Sections read by their own modules: trigger rules (engine.rules) and content.
 _FOREIGN = frozenset({"rules", "rule", "segment", "content"})
 
@@ -182,7 +201,7 @@ def validate(config: Config) -> None:
     if config.dev_keys_in_use and not _is_loopback(config.server.host):
         raise ConfigError(
             f"refusing to listen on {config.server.host} with the development keys "
-            f"({', '.join(config.dev_keys_in_use)}): set your own in [auth]",
+            f"({', '.join(config.dev_keys_in_use)}): set your own in [auth] and [tracking]",
             field="auth",
         )
 

@@ -70,9 +70,13 @@ def test_dev_keys_refuse_public_address() -> None:
     with pytest.raises(ConfigError, match="development keys"):
         from_mapping({"server": {"host": "0.0.0.0"}}, {})
     own_keys = {"write_keys": ["w"], "content_keys": ["c"], "admin_keys": ["a"]}
-    assert (
-        from_mapping({"server": {"host": "0.0.0.0"}, "auth": own_keys}, {}).server.host == "0.0.0.0"
-    )
+    public = {"host": "0.0.0.0"}
+    with pytest.raises(ConfigError, match="dev-tracking-secret"):
+        from_mapping({"server": public, "auth": own_keys}, {})
+    own_secret = {"tracking_secret": "t0p"}
+    config = from_mapping({"server": public, "auth": own_keys, "tracking": own_secret}, {})
+    assert config.server.host == "0.0.0.0"
+    assert from_mapping({}, {"NUDGE_TRACKING_SECRET": "x"}).tracking.tracking_secret == "x"
 
 
 def test_load_reports_missing_file_and_bad_toml(tmp_path: Path) -> None:
