@@ -71,7 +71,10 @@ TARGET_APPLIED_EVENTS_S = 50_000.0
 TARGET_P99_MS = 20.0
 REPO = Path(__file__).resolve().parents[1]
 _STAMP = b"@@@@@@@@@@@@"  # replaced per request by a 12-hex-digit counter
-_TIME_STAMP = b"~~~~~~~~~~~~~~~~~~~~~~~~"  # replaced per request by the time, ISO-8601, 24 chars
+# Replaced per request by the time to the millisecond, ISO-8601, 23 chars; each event
+# then adds its own microseconds, so a request's events have distinct times, as an
+# SDK's batch has (one time for all would make every shopper's events tie).
+_TIME_STAMP = b"~~~~~~~~~~~~~~~~~~~~~~~"
 _CATEGORIES = (
     "Shoes", "Dresses", "Shirts", "Jeans", "Jackets", "Bags", "Watches", "Jewelry",
     "Beauty", "Home", "Kitchen", "Toys", "Books", "Sports", "Outdoor", "Electronics",
@@ -162,15 +165,18 @@ def shopper_message(rng: random.Random, catalog: Catalog, message_id: str, when:
 def batch_template(rng: random.Random, catalog: Catalog, run_id: str, host: str) -> bytes:
     """A whole POST /v1/batch request whose messageIds still hold the stamp placeholder."""
     stamp, when = _STAMP.decode(), _TIME_STAMP.decode()
-    batch = [shopper_message(rng, catalog, f"{run_id}-{stamp}-{i:02d}", when) for i in range(BATCH)]
+    batch = [
+        shopper_message(rng, catalog, f"{run_id}-{stamp}-{i:02d}", f"{when}{i:03d}Z")
+        for i in range(BATCH)
+    ]
     body = orjson.dumps({"batch": batch})
     return build_request("POST", "/v1/batch", host, body=body, headers=WRITE_HEADERS)
 
 
 def iso_now() -> bytes:
-    """The current UTC time as 24 bytes of ISO-8601 with milliseconds."""
+    """The current UTC time as 23 bytes of ISO-8601 to the millisecond, without the zone."""
     now = time.time()
-    return b"%s.%03dZ" % (
+    return b"%s.%03d" % (
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)).encode(),
         int(now % 1 * 1000),
     )
@@ -179,8 +185,9 @@ def iso_now() -> bytes:
 class RequestSource:
     """Pre-built batch requests; each use stamps in fresh messageIds and the current time.
 
-    Every event of a request carries the time it was stamped, so each shopper's
-    events arrive in time order, as they mostly do in production.
+    Every event of a request carries the time it was stamped plus its position in
+    microseconds, so each shopper's events arrive in time order, as they mostly do
+    in production.
     """
 
     def __init__(self, templates: list[bytes]):
