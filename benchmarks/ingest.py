@@ -997,6 +997,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         ("  drain after last ack", _fmt(flat["drain_s"], " s"), ""),
         ("  latency p50 / p99", f"{_fmt(fl['p50'])} / {_fmt(fl['p99'])} ms", ""),
         ("  CPU cores used", "", _cores(flat["cpu"]["cores"])),
+        ("  CPU µs per event", "", _per_event(flat["cpu"]["cores"], flat["accepted_events_s"])),
         ("  waiting for a CPU, ms per s", "", _waits(flat["cpu"]["runqueue_wait_ms_per_s"])),
         (
             "paced rate achieved",
@@ -1009,6 +1010,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             f"p99 < {TARGET_P99_MS:g} ms  " + _verdict(pl["p99"] < TARGET_P99_MS),
         ),
         ("  CPU cores used", "", _cores(paced["cpu"]["cores"])),
+        ("  CPU µs per event", "", _per_event(paced["cpu"]["cores"], paced["accepted_events_s"])),
         ("  waiting for a CPU, ms per s", "", _waits(paced["cpu"]["runqueue_wait_ms_per_s"])),
         (
             "applied == accepted",
@@ -1046,6 +1048,14 @@ def _cores(cpu: dict[str, float]) -> str:
     """CPU use per component, compactly."""
     names = ("api", "shards", "redis", "ray_system", "loadgen", "other")
     return " ".join(f"{n.partition('_')[0]} {cpu.get(n, 0):.2f}" for n in names)
+
+
+def _per_event(cpu: dict[str, float], events_s: float | None) -> str:
+    """CPU time per event of the engine's parts: steadier than rates on a shared machine."""
+    if not events_s:
+        return "n/a"
+    names = ("api", "shards", "redis")
+    return " ".join(f"{n} {cpu.get(n, 0) / events_s * 1e6:.1f}" for n in names)
 
 
 def _waits(waits: dict[str, float]) -> str:
