@@ -28,6 +28,8 @@ from engine.config import Config
 from engine.content import ContentService, content_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
 from engine.store import Store, connect
+from engine.tracking import TokenSigner
+from engine.tracking.routes import tracking_routes
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +95,12 @@ def create_app(
     shards_factory: ShardsFactory,
     *,
     content: ContentService | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The ASGI app; `shards_factory` connects to the shards once the loop runs.
 
-    `content` replaces the content service built from `config.content` (tests
-    hand in one on a manual clock).
+    `content` replaces the content service built from `config.content`, and
+    `clock` the time tracking hits are stamped with (tests drive both).
     """
     keys = KeyRing(config.auth)
     state: dict[str, Any] = {}
@@ -267,6 +270,8 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
     ]
     routes += content_routes(content.config, auth=config.auth, service=content, shards=shards)
+    signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
+    routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
     return Starlette(
         routes=routes,
         lifespan=lifespan,
