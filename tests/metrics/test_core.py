@@ -140,7 +140,8 @@ def test_funnel_edge_cases() -> None:
 
 def test_shard_metrics_count_sends_and_their_latency_at_checkpoint() -> None:
     m = ShardMetrics(3)
-    m.on_checkpoint(0.004, [send("s1", "ann", 100.0), send("s2", "bob", 100.0, variant=None)], 102.0)
+    sends = [send("s1", "ann", 100.0), send("s2", "bob", 100.0, variant=None)]
+    m.on_checkpoint(0.004, sends, 102.0)
     snap = {s["name"]: s for s in m.snapshot(stats={"applied": 7}, failed=1, gauges={})}
     assert snap["nudge_triggers_total"]["samples"] == {("cart", "a"): 1, ("cart", "-"): 1}
     latency = snap["nudge_trigger_latency_seconds"]["samples"][()]

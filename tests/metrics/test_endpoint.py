@@ -101,16 +101,20 @@ def test_metrics_move_with_events_sends_and_content(engine) -> None:
 
     clock.advance(16 * 60)  # the cart reminder falls due
     assert wait_until(
-        lambda: total(scrape(client), "nudge_triggers_total", rule="cart_abandonment")
-        > total(before, "nudge_triggers_total", rule="cart_abandonment")
+        lambda: (
+            total(scrape(client), "nudge_triggers_total", rule="cart_abandonment")
+            > total(before, "nudge_triggers_total", rule="cart_abandonment")
+        )
     )
     order = {"userId": "ann", "event": "Order Completed", "timestamp": at(40 * 60)}
     assert client.post("/v1/track", auth=WRITE, json=order).status_code == 200
     client.get("/v1/profiles/ann", headers=ADMIN)  # applied
     after = wait_until(
-        lambda: (s := scrape(client))
-        and total(s, "nudge_funnel_conversions_total", rule="cart_abandonment", within="1h")
-        and s
+        lambda: (
+            (s := scrape(client))
+            and total(s, "nudge_funnel_conversions_total", rule="cart_abandonment", within="1h")
+            and s
+        )
     )
     assert after, "the order after the reminder was not counted as a conversion"
 
@@ -191,19 +195,27 @@ process.CONTENT_SECONDS.observe(0.01)
 """
 
 
+_READER = """
+import sys
+from engine.metrics.collect import MetricsCollector, Scrape
+c = MetricsCollector(shards=None, store=None, shard_count=0, multiproc_dir=sys.argv[1])
+registry = c.registry(Scrape(0.0, {}))
+print(registry.get_sample_value(
+    "nudge_ingest_events_total", {"type": "track", "outcome": "accepted"}))
+print(registry.get_sample_value("nudge_content_seconds_count"))
+"""
+
+
 def test_api_worker_processes_add_up_in_multiprocess_mode(tmp_path, redis_url: str) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for n in (3, 4):  # two worker processes count; a third reads
         subprocess.run([sys.executable, "-c", _WORKER, str(n)], env=env, check=True, cwd=ROOT)
-    reader = """
-import asyncio
-from engine.metrics.collect import MetricsCollector, Scrape
-c = MetricsCollector(shards=None, store=None, shard_count=0, multiproc_dir=%r)
-print(c.registry(Scrape(0.0, {})).get_sample_value(
-    "nudge_ingest_events_total", {"type": "track", "outcome": "accepted"}))
-print(c.registry(Scrape(0.0, {})).get_sample_value("nudge_content_seconds_count"))
-""" % str(tmp_path)
     out = subprocess.run(
-        [sys.executable, "-c", reader], env=env, check=True, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-c", _READER, str(tmp_path)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     ).stdout.split()
     assert out == ["7.0", "2.0"]
