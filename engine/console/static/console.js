@@ -186,10 +186,14 @@ function renderFunnel(body) {
   }
 }
 
-async function pollFunnel() {
+async function refreshFunnel() {
   try {
     renderFunnel(await getJSON("/console/api/funnel?window=" + encodeURIComponent($("window").value)));
   } catch (err) { /* the live poll reports the connection */ }
+}
+
+async function pollFunnel() {
+  await refreshFunnel();
   setTimeout(pollFunnel, FUNNEL_MS);
 }
 
@@ -226,7 +230,7 @@ async function inspect(event) {
 document.addEventListener("DOMContentLoaded", () => {
   charts = makeCharts();
   $("inspect").addEventListener("submit", inspect);
-  $("window").addEventListener("change", () => { pollFunnel(); });
+  $("window").addEventListener("change", refreshFunnel);
   pollLive();
   pollFunnel();
 });
