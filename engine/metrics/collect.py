@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.metrics import process
 from engine.metrics.actor import families, merge
-from engine.routing import stream_key
+from engine.routing import shard_tag, stream_key
 from engine.store import outbox_key, parse_id
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,49 @@ class Scrape:
     actors: dict[str, dict]
     gauges: list[GaugeMetricFamily] = field(default_factory=list)
     shards_answered: int = 0
+
+
+def _scrape_gauges(shards: int, answered: int) -> list[tuple[str, str, float]]:
+    return [
+        ("nudge_shards", "Shards the engine is configured with", shards),
+        ("nudge_shards_answered", "Shards that answered this scrape in time", answered),
+    ]
+
+
+_LAG_SERIES = "nudge_stream_lag_seconds"
+
+
+def known_series(collector: MetricsCollector | None = None) -> dict[str, str]:
+    """Every series name /metrics can hold (as exposed: _total, _bucket...), with its help.
+
+    Built from the definitions, so dashboards and alerts can be checked against it.
+    """
+    from engine.metrics.delivery import DeliveryMetrics
+    from engine.metrics.shard import ShardMetrics
+
+    out: dict[str, str] = {}
+
+    def add(name: str, kind: str, help: str) -> None:
+        if kind == "counter":
+            out[name if name.endswith("_total") else name + "_total"] = help
+        elif kind == "histogram":
+            for suffix in ("_bucket", "_count", "_sum"):
+                out[name + suffix] = help
+        else:
+            out[name] = help
+
+    for family in process.REGISTRY.collect():
+        add(family.name, family.type, family.documentation)
+    for actor in (ShardMetrics(0).registry, DeliveryMetrics().registry):
+        for metric in actor.snapshot():
+            add(metric["name"], metric["kind"], metric["help"])
+    collector = collector or MetricsCollector(shards=None, store=None, shard_count=1)
+    for name, help, _label, _keys in collector.stream_depths:
+        add(name, "gauge", help)
+    for name, help, _ in _scrape_gauges(0, 0):
+        add(name, "gauge", help)
+    add(_LAG_SERIES, "gauge", "Stream lag per shard")
+    return out
 
 
 class _Static:
@@ -70,9 +113,16 @@ class MetricsCollector:
         self.stream_depths: list[StreamDepth] = [
             (
                 "nudge_outbox_length",
-                "Sends waiting in a shard's outbox stream (entries)",
+                "Entries in a shard's outbox stream of decided sends",
                 "shard",
                 lambda n: {str(i): outbox_key(i) for i in range(n)},
+            ),
+            (
+                # The delivery dispatchers' dead letters (engine.delivery.ledger.dlq_key).
+                "nudge_dlq_depth",
+                "Sends parked in a shard's dead-letter stream after every attempt failed",
+                "shard",
+                lambda n: {str(i): f"nudge:{shard_tag(i)}:dlq" for i in range(n)},
             ),
             (
                 "nudge_stream_length",
@@ -131,11 +181,10 @@ class MetricsCollector:
                 for key, value in values.items():
                     family.add_metric([key], value)
                 scrape.gauges.append(family)
-        answered = GaugeMetricFamily(
-            "nudge_shards_answered", "Shards that answered this scrape in time"
-        )
-        answered.add_metric([], scrape.shards_answered)
-        scrape.gauges.append(answered)
+        for name, help, value in _scrape_gauges(self.shard_count, scrape.shards_answered):
+            family = GaugeMetricFamily(name, help)
+            family.add_metric([], value)
+            scrape.gauges.append(family)
         return scrape
 
     async def _redis_gauges(self) -> dict[str, Any]:
@@ -158,7 +207,7 @@ class MetricsCollector:
         # entry's time minus the last applied entry's time is how far behind a shard is.
         positions = actors.get("nudge_stream_position_ms", {}).get("samples", {})
         family = GaugeMetricFamily(
-            "nudge_stream_lag_seconds",
+            _LAG_SERIES,
             "Age of the newest event a shard has not applied yet relative to its last applied one",
             labels=["shard"],
         )

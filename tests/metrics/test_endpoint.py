@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.api import create_app
 from engine.clock import ManualClock
 from engine.config import MetricsConfig, load
+from engine.metrics.collect import known_series
 from tests.conftest import ROOT, LocalShards, serve_app, test_config
 
 WRITE = ("dev-write-key", "")
@@ -146,6 +147,11 @@ def test_metrics_move_with_events_sends_and_content(engine) -> None:
     assert delta("nudge_content_seconds_count") == 2
     assert delta("nudge_content_block_seconds_count", block="cart", source="profile") == 1
     assert delta("nudge_content_block_seconds_count", block="profile", source="profile") == 1
+    # and nothing on /metrics is missing from the catalog the dashboard is checked against
+    known = known_series()
+    exposed = {n for (n, _) in after if n.startswith("nudge_") and not n.endswith("_created")}
+    assert exposed - set(known) == set()
+    assert {"nudge_dlq_depth", "nudge_stream_length", "nudge_shards"} <= exposed
 
 
 def test_console_login_and_its_json(engine) -> None:
