@@ -20,7 +20,8 @@ from redis.exceptions import RedisError
 
 from engine.clock import Clock, SystemClock
 from engine.config import EngineConfig
-from engine.partition import Partition
+from engine.metrics.shard import ShardMetrics
+from engine.partition import APPLIED, Partition
 from engine.profile import Limits
 from engine.routing import shard_for
 from engine.rules import RuleSet
@@ -75,6 +76,7 @@ class ShardActor:
         self.last_checkpoint_at = 0.0
         self._since_checkpoint = 0
         self._stopping = False
+        self.meters = ShardMetrics(index)
         self._advanced = asyncio.Event() if _has_loop() else None
         self._store: Store | None = None
         self._task: asyncio.Task | None = None
@@ -147,10 +149,12 @@ class ShardActor:
 
     def _apply(self, entries: list[tuple[str, list]]) -> None:
         apply = self.partition.apply
+        watched, funnel = self.meters.watched, self.meters.funnel
         for _sid, events in entries:
             for event in events:
                 try:
-                    apply(event)
+                    if apply(event) == APPLIED and event.get("event") in watched:
+                        funnel.on_event(event)
                 except Exception:  # a bug must not wedge the shard; count it and go on
                     self.failed_events += 1
                     log.exception(
@@ -180,6 +184,7 @@ class ShardActor:
             self.partition._sends = sends + self.partition._sends
             raise
         self.sends_flushed += len(sends)
+        self.meters.on_sends(sends, self.clock.now())
 
     async def _checkpoint(self) -> None:
         # Snapshot synchronously, before any await, so it matches self.pos exactly.
@@ -196,6 +201,7 @@ class ShardActor:
         self.checkpoints += 1
         self.last_checkpoint_at = time.monotonic()
         self.last_checkpoint_s = time.perf_counter() - started
+        self.meters.on_checkpoint(self.last_checkpoint_s, changes.sends, self.clock.now())
         if changes.forwards:
             await self._store.deliver_forwards(self.index)
 
@@ -266,6 +272,23 @@ class ShardActor:
             "last_checkpoint_s": self.last_checkpoint_s,
             "rss_bytes": _rss_bytes(),
         }
+
+    async def metrics(self) -> list[dict]:
+        """This shard's metrics as plain snapshots (engine.metrics.actor), for /metrics."""
+        return self.meters.snapshot(
+            stats=self.partition.stats,
+            failed=self.failed_events,
+            gauges={
+                "nudge_shard_up": 1.0 if self.ready else 0.0,
+                "nudge_profiles": len(self.partition.profiles),
+                "nudge_aliases": len(self.partition.aliases),
+                "nudge_timers": len(self.partition.timers),
+                "nudge_shard_memory_bytes": _rss_bytes(),
+                "nudge_checkpoint_age_seconds": time.monotonic() - self.last_checkpoint_at,
+                "nudge_checkpoint_lag_events": self._since_checkpoint,
+                "nudge_stream_position_ms": parse_id(self.pos)[0],
+            },
+        )
 
     async def checkpoint_now(self) -> str:
         """Checkpoint at once; returns the checkpointed position."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import uuid
 import zlib
@@ -25,8 +26,12 @@ from actors.client import ShardClient
 from engine import events as ev
 from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
+from engine.console.routes import console_routes
 from engine.content import ContentService, content_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
+from engine.metrics import process as metered
+from engine.metrics.collect import MetricsCollector
+from engine.metrics.routes import metrics_routes
 from engine.store import Store, connect
 from engine.tracking import TokenSigner
 from engine.tracking.routes import tracking_routes
@@ -123,6 +128,14 @@ def create_app(
         return state["shards"]
 
     async def ingest(request: Request, kind: str | None) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            return await _ingest(request, kind, started)
+        except EngineError as exc:
+            metered.count_ingest_refused(exc.code)
+            raise
+
+    async def _ingest(request: Request, kind: str | None, started: float) -> JSONResponse:
         keys.require(request.headers.get("authorization"), WRITE)
         received = time.time()
         if kind is None:
@@ -131,6 +144,7 @@ def create_app(
                 _parse(body), received_at=received, body_bytes=len(body)
             )
             if not accepted:
+                metered.count_ingest((), rejected, time.perf_counter() - started)
                 return JSONResponse(
                     {
                         "error": {
@@ -147,6 +161,7 @@ def create_app(
             accepted = [ev.normalize(_parse(body), kind=kind, received_at=received)]
             rejected = []
         await store().append(accepted)
+        metered.count_ingest(accepted, rejected, time.perf_counter() - started)
         if rejected:
             return JSONResponse({"success": True, "accepted": len(accepted), "rejected": rejected})
         return JSONResponse(_OK)
@@ -269,10 +284,26 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-    routes += content_routes(content.config, auth=config.auth, service=content, shards=shards)
+    routes += content_routes(
+        content.config,
+        auth=config.auth,
+        service=content,
+        shards=shards,
+        observe=metered.ContentObserver(content),
+    )
+    # PROMETHEUS_MULTIPROC_DIR is set by `nudge serve --workers N` before workers start.
+    collector = MetricsCollector(
+        shards=shards,
+        store=store,
+        shard_count=config.engine.shards,
+        multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        timeout_s=config.metrics.scrape_timeout_s,
+    )
+    routes += metrics_routes(config.metrics, keys, collector)
+    routes += console_routes(config, keys, collector, shards=shards, store=store)
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
     routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -281,3 +312,6 @@ def create_app(
             Exception: internal_error,
         },
     )
+    # Other actors (dispatchers) join /metrics with app.state.metrics.add_actor_source(...).
+    app.state.metrics = collector
+    return app

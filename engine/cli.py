@@ -26,6 +26,7 @@ _DELEGATED = {
         "run a scenario, then explain one customer",
     ),
     "sign-url": ("engine.content.sign_cli", "main", "a signed /v1/content URL for ESP templates"),
+    "bench": ("benchmarks.bench", "main", "load test: shoppers, replay, triggers, content"),
 }
 
 

@@ -75,6 +75,20 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """/metrics (Prometheus) and the /console page."""
+
+    # "admin": scrapers send an admin key as a Bearer token; "open": no key needed.
+    metrics_auth: str = "admin"
+    # Serve the /console page (admin key, through a login form).
+    console: bool = True
+    # How long a console login lasts.
+    console_session_h: float = 12.0
+    # How long a scrape waits for each shard's metrics.
+    scrape_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings, passed in to whatever needs them."""
 
@@ -82,6 +96,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # (TOML text, where it came from) of every rule document: compiled by each
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
@@ -100,6 +115,7 @@ _SECTIONS = {
     "engine": EngineConfig,
     "auth": AuthConfig,
     "tracking": TrackingConfig,
+    "metrics": MetricsConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
 _FOREIGN = frozenset({"rules", "rule", "segment", "content"})
@@ -194,6 +210,12 @@ def validate(config: Config) -> None:
         ),
         (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
         (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),
+        (
+            config.metrics.metrics_auth in ("admin", "open"),
+            "metrics.metrics_auth",
+            "must be admin or open",
+        ),
+        (config.metrics.console_session_h > 0, "metrics.console_session_h", "must be positive"),
     ]
     for ok, path, problem in checks:
         if not ok:

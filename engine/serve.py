@@ -11,6 +11,7 @@ import time
 import uvicorn
 
 from engine.config import Config, load, warn_dev_keys
+from engine.metrics.multiproc import prepare_multiproc_dir, remove_multiproc_dir
 from engine.redis_server import EmbeddedRedis
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def serve(config: Config) -> None:
         redis_url = embedded.start()
     handles = []
     joined = bool(config.engine.ray_address)
+    metrics_dir = None
     try:
         gcs = start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
         handles = ensure_shards(config.engine, redis_url, rules=config.rules, detached=joined)
@@ -87,6 +89,7 @@ def serve(config: Config) -> None:
         # exception we clean up after.
         signal.signal(signal.SIGTERM, _raise_stop)
         if config.server.workers > 1:
+            metrics_dir = prepare_multiproc_dir(config.engine.data_dir)
             os.environ["NUDGE_REDIS_URL"] = redis_url
             os.environ["NUDGE_RAY_ADDRESS"] = gcs
             uvicorn.run(
@@ -110,4 +113,6 @@ def serve(config: Config) -> None:
             ray.shutdown()
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            remove_multiproc_dir(metrics_dir)
         print(f"nudge: stopped cleanly in {time.monotonic() - stopping:.1f} s", flush=True)

@@ -106,8 +106,12 @@ def content_routes(
     service: ContentService,
     shards: Callable[[], Any],
     clock: Callable[[], float] = time.time,
+    observe: Callable[[Answer | None, float, int], None] | None = None,
 ) -> list[Route]:
-    """The /v1/content routes; `shards()` returns the ShardClient once the app has started."""
+    """The /v1/content routes; `shards()` returns the ShardClient once the app has started.
+
+    `observe(answer or None, seconds, status)` is called once per request (metrics).
+    """
     keys = KeyRing(auth)
     signing_keys = auth.content_keys + auth.admin_keys
 
@@ -124,6 +128,14 @@ def content_routes(
         signing.verify(signing_keys, request.method, path, pairs, now=clock(), body=body)
 
     async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await _endpoint(request)
+        if observe is not None:
+            observe(request.scope.get("nudge.answer"), time.perf_counter() - started,
+                    response.status_code)  # fmt: skip
+        return response
+
+    async def _endpoint(request: Request) -> Response:
         try:
             body = b""
             if request.method == "POST":
@@ -142,6 +154,7 @@ def content_routes(
             else:
                 creq = req.from_query(customer, pairs, config)
             answer = await service.answer(shards().profile, creq)
+            request.scope["nudge.answer"] = answer
         except EngineError as exc:
             return _error(exc)
         return respond(

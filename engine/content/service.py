@@ -19,7 +19,7 @@ import inspect
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -89,6 +89,8 @@ class Answer:
     blocks: list[BlockResult]
     omitted: list[str]
     deadline_ms: int
+    # Seconds from the start of the request until each block had its value (metrics).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -192,12 +194,20 @@ class ContentService:
         cid = request.customer_id
         done: dict[str, BlockResult | Outcome] = {}
         tasks: list[tuple[str, asyncio.Task]] = []
+        began = loop.time()
+        timings: dict[str, float] = {}
+
+        def stamp() -> None:  # blocks computed inline or from memory so far
+            elapsed = loop.time() - began
+            for name in done:
+                timings.setdefault(name, elapsed)
 
         for name in request.blocks:  # sources that need no profile start now
             source = self.sources.get(name)
             if source is not None and not source.needs_profile:
                 self._start_source(source, cid, None, request, deadline, done, tasks)
 
+        stamp()
         profile, status = await self._read(read_profile, cid, deadline)
         if status == UNKNOWN and self.config.unknown_customer == "404":
             for _, task in tasks:
@@ -214,7 +224,11 @@ class ContentService:
             else:
                 self._start_source(self.sources[name], cid, profile, request, deadline, done, tasks)
 
+        stamp()
+        for name, task in tasks:
+            task.add_done_callback(lambda _t, n=name: timings.setdefault(n, loop.time() - began))
         done.update(await gather_until(tasks, deadline))
+        stamp()
         results, omitted = [], []
         for name in request.blocks:
             result = self._result(name, done[name], cid)
@@ -224,7 +238,7 @@ class ContentService:
                 results.append(result)
         self.stats["answers"] += 1
         pid = profile.get("id") if profile else None
-        return Answer(cid, pid, status, results, omitted, request.deadline_ms)
+        return Answer(cid, pid, status, results, omitted, request.deadline_ms, timings)
 
     async def _read(
         self, read_profile: ProfileReader, cid: str, deadline: Deadline
