@@ -73,6 +73,7 @@ class ShardActor:
         self.last_checkpoint_s = 0.0
         self.last_checkpoint_at = 0.0
         self._since_checkpoint = 0
+        self._sent_checkpointed = 0  # partition.sent as of the last checkpoint
         self._stopping = False
         self._advanced = asyncio.Event() if _has_loop() else None
         self._store: Store | None = None
@@ -109,12 +110,16 @@ class ShardActor:
         # Never block near the client's socket timeout (redis-py: 5 s) and wake
         # at least every 250 ms, so timers and stop() are never kept waiting.
         idle_ms = max(min(int(interval * 500), _MAX_BLOCK_MS), 1)
+        # Decided sends reach the outbox only with a checkpoint: take it soon after them.
+        flush = self.settings.outbox_flush_ms / 1000.0
         while not self._stopping:
             try:
                 block_ms = idle_ms
                 deadline = self.partition.next_deadline()
                 if deadline is not None:
                     block_ms = max(min(idle_ms, int((deadline - self.clock.now()) * 1000)), 1)
+                if self.partition.sent != self._sent_checkpointed:
+                    block_ms = max(min(block_ms, self.settings.outbox_flush_ms), 1)
                 entries = await self._store.read(
                     self.index, self.pos, count=self.settings.read_count, block_ms=block_ms
                 )
@@ -123,9 +128,11 @@ class ShardActor:
                     # Let status, reads and waits in between long runs of applying.
                     await asyncio.sleep(0)
                 self._tick()
+                since = time.monotonic() - self.last_checkpoint_at
                 if self._since_checkpoint and (
                     self._since_checkpoint >= self.settings.checkpoint_events
-                    or time.monotonic() - self.last_checkpoint_at >= interval
+                    or since >= interval
+                    or (self.partition.sent != self._sent_checkpointed and since >= flush)
                 ):
                     await self._checkpoint()
             except (RedisError, OSError) as exc:
@@ -169,6 +176,7 @@ class ShardActor:
         # Snapshot synchronously, before any await, so it matches self.pos exactly.
         changes = self.partition.take_changes()
         pos = self.pos
+        sent = self.partition.sent
         started = time.perf_counter()
         try:
             await self._store.save_checkpoint(self.index, changes, pos)
@@ -176,6 +184,7 @@ class ShardActor:
             self._requeue(changes)
             raise
         self.checkpoint_pos = pos
+        self._sent_checkpointed = sent
         self._since_checkpoint = 0
         self.checkpoints += 1
         self.last_checkpoint_at = time.monotonic()

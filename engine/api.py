@@ -26,6 +26,8 @@ from engine import events as ev
 from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
 from engine.content import ContentService, content_routes
+from engine.delivery.ledger import Ledger
+from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
 from engine.store import Store, connect
 
@@ -106,6 +108,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["store"] = Store(connect(redis_url), config.engine.shards)
+        state["ledger"] = Ledger(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
         await content.start()
         yield
@@ -267,6 +270,7 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
     ]
     routes += content_routes(content.config, auth=config.auth, service=content, shards=shards)
+    routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     return Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -26,6 +26,8 @@ _DELEGATED = {
         "run a scenario, then explain one customer",
     ),
     "sign-url": ("engine.content.sign_cli", "main", "a signed /v1/content URL for ESP templates"),
+    "render": ("engine.delivery.cli", "render_main", "preview an email template"),
+    "dlq": ("engine.delivery.cli", "dlq_main", "list, show and replay dead-lettered sends"),
 }
 
 

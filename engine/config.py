@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.content.config import ContentConfig, content_config_from_mapping
+from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class EngineConfig:
     dedupe_max_ids: int = 100
     recent_max: int = 50
     recent_window_days: float = 30.0
+    # A shard that decided sends checkpoints (and so writes its outbox) this soon.
+    outbox_flush_ms: int = 10
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Config:
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
     content: ContentConfig = field(default_factory=ContentConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -102,7 +106,7 @@ _SECTIONS = {
     "tracking": TrackingConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
-_FOREIGN = frozenset({"rules", "rule", "segment", "content"})
+_FOREIGN = frozenset({"rules", "rule", "segment", "content", "delivery", "esp"})
 
 
 def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
@@ -165,7 +169,11 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             elif key in given:
                 values[key] = _coerce(given[key], default, f"{name}.{key}")
         sections[name] = replace(defaults, **values)
-    config = Config(**sections, content=content_config_from_mapping(data.get("content"), env))
+    config = Config(
+        **sections,
+        content=content_config_from_mapping(data.get("content"), env),
+        delivery=delivery_config_from_mapping(data.get("delivery"), data.get("esp"), env),
+    )
     validate(config)
     return config
 
@@ -194,6 +202,7 @@ def validate(config: Config) -> None:
         ),
         (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
         (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),
+        (config.engine.outbox_flush_ms >= 1, "engine.outbox_flush_ms", "must be positive"),
     ]
     for ok, path, problem in checks:
         if not ok:
