@@ -144,8 +144,10 @@ class DispatcherActor:
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     continue
+                # COUNT applies per stream: split what is free over the shards' outboxes.
+                per_stream = max(min(free, self.delivery.read_count) // settings.shards, 1)
                 entries = await self._ledger.read(
-                    self.consumer, count=min(free, self.delivery.read_count), block_ms=_BLOCK_MS
+                    self.consumer, count=per_stream, block_ms=_BLOCK_MS
                 )
                 self._start_all(entries)
                 now = time.monotonic()

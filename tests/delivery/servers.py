@@ -7,6 +7,8 @@ import contextlib
 import email
 import email.policy
 import re
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,16 +42,60 @@ class _Inbox:
 
 
 @contextlib.contextmanager
-def smtp_server() -> Iterator[tuple[int, _Inbox]]:
-    """A real aiosmtpd server on a loopback port; yields (port, inbox)."""
+def smtp_server(
+    *, tls_dir: str | None = None, login: tuple[str, str] | None = None
+) -> Iterator[tuple[int, _Inbox]]:
+    """A real aiosmtpd server on a loopback port; yields (port, inbox).
+
+    With `tls_dir` it offers and requires STARTTLS (a self-signed certificate made
+    there); with `login` it requires AUTH with that user name and password.
+    """
     inbox = _Inbox()
     port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    options: dict = {}
+    if tls_dir is not None:
+        options.update(tls_context=_self_signed(tls_dir), require_starttls=True)
+    if login is not None:
+
+        def authenticate(server, session, envelope, mechanism, auth_data):
+            ok = (auth_data.login.decode(), auth_data.password.decode()) == login
+            return AuthResult(success=ok, handled=False)
+
+        options.update(authenticator=authenticate, auth_require_tls=tls_dir is not None)
+        options["auth_required"] = True
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **options)
     controller.start()
     try:
         yield port, inbox
     finally:
         controller.stop()
+
+
+def _self_signed(directory: str) -> ssl.SSLContext:
+    cert, key = f"{directory}/cert.pem", f"{directory}/key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 # -- webhook ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from datetime import UTC, datetime
@@ -281,3 +282,56 @@ def test_dlq_errors_are_json_404s(redis_url: str, ids: list[str]) -> None:
             client.get("/v1/dlq", headers={"Authorization": "Bearer dev-write-key"}).status_code
             == 403
         )
+
+
+def test_smtp_with_starttls_and_auth(redis_url: str, sync_redis: redis.Redis, tmp_path) -> None:
+    with smtp_server(tls_dir=str(tmp_path), login=("nudge", "pw")) as (port, inbox):
+        good = EspConfig(
+            name="mx",
+            kind="smtp",
+            host="127.0.0.1",
+            port=port,
+            starttls=True,
+            validate_certs=False,
+            username="nudge",
+            password="pw",
+        )
+        bad = dataclasses.replace(good, name="mx-bad", password="wrong")
+        delivery = delivery_config(good, bad)
+        with engine(redis_url, delivery, rules=False) as (client, _, _config):
+            identify(client, "hal", first_name="Hal")
+            client.get("/v1/profiles/hal", headers=ADMIN)
+            _put(sync_redis, "hal", "send-hal", "mx")
+            _put(sync_redis, "hal", "send-hal-bad", "mx-bad")
+            assert wait_for(lambda: inbox.messages)
+            assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("hal", 4))))
+            [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
+    assert len(inbox.messages) == 1 and inbox.messages[0]["X-Nudge-Send-Id"] == "send-hal"
+    assert letter["send"]["send_id"] == "send-hal-bad" and "535" in letter["error"]
+    assert letter["attempts"] == 1  # a refused login is permanent: no retries
+
+
+def test_sendgrid_wire_format_is_accepted_by_a_validating_server(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from tests.conftest import serve_app
+    from tests.delivery.servers import FakeSendGrid
+
+    fake = FakeSendGrid(api_key="SG.test")
+    with serve_app(fake.app()) as base:
+        esp = EspConfig(name="sg", kind="sendgrid", url=base + "/v3/mail/send", api_key="SG.test")
+        wrong_key = dataclasses.replace(esp, name="sg-bad", api_key="SG.wrong")
+        with engine(redis_url, delivery_config(esp, wrong_key), rules=False) as (client, _, _c):
+            identify(client, "ivy", first_name="Ivy")
+            client.get("/v1/profiles/ivy", headers=ADMIN)
+            _put(sync_redis, "ivy", "send-ivy", "sg")
+            _put(sync_redis, "ivy", "send-ivy-2", "sg-bad")
+            assert wait_for(lambda: fake.accepted)
+            assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("ivy", 4))))
+            [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
+    assert fake.rejected == []
+    [body] = fake.accepted
+    assert body["personalizations"][0]["to"][0]["email"] == "ivy@example.com"
+    assert body["personalizations"][0]["custom_args"]["send_id"] == "send-ivy"
+    assert "Ivy" in body["subject"]
+    assert "HTTP 401" in letter["error"] and letter["send"]["send_id"] == "send-ivy-2"
