@@ -224,7 +224,10 @@ class DispatcherActor:
                 await asyncio.sleep(0.5)
 
     async def _deliver_once(self, ledger: Ledger, index: int, entry_id: str, send: dict) -> None:
-        record = await ledger.record(index, send["send_id"])
+        # The record and the profile in parallel: a final record (rare) wastes one read.
+        record, profile = await asyncio.gather(
+            ledger.record(index, send["send_id"]), self._profiles(send["customer"])
+        )
         if record is not None and record["state"] in lg.FINAL:
             await ledger.ack(index, entry_id)  # already done: never twice
             return
@@ -242,7 +245,6 @@ class DispatcherActor:
                 f"no ESP named {send.get('esp')!r} is configured ([[esp]] in config.toml)",
             )
             return
-        profile = await self._profiles(send["customer"])
         reason = suppression(profile)
         if reason is not None:
             await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
@@ -267,23 +269,30 @@ class DispatcherActor:
                 self.stats["failed"] += 1
                 wait = breaker.retry_in(time.monotonic())
             else:
-                await ledger.mark_sending(index, send, attempts, time.time())
+                # "sending" only carries the attempt count across a crash (the idempotency
+                # key, not this record, makes a re-send harmless): write it alongside the call.
+                marked = asyncio.ensure_future(
+                    ledger.mark_sending(index, send, attempts, time.time())
+                )
+                failure: DeliveryError | None = None
                 try:
                     detail = await adapter.send(email)
-                except TransientError as exc:
-                    breaker.failure(time.monotonic())
-                    last_error, retry_after = exc.message, exc.retry_after
-                    await ledger.count_failure(index, send)
-                    self.stats["failed"] += 1
-                    wait = 0.0
-                except PermanentError as exc:
-                    breaker.success()  # the ESP answered: it is up
-                    await self._dead(index, entry_id, send, attempts, exc.message)
-                    return
-                else:
+                except (TransientError, PermanentError) as exc:
+                    failure = exc
+                await marked  # done before any final record, which it must not overwrite
+                if failure is None:
                     breaker.success()
                     await self._finish(index, entry_id, send, lg.SENT, attempts, detail)
                     return
+                if isinstance(failure, PermanentError):
+                    breaker.success()  # the ESP answered: it is up
+                    await self._dead(index, entry_id, send, attempts, failure.message)
+                    return
+                breaker.failure(time.monotonic())
+                last_error, retry_after = failure.message, failure.retry_after
+                await ledger.count_failure(index, send)
+                self.stats["failed"] += 1
+                wait = 0.0
             if attempts >= self.delivery.max_attempts:
                 await self._dead(
                     index,

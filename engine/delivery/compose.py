@@ -74,5 +74,6 @@ class Composer:
             step=send.get("step"),
             variant=send.get("variant"),
             template=send.get("template"),
+            due_at=send.get("at"),
             payload=dict(send.get("payload") or {}),
         )

@@ -27,6 +27,7 @@ class Email:
     step: int | None = None
     variant: str | None = None
     template: str | None = None
+    due_at: float | None = None  # when the rule made the send due (epoch seconds)
     payload: dict[str, Any] = field(default_factory=dict)
 
     @property

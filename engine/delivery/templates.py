@@ -114,6 +114,14 @@ class TemplateSet:
             )
         self.env = _environment(self.directory, autoescape=True)
         self.text_env = _environment(self.directory, autoescape=False)
+        self._subjects: dict[str, jinja2.Template] = {}
+
+    def _subject(self, spec: _Spec) -> jinja2.Template:
+        # Compiling is most of the cost of a small template: once per template set.
+        compiled = self._subjects.get(spec.name)
+        if compiled is None:
+            compiled = self._subjects[spec.name] = self.text_env.from_string(spec.subject)
+        return compiled
 
     def names(self) -> list[str]:
         """The template names this set declares."""
@@ -132,7 +140,7 @@ class TemplateSet:
             )
         values = apply_defaults(context, self.defaults + spec.defaults)
         try:
-            subject = self.text_env.from_string(spec.subject).render(values)
+            subject = self._subject(spec).render(values)
             html = self.env.get_template(spec.html).render(values)
             text = self.text_env.get_template(spec.text).render(values)
         except jinja2.TemplateNotFound as exc:

@@ -9,7 +9,8 @@ The request (built by `build_request`, pure):
     X-Nudge-Signature: v1={hex HMAC-SHA256(secret, "{timestamp}.{body}")}
 
     {"send_id": ..., "idempotency_key": ..., "rule": ..., "step": ..., "variant": ...,
-     "template": ..., "to": {"email": ..., "name": ...}, "from": {...}, "customer": ...,
+     "template": ..., "due_at": ..., "to": {"email": ..., "name": ...}, "from": {...},
+     "customer": ...,
      "payload": {...}, "links": {"unsubscribe": ..., "open_pixel": ...},
      "headers": {"List-Unsubscribe": ..., "List-Unsubscribe-Post": ...},
      "message": {"subject": ..., "html": ..., "text": ...}}   # only with render = true
@@ -73,6 +74,7 @@ def build_body(email: Email) -> dict[str, Any]:
         "step": email.step,
         "variant": email.variant,
         "template": email.template,
+        "due_at": email.due_at,
         "customer": email.customer,
         "to": {"email": email.to_email, "name": email.to_name},
         "from": {"email": email.from_email, "name": email.from_name},
