@@ -28,6 +28,8 @@ from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
 from engine.console.routes import console_routes
 from engine.content import ContentService, content_routes
+from engine.delivery.ledger import Ledger
+from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
 from engine.metrics import process as metered
 from engine.metrics.collect import MetricsCollector
@@ -114,6 +116,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["store"] = Store(connect(redis_url), config.engine.shards)
+        state["ledger"] = Ledger(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
         await content.start()
         yield
@@ -303,6 +306,7 @@ def create_app(
     routes += console_routes(config, keys, collector, shards=shards, store=store)
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
     routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
+    routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
