@@ -27,6 +27,9 @@ from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
 from engine.content import ContentService, content_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
+from engine.recs.recommender import CollaborativeRecommender
+from engine.recs.routes import recs_routes
+from engine.recs.store import RecsStore
 from engine.store import Store, connect
 
 log = logging.getLogger(__name__)
@@ -101,15 +104,25 @@ def create_app(
     """
     keys = KeyRing(config.auth)
     state: dict[str, Any] = {}
-    content = content or ContentService(config.content, redis_url=redis_url)
+    # item-to-item collaborative filtering serves the recommendations block (engine.recs)
+    recommender = (
+        CollaborativeRecommender(redis_url, config.recs) if config.recs.recs_enabled else None
+    )
+    content = content or ContentService(
+        config.content, redis_url=redis_url, recommender=recommender
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["store"] = Store(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
+        state["recs"] = RecsStore(connect(redis_url))
         await content.start()
         yield
         await content.close()
+        if recommender is not None:
+            await recommender.close()
+        await state["recs"].close()
         await state["shards"].aclose()
         await state["store"].close()
 
@@ -267,6 +280,7 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
     ]
     routes += content_routes(content.config, auth=config.auth, service=content, shards=shards)
+    routes += recs_routes(keys, lambda: state["recs"], shards)
     return Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -26,6 +26,10 @@ _DELEGATED = {
         "run a scenario, then explain one customer",
     ),
     "sign-url": ("engine.content.sign_cli", "main", "a signed /v1/content URL for ESP templates"),
+    "catalog": ("engine.recs.catalog_cli", "main", "import products from a CSV or JSONL file"),
+    "recs": ("engine.recs.evaluate", "main", "evaluate recommendations offline (hit rate, NDCG)"),
+    "train": ("engine.insight.train", "main", "train a churn or high-value model"),
+    "rfm": ("engine.insight.report", "main", "RFM segment sizes of a transactions file"),
 }
 
 

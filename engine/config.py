@@ -18,6 +18,8 @@ from typing import Any
 
 from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.errors import ConfigError
+from engine.insight.settings import ModelsConfig, RfmConfig
+from engine.recs.settings import RecsConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ class Config:
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
     content: ContentConfig = field(default_factory=ContentConfig)
+    recs: RecsConfig = field(default_factory=RecsConfig)
+    rfm: RfmConfig = field(default_factory=RfmConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -100,6 +105,9 @@ _SECTIONS = {
     "engine": EngineConfig,
     "auth": AuthConfig,
     "tracking": TrackingConfig,
+    "recs": RecsConfig,
+    "rfm": RfmConfig,
+    "models": ModelsConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
 _FOREIGN = frozenset({"rules", "rule", "segment", "content"})
