@@ -84,6 +84,7 @@ class ShardClient:
         self._on_close = on_close
         self.shards = len(handles)
         self._coalescers = [_Coalescer(self, i) for i in range(len(handles))]
+        self._segment_calls: dict[tuple[str, int], asyncio.Future] = {}
 
     async def call(self, index: int, method: str, *args: Any) -> Any:
         """Call `method` on shard `index`; if its actor is gone for good, find it by name again."""
@@ -120,6 +121,28 @@ class ShardClient:
                 return None if found is None else (current, found)
             current = found
         return None
+
+    async def segment_members(self, name: str, limit: int) -> dict | None:
+        """Members of segment `name` over all shards (None if no shard knows it).
+
+        One call per shard; concurrent requests for the same segment share those calls.
+        """
+        key = (name, limit)
+        running = self._segment_calls.get(key)
+        if running is None:
+            running = asyncio.ensure_future(self._segment_members(name, limit))
+            self._segment_calls[key] = running
+            running.add_done_callback(lambda _: self._segment_calls.pop(key, None))
+        return await asyncio.shield(running)
+
+    async def _segment_members(self, name: str, limit: int) -> dict | None:
+        parts = await asyncio.gather(
+            *(self.call(i, "segment_members", name, limit) for i in range(self.shards))
+        )
+        if not any(p["known"] for p in parts):
+            return None
+        members = [m for p in parts for m in p["members"]][:limit]
+        return {"count": sum(p["count"] for p in parts), "members": members}
 
     async def wait_applied(self, index: int, pos: str, timeout: float = 5.0) -> bool:
         """True once shard `index` has applied its stream up to `pos`."""

@@ -56,6 +56,7 @@ def ensure_shards(
     *,
     rules: tuple[tuple[str, str], ...] = (),
     detached: bool = False,
+    insight: object = None,
 ) -> list:
     """Create the shard actors that do not exist yet and return handles to all of them."""
     cls = remote_shard_class()
@@ -70,7 +71,9 @@ def ensure_shards(
         if detached:
             options["lifetime"] = "detached"
         handles.append(
-            cls.options(**options).remote(index, settings.shards, settings, redis_url, rules=rules)
+            cls.options(**options).remote(
+                index, settings.shards, settings, redis_url, rules=rules, insight=insight
+            )
         )
     return handles
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from actors.insight import InsightSettings, ShardInsight
 from engine.clock import Clock, SystemClock
 from engine.config import EngineConfig
 from engine.metrics.shard import ShardMetrics
@@ -45,6 +46,7 @@ class ShardActor:
         rules: tuple[tuple[str, str], ...] = (),
         clock: Clock | None = None,
         autostart: bool = True,
+        insight: InsightSettings | None = None,
     ):
         self.index = index
         self.shards = shards
@@ -56,6 +58,10 @@ class ShardActor:
         self.rules = (
             compiled if compiled is not None and (compiled.rules or compiled.segments) else None
         )
+        # recommendations, RFM and model scores (actors.insight)
+        self.insight = ShardInsight(index, shards, insight)
+        if self.rules is not None:
+            self.rules.recheck_s = self.insight.recheck_s()
         self.partition = Partition(
             lambda customer: shard_for(customer, shards) == index,
             limits=Limits(
@@ -65,6 +71,7 @@ class ShardActor:
                 dedupe_max_ids=settings.dedupe_max_ids,
             ),
             rules=self.rules,
+            insight=self.insight.live(),
         )
         self.pos = "0-0"
         self.checkpoint_pos = "0-0"
@@ -94,6 +101,7 @@ class ShardActor:
         if self._advanced is None:
             self._advanced = asyncio.Event()
         self._store = Store(connect(self.redis_url), self.shards)
+        await self.insight.start(connect(self.redis_url))
         while not self._stopping:
             try:
                 await self._recover()
@@ -126,6 +134,8 @@ class ShardActor:
                     # Let status, reads and waits in between long runs of applying.
                     await asyncio.sleep(0)
                 self._tick()
+                if await self.insight.run_due(self.partition, self.clock.now()):
+                    self._since_checkpoint += 1
                 if self.partition._sends:
                     await self._flush_sends()
                 if self._since_checkpoint and (
@@ -140,7 +150,10 @@ class ShardActor:
     async def _recover(self) -> None:
         pos, profiles, aliases, erased = await self._store.load_checkpoint(self.index)
         self.partition = Partition(
-            self.partition.owns, limits=self.partition.limits, rules=self.rules
+            self.partition.owns,
+            limits=self.partition.limits,
+            rules=self.rules,
+            insight=self.insight.live(),
         )
         self.partition.restore(profiles, aliases, erased)
         self.pos = self.checkpoint_pos = pos
@@ -253,6 +266,15 @@ class ShardActor:
         """Per rule, why `customer` did or did not get an email now; str if merged elsewhere."""
         return self.partition.explain(customer, self.clock.now())
 
+    async def segment_members(self, name: str, limit: int = 100) -> dict:
+        """This shard's members of a segment: known, count and up to `limit` ids."""
+        return self.partition.segment_members(name, limit)
+
+    async def flush_insight(self) -> None:
+        """Flush recommendation counts and merge RFM populations now (tests, admin)."""
+        if self.ready:
+            await self.insight.flush(self.partition)
+
     async def status(self) -> dict:
         """Readiness, position, counters and memory of this shard."""
         return {
@@ -270,6 +292,7 @@ class ShardActor:
             "sends": self.partition.sent,
             "checkpoints": self.checkpoints,
             "last_checkpoint_s": self.last_checkpoint_s,
+            "insight": self.insight.status(),
             "rss_bytes": _rss_bytes(),
         }
 
@@ -310,6 +333,9 @@ class ShardActor:
                 log.exception("shard %d: loop failed while stopping", self.index)
         if self.ready and self._since_checkpoint:
             await self._checkpoint()
+        if self.ready:
+            await self.insight.flush(self.partition)
+        await self.insight.close()
         if self._store is not None:
             await self._store.close()
         return self.checkpoint_pos

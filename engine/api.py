@@ -34,6 +34,9 @@ from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, V
 from engine.metrics import process as metered
 from engine.metrics.collect import MetricsCollector
 from engine.metrics.routes import metrics_routes
+from engine.recs.recommender import CollaborativeRecommender
+from engine.recs.routes import recs_routes
+from engine.recs.store import RecsStore
 from engine.store import Store, connect
 from engine.tracking import TokenSigner
 from engine.tracking.routes import tracking_routes
@@ -111,16 +114,26 @@ def create_app(
     """
     keys = KeyRing(config.auth)
     state: dict[str, Any] = {}
-    content = content or ContentService(config.content, redis_url=redis_url)
+    # item-to-item collaborative filtering serves the recommendations block (engine.recs)
+    recommender = (
+        CollaborativeRecommender(redis_url, config.recs) if config.recs.recs_enabled else None
+    )
+    content = content or ContentService(
+        config.content, redis_url=redis_url, recommender=recommender
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["store"] = Store(connect(redis_url), config.engine.shards)
         state["ledger"] = Ledger(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
+        state["recs"] = RecsStore(connect(redis_url))
         await content.start()
         yield
         await content.close()
+        if recommender is not None:
+            await recommender.close()
+        await state["recs"].close()
         await state["shards"].aclose()
         await state["store"].close()
 
@@ -307,6 +320,7 @@ def create_app(
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
     routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
     routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
+    routes += recs_routes(keys, lambda: state["recs"], shards)
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -29,6 +29,10 @@ _DELEGATED = {
     "bench": ("benchmarks.bench", "main", "load test: shoppers, replay, triggers, content"),
     "render": ("engine.delivery.cli", "render_main", "preview an email template"),
     "dlq": ("engine.delivery.cli", "dlq_main", "list, show and replay dead-lettered sends"),
+    "catalog": ("engine.recs.catalog_cli", "main", "import products from a CSV or JSONL file"),
+    "recs": ("engine.recs.evaluate", "main", "evaluate recommendations offline (hit rate, NDCG)"),
+    "train": ("engine.insight.train", "main", "train a churn or high-value model"),
+    "rfm": ("engine.insight.report", "main", "RFM segment sizes of a transactions file"),
 }
 
 

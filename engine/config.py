@@ -19,6 +19,8 @@ from typing import Any
 from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
+from engine.insight.settings import ModelsConfig, RfmConfig
+from engine.recs.settings import RecsConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,9 @@ class Config:
     rules: tuple[tuple[str, str], ...] = ()
     content: ContentConfig = field(default_factory=ContentConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    recs: RecsConfig = field(default_factory=RecsConfig)
+    rfm: RfmConfig = field(default_factory=RfmConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -118,6 +123,9 @@ _SECTIONS = {
     "auth": AuthConfig,
     "tracking": TrackingConfig,
     "metrics": MetricsConfig,
+    "recs": RecsConfig,
+    "rfm": RfmConfig,
+    "models": ModelsConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
 _FOREIGN = frozenset({"rules", "rule", "segment", "content", "delivery", "esp"})

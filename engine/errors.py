@@ -73,3 +73,10 @@ class StoreError(Unavailable):
     """Redis refused or failed a command."""
 
     code = "store_unavailable"
+
+
+class ModelError(EngineError):
+    """A model file that cannot be used: unreadable, corrupt, or of another feature schema."""
+
+    code = "model_refused"
+    status = 422

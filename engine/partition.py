@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -70,10 +71,13 @@ class Partition:
         *,
         limits: Limits | None = None,
         rules: RuleSet | None = None,
+        insight: Any = None,
     ):
         self.owns = owns
         self.limits = limits or Limits()
         self.rules = rules
+        # engine.insight.live.LiveInsight: recommendation counts, RFM, model scoring queue
+        self.insight = insight
         self.timers = TimerIndex()
         self.sent = 0
         self.profiles: dict[str, Profile] = {}
@@ -121,7 +125,14 @@ class Partition:
             self._deleted.discard(customer)
         if profile.is_duplicate(event["messageId"], event["receivedAt"], self.limits):
             return DUPLICATE
-        apply_event(profile, event, self.limits)
+        insight = self.insight
+        if insight is not None:
+            if insight.catalog:
+                insight.enrich(event)
+            apply_event(profile, event, self.limits)
+            insight.on_applied(profile, event)
+        else:
+            apply_event(profile, event, self.limits)
         self._dirty.add(customer)
         if self.rules is not None:
             # receivedAt, not the wall clock: a replay must decide exactly the same.
@@ -149,6 +160,8 @@ class Partition:
             if profile is not None:
                 self._mark_deleted(customer)
                 self.timers.discard(customer)
+                if self.insight is not None:
+                    self.insight.on_removed(profile)
             self.aliases[customer] = target
             self._dirty_aliases.add(customer)
             self._unaliased.discard(customer)
@@ -180,6 +193,8 @@ class Partition:
                 other = Profile.from_dict(event["profile"])
                 merge_profiles(profile, other, self.limits)
                 merge_journey(profile.journey, other.journey)
+                if self.insight is not None:
+                    self.insight.on_merged(profile, event["ts"])
                 if self.rules is not None:
                     self.timers.schedule(customer, self.rules.next_deadline(profile))
             profile.merged_ids.append(source)
@@ -196,6 +211,8 @@ class Partition:
             self.timers.discard(customer)
             if profile is not None:
                 self._mark_deleted(customer)
+                if self.insight is not None:
+                    self.insight.on_removed(profile)
                 for old in profile.merged_ids + profile.merging:
                     self._send(
                         old,
@@ -228,13 +245,53 @@ class Partition:
         if self.rules is None:
             return 0
         before = self.sent
+        insight = self.insight
         for customer in self.timers.pop_due(now):
             profile = self.profiles.get(customer)
             if profile is None:
                 continue
+            if insight is not None:
+                insight.refresh(profile, now)  # RFM recency, before segments are re-checked
             self._decided(profile, self.rules.on_due(profile, now))
             self._dirty.add(customer)
         return self.sent - before
+
+    def score(self, models: dict[str, Any], now: float) -> int:
+        """Score the customers whose features changed; segments follow. Returns how many."""
+        if self.insight is None:
+            return 0
+        changed = self.insight.score(self.profiles, models, now)
+        for profile in changed:
+            self._dirty.add(profile.id)
+            if self.rules is not None:
+                self._decided(profile, self.rules.on_change(profile, now))
+        return len(changed)
+
+    def segment_members(self, name: str, limit: int) -> dict:
+        """Count and up to `limit` ids of this shard's members of segment `name`.
+
+        A segment declared in the rules, or an RFM segment name (champions, ...).
+        """
+        from engine.insight.rfm import SEGMENTS
+
+        declared = self.rules is not None and any(s.name == name for s in self.rules.segments)
+        if declared:
+
+            def member(p: Profile) -> bool:
+                return name in (p.journey.get("seg") or ())
+        elif name in SEGMENTS:
+
+            def member(p: Profile) -> bool:
+                return p.rfm is not None and p.rfm.get("segment") == name
+        else:
+            return {"known": False, "count": 0, "members": []}
+        count, members = 0, []
+        for customer, profile in self.profiles.items():
+            if member(profile):
+                count += 1
+                if len(members) < limit:
+                    members.append(customer)
+        return {"known": True, "count": count, "members": members}
 
     def next_deadline(self) -> float | None:
         """The earliest pending timer of any customer here."""
@@ -306,6 +363,8 @@ class Partition:
             for k, v in aliases.items()
         }
         self.erased = {k.decode() if isinstance(k, bytes) else k for k in erased}
+        if self.insight is not None:
+            self.insight.rebuild(self.profiles.values())
         self.timers = TimerIndex()
         if self.rules is not None:
             self.timers = TimerIndex.rebuild(

@@ -42,6 +42,7 @@ class Limits:
     dedupe_window_s: float = 86400.0
     dedupe_max_ids: int = 100
     purchased_max: int = 50
+    order_log_max: int = 24
 
 
 def product_key(props: dict) -> str | None:
@@ -88,6 +89,10 @@ def _flag(value: Any) -> bool | None:
     return None
 
 
+# Fields added without a format change: checkpoints written before them load as None.
+_ADDED_LATER = frozenset({"order_log", "rfm", "scores"})
+
+
 class Profile:
     """Everything Nudge knows about one customer, in plain data."""
 
@@ -108,10 +113,13 @@ class Profile:
         "last_seen",
         "merged_ids",
         "merging",
+        "order_log",
         "orders",
         "purchased",
         "recent",
         "revenue",
+        "rfm",
+        "scores",
         "seen",
         "timezone",
         "traits",
@@ -134,6 +142,10 @@ class Profile:
         self.last_order_at: float | None = None
         self.last_order_id: str | None = None
         self.purchased: list[list] = []  # [ts, product id], oldest first
+        self.order_log: list[list] | None = None  # [ts, amount] of the last orders, oldest first
+        # RFM scores and segment (engine.insight.rfm) and model scores by model name
+        self.rfm: dict[str, Any] | None = None
+        self.scores: dict[str, dict] | None = None
         self.email: dict[str, Any] = {
             "opened": 0,
             "clicked": 0,
@@ -168,7 +180,10 @@ class Profile:
             raise ValueError(f"profile format version {version!r} is not {FORMAT_VERSION}")
         profile = cls.__new__(cls)
         for name in cls.__slots__:
-            setattr(profile, name, data[name])
+            if name in _ADDED_LATER:
+                setattr(profile, name, data.get(name))
+            else:
+                setattr(profile, name, data[name])
         return profile
 
     def public(self) -> dict:
@@ -345,7 +360,16 @@ def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limi
             if isinstance(p, dict)
         )
     profile.orders += 1
-    profile.revenue = round(profile.revenue + _number(revenue), 2)
+    amount = round(_number(revenue), 2)
+    profile.revenue = round(profile.revenue + amount, 2)
+    log = profile.order_log
+    if log is None:
+        log = profile.order_log = []
+    log.append([ts, amount])
+    if len(log) > 1 and log[-2][0] > ts:  # a late order: keep oldest first
+        log.sort(key=lambda entry: entry[0])
+    if len(log) > limits.order_log_max:
+        del log[: len(log) - limits.order_log_max]
     if profile.last_order_at is None or ts >= profile.last_order_at:
         profile.last_order_at = ts
         if props.get("order_id") is not None:
@@ -418,6 +442,10 @@ def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
     into.purchased = sorted(into.purchased + other.purchased, key=lambda e: e[0])[
         -limits.purchased_max :
     ]
+    if other.order_log:
+        log = sorted((into.order_log or []) + other.order_log, key=lambda e: e[0])
+        into.order_log = log[-limits.order_log_max :]
+    into.rfm = None  # rescored by the shard's insight after the merge
     for name in ("opened", "clicked"):
         into.email[name] += other.email.get(name, 0)
     for name in ("last_opened", "last_clicked"):

@@ -52,6 +52,7 @@ def serve(config: Config) -> None:
     """Run the engine until SIGTERM or Ctrl-C, then stop everything it started."""
     from actors.cluster import ensure_shards, start_ray, stop_shards, wait_ready
     from actors.dispatcher import ensure_dispatchers, stop_dispatchers, wait_dispatchers
+    from actors.insight import insight_settings
     from engine.api import create_app
 
     warn_dev_keys(config)
@@ -69,7 +70,13 @@ def serve(config: Config) -> None:
     metrics_dir = None
     try:
         gcs = start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
-        handles = ensure_shards(config.engine, redis_url, rules=config.rules, detached=joined)
+        handles = ensure_shards(
+            config.engine,
+            redis_url,
+            rules=config.rules,
+            detached=joined,
+            insight=insight_settings(config),
+        )
         wait_ready(handles)
         log.info("%d shards ready in %.1f s", len(handles), time.monotonic() - started)
         engine = dataclasses.replace(config.engine, redis_url=redis_url, ray_address=gcs)

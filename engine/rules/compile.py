@@ -45,6 +45,8 @@ PROFILE_FIELDS = frozenset(
         "timezone",
         "groups",
         "merged_ids",
+        "rfm",
+        "scores",
     }
 )
 # Bindings and where they exist: "event" where there is an event (entry, cancel, steps),

@@ -482,6 +482,19 @@ def _build_segment(name: Arg) -> Fn:
     return lambda c: wanted in (c.j.get("seg") or ())
 
 
+def _build_score(model: Arg) -> Fn:
+    if not isinstance(model.const, str) or not model.const:
+        raise ArgError("score()'s argument must be a model name in quotes")
+    wanted = model.const
+
+    def score(c: Any) -> float | None:
+        scores = c.p.scores
+        found = scores.get(wanted) if scores else None
+        return found.get("p") if found else None
+
+    return score
+
+
 def _build_local_hour() -> Fn:
     def local_hour(c: Any) -> int:
         return c.rs.local_time(c.p, c.now).hour
@@ -563,6 +576,13 @@ FUNCTIONS: dict[str, Function] = {
         ),
         Function(
             "local_hour", (), 0, _build_local_hour, doc="hour of day in the customer's time zone"
+        ),
+        Function(
+            "score",
+            ("model",),
+            1,
+            _build_score,
+            doc="the customer's probability from a trained model (null until scored)",
         ),
     )
 }

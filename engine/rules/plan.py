@@ -34,6 +34,10 @@ _CHANGED_BY = {
     "groups": {"group"},
     "id": set(),
     "anonymous": set(),
+    # RFM moves on orders (and on the periodic re-check); model scores only when the
+    # shard scores a batch, which re-evaluates segments itself (RuleSet.on_change)
+    "rfm": {"Order Completed"},
+    "scores": set(),
 }
 # functions that read nothing beyond their arguments (and these profile fields)
 _PURE_CALLS = {
@@ -47,6 +51,7 @@ _PURE_CALLS = {
     "product_ids": (),
     "segment": (),
     "cart_total": ("cart",),
+    "score": ("scores",),
 }
 
 

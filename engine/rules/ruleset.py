@@ -27,6 +27,12 @@ from engine.rules.send import Send, send_id
 _MAX_FIRINGS = 500  # per call: a guard, far above what any sane flow needs
 _MAX_DEFERS = 100  # per step: quiet hours and caps always converge well before this
 _LATE_HORIZON = state.LATE_HORIZON
+RECHECK = "~segments"  # the idle-timer name of the periodic segment re-check
+# Functions whose answer depends on nothing but the profile's fields (not on the time).
+_TIMELESS_CALLS = frozenset(
+    {"len", "lower", "abs", "round", "min", "max", "coalesce", "product_ids", "segment"}
+    | {"cart_total", "score"}
+)
 _remember_last, _note_activity = state.remember_last, state.note_activity
 _EMPTY: dict = {}
 
@@ -42,6 +48,12 @@ class RuleSet:
         self.zones = Zones(settings.timezone)
         self._priority = {rule.name: rule.priority for rule in self.rules}
         self._segment_rules = [r for r in self.rules if r.kind in (ENTER, LEAVE)]
+        # Which segments a customer's membership was last baselined against (see _update_segments).
+        self._segment_names = ",".join(s.name for s in self.segments)
+        # Segments whose answer can change with time alone (windows, days_since, RFM recency):
+        # re-checked every `recheck_s` without events. The shard sets recheck_s from config.
+        self.timed_segments = any(_timed(s) for s in self.segments)
+        self.recheck_s = 0.0
         self._build_index()
         windows = [c.per for c in settings.caps] + [c.per for r in self.rules for c in r.caps]
         self._history_keep = max([86400.0, settings.suppression, *windows])
@@ -116,8 +128,8 @@ class RuleSet:
         if todo.track:
             _remember_last(journey, name, t, props, todo.keep)
         entered = left = ()
-        if todo.segments:
-            entered, left = self._update_segments(profile, t)
+        if todo.segments or (self.segments and journey.get("sk") != self._segment_names):
+            entered, left = self._update_segments(profile, t, new=_is_new(profile, t))
         changed = False
         running = journey.get("i")
         if running or todo.entries or todo.dispatch or entered or left:
@@ -169,6 +181,38 @@ class RuleSet:
         sends: list[Send] = []
         self._run_due(profile, now, now, sends, strict=False)
         return sends
+
+    def on_change(self, profile: Any, now: float) -> list[Send]:
+        """Re-evaluate segments after the profile changed outside an event (model scores).
+
+        Entering or leaving fires the enter_segment / leave_segment rules at `now`.
+        """
+        if not self.segments or profile.suppressed:
+            return []
+        journey = profile.journey
+        entered, left = self._update_segments(profile, now, new=False)
+        if not (entered or left):
+            return []
+        sends: list[Send] = []
+        if self._segments_moved(profile, now, entered, left):
+            state.refresh_due(journey)
+            due = journey.get("due")
+            if due is not None and due <= now:
+                self._run_due(profile, now, now, sends, strict=False)
+        return sends
+
+    def _segments_moved(
+        self, profile: Any, t: float, entered: tuple[str, ...], left: tuple[str, ...]
+    ) -> bool:
+        """Start the enter/leave rules of segments entered or left at `t`."""
+        ctx = Ctx(self, profile, t)
+        changed = False
+        for rule in self._segment_rules:
+            if rule.segment in (entered if rule.kind == ENTER else left) and (
+                rule.cond is None or rule.cond.fn(ctx)
+            ):
+                changed |= self._enter(profile, rule, ctx, t, _EMPTY)
+        return changed
 
     def next_deadline(self, profile: Any) -> float | None:
         """When this customer next needs `on_due` (None: no pending timer)."""
@@ -236,12 +280,36 @@ class RuleSet:
         inst.pop("x", None)
         return True
 
-    def _update_segments(self, profile: Any, t: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def _update_segments(
+        self, profile: Any, t: float, *, new: bool
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Recompute membership; (entered, left).
+
+        A segment this customer was never evaluated against (the customer
+        predates it, or predates this version of Nudge) is a baseline: its
+        membership is recorded without counting as entering, so adding a
+        segment does not welcome every old customer at once. A brand-new
+        customer has no baseline to keep: qualifying on the first event enters.
+        """
         ctx = Ctx(self, profile, t)
         members = [s.name for s in self.segments if s.cond.fn(ctx)]
         journey = profile.journey
         before = journey.get("seg") or []
+        known = journey.get("sk")
+        if known != self._segment_names:
+            journey["sk"] = self._segment_names
+            if not new:
+                if known is None and "seg" in journey:
+                    known = ",".join(before)  # evaluated before baselines were recorded
+                baseline = set((known or "").split(","))
+                before = [s for s in before if s in baseline] + [
+                    s for s in members if s not in baseline
+                ]
+        if self.recheck_s > 0 and self.timed_segments:
+            _schedule_recheck(journey, t + self.recheck_s)
         if members == before:
+            if members != (journey.get("seg") or []):
+                journey["seg"] = members
             return (), ()
         if members:
             journey["seg"] = members
@@ -250,6 +318,13 @@ class RuleSet:
         entered = tuple(s for s in members if s not in before)
         left = tuple(s for s in before if s not in members)
         return entered, left
+
+    def _recheck(self, profile: Any, due: float) -> bool:
+        """The periodic re-check: segments as of `due`; True if a rule was started."""
+        entered, left = self._update_segments(profile, due, new=False)  # also schedules the next
+        if entered or left:
+            return self._segments_moved(profile, due, entered, left)
+        return False
 
     # -- timers ------------------------------------------------------------------------------
     def _run_due(
@@ -271,7 +346,9 @@ class RuleSet:
                 del journey["idle"][name]
                 if not journey["idle"]:
                     del journey["idle"]
-                if rule is not None and rule.kind == INACTIVE:
+                if name == RECHECK:
+                    self._recheck(profile, due)
+                elif rule is not None and rule.kind == INACTIVE:
                     self._wake(profile, rule, due)
             elif rule is None or journey["i"][name][key]["n"] >= len(rule.steps):
                 state.drop(journey, name, key)  # the rule was removed or shortened
@@ -389,6 +466,29 @@ class RuleSet:
         if blocks:
             out.setdefault("blocks", list(blocks))
         return out
+
+
+def _timed(segment: Segment) -> bool:
+    """True when the segment's condition can change with time alone."""
+    refs = segment.cond.refs
+    return bool(refs.calls - _TIMELESS_CALLS) or bool({"now", "rfm"} & refs.names)
+
+
+def _is_new(profile: Any, t: float) -> bool:
+    """True when the event at `t` is the customer's first (the profile was just created)."""
+    return profile.first_seen == t and len(profile.seen) <= 1
+
+
+def _schedule_recheck(journey: dict, at: float) -> None:
+    idle = journey.get("idle")
+    if idle is None:
+        idle = journey["idle"] = {}
+    if RECHECK in idle and idle[RECHECK] <= at:
+        return
+    idle[RECHECK] = at
+    due = journey.get("due")
+    if due is None or at < due:
+        journey["due"] = at
 
 
 def _plain(value: Any) -> Any:

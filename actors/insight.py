@@ -1,0 +1,179 @@
+"""The shard's periodic insight work: flush and merge counts, score, reload models.
+
+A thin shell around engine.insight.live.LiveInsight, driven from the shard's
+loop with `await run_due(...)`; it does nothing until one of its intervals has
+passed, so the loop pays a clock read per round when idle.
+
+Every `flush_interval_s`: co-occurrence deltas and product descriptions go to
+Redis (ZINCRBY: Redis is the merge), this shard's RFM population is published
+and every shard's read back and merged; the catalog is reloaded if its
+version moved. Every `score_interval_ms`: customers whose features changed
+are scored in one batch per model. Every `reload_interval_s`: model files are
+checked; a bad one is refused and the previous model keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.insight.live import LiveInsight
+from engine.insight.model import Registry
+from engine.insight.rfm import Population
+from engine.insight.settings import ModelsConfig, RfmConfig
+from engine.recs.settings import RecsConfig, co_settings
+from engine.recs.store import RecsStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InsightSettings:
+    """What a shard needs of [recs], [rfm] and [models] (picklable, for Ray)."""
+
+    recs: RecsConfig = field(default_factory=RecsConfig)
+    rfm: RfmConfig = field(default_factory=RfmConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    config_path: str | None = None  # for scheduled retraining
+
+
+def insight_settings(config: Any, config_path: str | None = None) -> InsightSettings:
+    """The shard's share of a full Config."""
+    return InsightSettings(config.recs, config.rfm, config.models, config_path)
+
+
+class ShardInsight:
+    """Owns one shard's LiveInsight and the I/O around it."""
+
+    def __init__(self, index: int, shards: int, settings: InsightSettings | None):
+        self.index = index
+        self.shards = shards
+        self.settings = settings or InsightSettings()
+        models = self.settings.models
+        self.registry = Registry(models.dir, models.active)
+        self.store: RecsStore | None = None
+        self.catalog_version = -1
+        self.flushes = 0
+        self.scored = 0
+        self.score_s = 0.0
+        self.errors = 0
+        self._next_flush = 0.0
+        self._next_score = 0.0
+        self._next_reload = 0.0
+        self._next_retrain = time.monotonic() + models.retrain_interval_hours * 3600.0
+        self._retraining: asyncio.Task | None = None
+
+    def live(self) -> LiveInsight:
+        """A fresh LiveInsight for a (new or recovered) partition."""
+        s = self.settings
+        return LiveInsight(
+            co=co_settings(s.recs) if s.recs.recs_enabled else None,
+            rfm=s.rfm.rfm_enabled,
+            alpha=s.rfm.sketch_accuracy,
+            models=bool(s.models.active),
+        )
+
+    def recheck_s(self) -> float:
+        return self.settings.rfm.recheck_hours * 3600.0
+
+    async def start(self, store_client: Any) -> None:
+        """Connect, load models and the catalog (before the shard replays its stream)."""
+        self.store = RecsStore(store_client)
+        self.registry.reload_all()
+
+    async def close(self) -> None:
+        if self._retraining is not None:
+            self._retraining.cancel()
+        if self.store is not None:
+            await self.store.close()
+
+    async def run_due(self, partition: Any, now: float) -> bool:
+        """Do whatever work is due; True when profiles changed (a checkpoint is wanted)."""
+        mono = time.monotonic()
+        changed = False
+        insight = partition.insight
+        if insight is None or self.store is None:
+            return False
+        if self.registry.names and mono >= self._next_reload:
+            self._next_reload = mono + self.settings.models.reload_interval_s
+            self.registry.reload_all()
+        if self.registry.models and mono >= self._next_score:
+            self._next_score = mono + self.settings.models.score_interval_ms / 1000.0
+            if insight.to_score:
+                started = time.perf_counter()
+                n = partition.score(self.registry.models, now)
+                self.score_s += time.perf_counter() - started
+                self.scored += n
+                changed = n > 0
+        if mono >= self._next_flush:
+            self._next_flush = mono + self.settings.recs.flush_interval_s
+            await self.flush(partition)
+        retrain = self.settings.models.retrain_interval_hours
+        if retrain > 0 and self.index == 0 and mono >= self._next_retrain:
+            self._next_retrain = mono + retrain * 3600.0
+            if self._retraining is None or self._retraining.done():
+                self._retraining = asyncio.get_running_loop().create_task(self._retrain())
+        return changed
+
+    async def flush(self, partition: Any) -> None:
+        """Counts and descriptions out; every shard's population and the catalog in."""
+        insight = partition.insight
+        counts = insight.take_counts()
+        described = insight.take_described()
+        population = insight.population.to_dict()  # snapshot before any await
+        try:
+            if counts is not None or described:
+                await self.store.flush(
+                    counts, described, keep_neighbors=self.settings.recs.keep_neighbors
+                )
+            parts = await self.store.publish_population(self.index, population, self.shards)
+            merged = None
+            for part in parts:
+                one = Population.from_dict(part)
+                if merged is None:
+                    merged = one
+                else:
+                    merged.merge(one)
+            insight.merged = merged
+            version = await self.store.catalog_version()
+            if version != self.catalog_version:
+                insight.catalog = await self.store.load_catalog()
+                self.catalog_version = version
+            self.flushes += 1
+        except Exception as exc:  # counts of one flush are approximate; never wedge the shard
+            self.errors += 1
+            log.warning("shard %d: insight flush failed (%s)", self.index, exc)
+
+    async def _retrain(self) -> None:
+        """Retrain every active model from the live profiles, in a child process."""
+        for name in self.settings.models.active:
+            args = [sys.executable, "-m", "engine.insight.train", name, "--from-profiles"]
+            if self.settings.config_path:
+                args += ["--config", self.settings.config_path]
+            process = await asyncio.create_subprocess_exec(
+                *args,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ},
+            )
+            _, err = await process.communicate()
+            if process.returncode:
+                log.warning("retraining %s failed: %s", name, err.decode(errors="replace")[-500:])
+            else:
+                log.info("retrained %s from live profiles", name)
+
+    def status(self) -> dict:
+        """Figures for the shard's status."""
+        return {
+            "flushes": self.flushes,
+            "flush_errors": self.errors,
+            "scored": self.scored,
+            "score_s": round(self.score_s, 4),
+            "models": self.registry.status(),
+            "catalog_version": self.catalog_version,
+        }

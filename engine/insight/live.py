@@ -1,0 +1,212 @@
+"""What a shard learns from each event beyond the profile itself (pure, no I/O).
+
+`LiveInsight` sits beside a Partition:
+- co-occurrence counts for collaborative filtering (engine.recs.cooccur),
+  handed over at each flush (`take_counts`) to be merged with every shard's;
+- this shard's share of the RFM population (engine.insight.rfm), published
+  at each flush, and the merged population of all shards the scores use;
+- products as events describe them, for products missing from the catalog;
+- the catalog itself (kept fresh by the shard), to enrich events that carry
+  only a product id;
+- the customers whose model features changed, scored in batches by `score`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.insight.features import FEATURE_EVENTS, features
+from engine.insight.rfm import Population, rfm_record, values_of
+from engine.profile import product_key
+from engine.recs.cooccur import ADD, PURCHASE, VIEW, CoCounts, CoSettings, history_of
+
+_PRODUCT_FIELDS = ("name", "category", "price", "url", "image_url", "brand")
+_ENRICHED = ("category", "name", "price", "url", "image_url")
+_SEEN_MAX = 10_000  # products described per flush, at most
+
+
+class LiveInsight:
+    """A shard's recommendation counts, RFM population and scoring queue."""
+
+    def __init__(
+        self,
+        *,
+        co: CoSettings | None = None,
+        rfm: bool = True,
+        alpha: float = 0.01,
+        models: bool = False,
+    ):
+        self.co = co
+        self.counts = CoCounts(co) if co is not None else None
+        self.rfm = rfm
+        self.alpha = alpha
+        self.population = Population(alpha=alpha)  # this shard's buyers
+        self.merged: Population | None = None  # every shard's, as of the last merge
+        self.catalog: dict[str, dict] = {}
+        self.described: dict[str, dict] = {}  # products events described since the last flush
+        self.models = models
+        self.to_score: set[str] = set()
+
+    # -- events ------------------------------------------------------------------------
+    def enrich(self, event: dict) -> None:
+        """Fill a product event's missing category, name, price and links from the catalog."""
+        props = event.get("properties")
+        if not props:
+            return
+        pid = props.get("product_id")
+        if pid is None:
+            return
+        product = self.catalog.get(str(pid))
+        if product is None:
+            return
+        for name in _ENRICHED:
+            if props.get(name) is None and product.get(name) is not None:
+                props[name] = product[name]
+
+    def on_applied(self, profile: Any, event: dict) -> bool:
+        """Learn from one applied event; True when the profile itself changed (RFM)."""
+        name = event.get("event")
+        if name is None:
+            return False
+        changed = False
+        if name == PURCHASE:
+            props = event.get("properties") or {}
+            if self.counts is not None:
+                self._count_order(profile, props, event["ts"])
+            if self.rfm:
+                changed = self._rescore_rfm(profile, event["ts"])
+        elif name in (VIEW, ADD):
+            props = event.get("properties") or {}
+            product = product_key(props)
+            if product is not None:
+                if self.counts is not None:
+                    ts = event["ts"]
+                    weight = self.co.view_weight if name == VIEW else self.co.add_weight
+                    category = props.get("category")
+                    self.counts.observe(
+                        [product],
+                        weight,
+                        ts,
+                        history_of(profile, ts, self.co, (product,)),
+                        {product: category} if category.__class__ is str else None,
+                    )
+                if product not in self.catalog and product not in self.described:
+                    self._describe(product, props)
+        if self.models and name in FEATURE_EVENTS:
+            self.to_score.add(profile.id)
+        return changed
+
+    def _count_order(self, profile: Any, props: dict, ts: float) -> None:
+        items: list[str] = []
+        categories: dict[str, str] = {}
+        for line in props.get("products") or ():
+            if isinstance(line, dict) and (pid := product_key(line)) is not None:
+                if pid not in items:
+                    items.append(pid)
+                category = line.get("category")
+                if category.__class__ is str:
+                    categories[pid] = category
+                if pid not in self.catalog and pid not in self.described:
+                    self._describe(pid, line)
+        if items:
+            history = history_of(profile, ts, self.co, items)
+            self.counts.observe(items, self.co.purchase_weight, ts, history, categories)
+
+    def _describe(self, product: str, props: dict) -> None:
+        if len(self.described) >= _SEEN_MAX:
+            return
+        described = {k: props[k] for k in _PRODUCT_FIELDS if props.get(k) is not None}
+        if described:
+            self.described[product] = described
+
+    # -- RFM ---------------------------------------------------------------------------
+    def _rescore_rfm(self, profile: Any, now: float) -> bool:
+        old = profile.rfm
+        values = values_of(profile)
+        if old is not None and old.get("k") is not None:
+            self.population.remove(tuple(old["k"]))
+        if values is None:
+            profile.rfm = None
+            return old is not None
+        self.population.add(values)
+        profile.rfm = rfm_record(values, self.scoring_population(), now)
+        return True
+
+    def scoring_population(self) -> Population:
+        """The population scores are taken against: every shard's, else this shard's own."""
+        merged = self.merged
+        return (
+            merged
+            if merged is not None and len(merged) >= len(self.population)
+            else (self.population)
+        )
+
+    def refresh(self, profile: Any, now: float) -> bool:
+        """Rescore RFM against the current population (the periodic re-check)."""
+        if not self.rfm or profile.rfm is None:
+            return False
+        values = tuple(profile.rfm["k"])
+        record = rfm_record(values, self.scoring_population(), now)
+        if record["score"] == profile.rfm["score"]:
+            profile.rfm["recency_days"] = record["recency_days"]
+            profile.rfm["at"] = now
+            return False
+        profile.rfm = record
+        return True
+
+    def on_merged(self, profile: Any, now: float) -> None:
+        """A profile absorbed another identity: its values changed."""
+        if self.rfm:
+            self._rescore_rfm(profile, now)
+        if self.models:
+            self.to_score.add(profile.id)
+
+    def on_removed(self, profile: Any) -> None:
+        """A profile left this shard (erased or merged away): forget its values."""
+        old = profile.rfm
+        if old is not None and old.get("k") is not None:
+            self.population.remove(tuple(old["k"]))
+        self.to_score.discard(profile.id)
+
+    def rebuild(self, profiles: Any) -> None:
+        """The population of restored profiles (after loading a checkpoint)."""
+        self.population = Population(alpha=self.alpha)
+        for profile in profiles:
+            old = profile.rfm
+            if old is not None and old.get("k") is not None:
+                self.population.add(tuple(old["k"]))
+
+    # -- flush -------------------------------------------------------------------------
+    def take_counts(self) -> CoCounts | None:
+        """Co-occurrence counted since the last call (None when there is none)."""
+        if self.counts is None or not self.counts:
+            return None
+        return self.counts.take()
+
+    def take_described(self) -> dict[str, dict]:
+        """Products described by events since the last call."""
+        described, self.described = self.described, {}
+        return described
+
+    # -- models ------------------------------------------------------------------------
+    def score(self, profiles: dict[str, Any], models: dict[str, Any], now: float) -> list[Any]:
+        """Score every queued customer with every model in one batch each; the changed profiles."""
+        queued, self.to_score = self.to_score, set()
+        batch = [profiles[c] for c in queued if c in profiles]
+        if not batch or not models:
+            return []
+        rows = [features(p, now) for p in batch]
+        changed: dict[str, Any] = {}
+        for name, model in models.items():
+            for profile, p in zip(batch, model.predict(rows), strict=True):
+                p = round(p, 4)
+                label = p >= model.threshold
+                scores = profile.scores
+                if scores is None:
+                    scores = profile.scores = {}
+                old = scores.get(name)
+                if old is not None and old["p"] == p and old["v"] == model.version:
+                    continue
+                scores[name] = {"p": p, "label": label, "v": model.version, "at": now}
+                changed[profile.id] = profile
+        return list(changed.values())

@@ -1,0 +1,203 @@
+"""Item-to-item co-occurrence counts, kept live and merged across shards (pure).
+
+Each shard holds a `CoCounts` of what its own customers did since its last
+flush: when a customer views, adds or buys product p, p is paired with the
+last few distinct products of that customer's recent history (and with the
+other lines of the same order). A pair weighs the smaller of its two event
+weights (view 1, add 3, purchase 5 by default), halved for every
+`pair_half_life_s` between the two events. Every contribution is also scaled
+by 2^((t - EPOCH) / half_life_s) ("forward decay"): newer behaviour counts
+more, and no stored number ever has to be rewritten as time passes.
+
+Similarity is cosine-like: co(a, b) / sqrt(mass(a) * mass(b)), where mass is
+the item's own decayed event weight, so very popular items do not dominate
+every list. Deltas are plain sums, so the merge of shards (in Redis, or
+`merge` here) is addition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+EPOCH = 1_600_000_000.0  # 2020-09-13: forward decay is relative to it
+VIEW, ADD, PURCHASE = "Product Viewed", "Product Added", "Order Completed"
+
+
+@dataclass(frozen=True, slots=True)
+class CoSettings:
+    """How events turn into co-occurrence weight."""
+
+    view_weight: float = 1.0
+    add_weight: float = 3.0
+    purchase_weight: float = 5.0
+    half_life_s: float = 90 * 86400.0  # forward decay of every contribution
+    pair_half_life_s: float = 60 * 86400.0  # decay over the gap between the two events
+    history_items: int = 10  # distinct earlier products a new one is paired with
+    history_window_s: float = 365 * 86400.0
+
+    def weight(self, event: str) -> float:
+        """The weight of one event name (0 for events that say nothing about products)."""
+        if event == VIEW:
+            return self.view_weight
+        if event == ADD:
+            return self.add_weight
+        if event == PURCHASE:
+            return self.purchase_weight
+        return 0.0
+
+    def scale(self, ts: float) -> float:
+        """The forward-decay factor of a contribution made at `ts`."""
+        return math.exp2((ts - EPOCH) / self.half_life_s)
+
+
+class CoCounts:
+    """Co-occurrence, item mass and popularity per category: sums, mergeable."""
+
+    __slots__ = ("events", "mass", "pairs", "popular", "settings")
+
+    def __init__(self, settings: CoSettings | None = None):
+        self.settings = settings or CoSettings()
+        self.pairs: dict[str, dict[str, float]] = {}  # a -> {b: weight}, both directions
+        self.mass: dict[str, float] = {}
+        self.popular: dict[str, dict[str, float]] = {}  # category ("" = all) -> {item: weight}
+        self.events = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.mass)
+
+    def observe(
+        self,
+        items: list[str],
+        weight: float,
+        ts: float,
+        history: Iterable[tuple[float, str, float]],
+        categories: dict[str, str] | None = None,
+    ) -> None:
+        """Count event(s) on `items` at `ts`, paired with `history` (ts, item, weight).
+
+        `items` are one event's products (a view: one; an order: its lines),
+        which also pair with each other.
+        """
+        if not items or weight <= 0:
+            return
+        s = self.settings
+        scale = s.scale(ts)
+        w = weight * scale
+        mass, pairs, popular = self.mass, self.pairs, self.popular
+        everyone = popular.get("")
+        if everyone is None:
+            everyone = popular[""] = {}
+        self.events += 1
+        history = list(history)
+        for i, item in enumerate(items):
+            mass[item] = mass.get(item, 0.0) + w
+            everyone[item] = everyone.get(item, 0.0) + w
+            category = categories.get(item) if categories else None
+            if category:
+                table = popular.get(category)
+                if table is None:
+                    table = popular[category] = {}
+                table[item] = table.get(item, 0.0) + w
+            mine = pairs.get(item)
+            if mine is None:
+                mine = pairs[item] = {}
+            for other in items[:i]:
+                if other != item:
+                    self._pair(mine, item, other, w)
+            for then, other, other_weight in history:
+                if other == item:
+                    continue
+                pw = min(weight, other_weight) * scale
+                gap = ts - then
+                if gap > 0:
+                    pw *= math.exp2(-gap / s.pair_half_life_s)
+                self._pair(mine, item, other, pw)
+
+    def _pair(self, mine: dict[str, float], item: str, other: str, w: float) -> None:
+        mine[other] = mine.get(other, 0.0) + w
+        theirs = self.pairs.get(other)
+        if theirs is None:
+            theirs = self.pairs[other] = {}
+        theirs[item] = theirs.get(item, 0.0) + w
+
+    def merge(self, other: CoCounts) -> None:
+        """Add another shard's (or flush's) counts into these."""
+        for a, row in other.pairs.items():
+            mine = self.pairs.setdefault(a, {})
+            for b, w in row.items():
+                mine[b] = mine.get(b, 0.0) + w
+        for item, w in other.mass.items():
+            self.mass[item] = self.mass.get(item, 0.0) + w
+        for category, table in other.popular.items():
+            mine = self.popular.setdefault(category, {})
+            for item, w in table.items():
+                mine[item] = mine.get(item, 0.0) + w
+        self.events += other.events
+
+    def take(self) -> CoCounts:
+        """Hand over everything counted so far and start empty (the shard's flush)."""
+        taken = CoCounts(self.settings)
+        taken.pairs, taken.mass, taken.popular, taken.events = (
+            self.pairs,
+            self.mass,
+            self.popular,
+            self.events,
+        )
+        self.pairs, self.mass, self.popular, self.events = {}, {}, {}, 0
+        return taken
+
+    # -- reading (in memory: evaluation, tests) ---------------------------------------
+    def neighbors(self, item: str, n: int) -> list[tuple[str, float]]:
+        """The `n` items co-occurring most with `item`, raw weights, best first."""
+        row = self.pairs.get(item)
+        if not row:
+            return []
+        return sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def top_popular(self, category: str, n: int) -> list[tuple[str, float]]:
+        """The `n` most popular items of `category` ("" for all)."""
+        table = self.popular.get(category) or {}
+        return sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def history_of(
+    profile: Any, ts: float, settings: CoSettings, skip: Iterable[str] = ()
+) -> list[tuple[float, str, float]]:
+    """The customer's last distinct products before `ts`: (ts, product, weight), newest first.
+
+    Reads `recent` (views and adds) and `purchased`; products in `skip` (the
+    current event's own) are left out.
+    """
+    limit = settings.history_items
+    horizon = ts - settings.history_window_s
+    seen = set(skip)
+    out: list[tuple[float, str, float]] = []
+    weight = settings.weight
+    for entry in reversed(profile.recent):
+        then = entry[0]
+        if then < horizon:
+            break
+        item = entry[2]
+        if item is None or item in seen or then > ts:
+            continue
+        w = weight(entry[1])
+        if w <= 0:
+            continue
+        seen.add(item)
+        out.append((then, item, w))
+        if len(out) >= limit:
+            return out
+    bought = settings.purchase_weight
+    for then, item in reversed(profile.purchased):
+        if then < horizon:
+            break
+        if item in seen or then > ts:
+            continue
+        seen.add(item)
+        out.append((then, item, bought))
+        if len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,107 @@
+"""The collaborative-filtering Recommender behind the `recommendations` content block.
+
+Reads the counts every shard merged into Redis (engine.recs.store) in two
+round trips: the seeds' neighbours and the popular lists, then the masses
+and catalog entries of the candidates. Ranking is engine.recs.rank, the same
+code the offline evaluation scores. Items carry the catalog's name, price,
+url, image_url and category (or what events said of a product the catalog
+lacks); out-of-stock products never appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.clock import Clock, SystemClock
+from engine.recs.rank import excluded, recommend, seeds_of
+from engine.recs.settings import RecsConfig, co_settings, rank_settings
+from engine.recs.store import RecsStore
+from engine.store import connect
+
+_SHOWN = ("name", "price", "url", "image_url", "category", "brand")
+
+
+class CollaborativeRecommender:
+    """Item-to-item CF with category popularity as the cold-start fallback."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        config: RecsConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        store: RecsStore | None = None,
+    ):
+        self.config = config or RecsConfig()
+        self.co = co_settings(self.config)
+        self.rank = rank_settings(self.config)
+        self.clock = clock or SystemClock()
+        self._redis_url = redis_url
+        self._store = store
+
+    @property
+    def store(self) -> RecsStore:
+        if self._store is None:  # made on first use, on the serving event loop
+            self._store = RecsStore(connect(self._redis_url))
+        return self._store
+
+    async def close(self) -> None:
+        """Release the Redis connections."""
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    async def recommend(self, profile: Mapping[str, Any], *, limit: int) -> list[dict]:
+        """Up to `limit` products for the customer of `profile`, best first."""
+        if limit <= 0:
+            return []
+        now = self.clock.now()
+        seeds = seeds_of(profile, now, self.co, self.rank)
+        categories = _categories(profile)
+        store = self.store
+        want = max(limit * 5, 20)
+        neighbors, popular = await store.neighbors(
+            list(seeds), self.config.neighbors, categories, want
+        )
+        candidates = {item for row in neighbors.values() for item, _ in row}
+        fallback = [
+            (item, value, "popular_in_category" if category else "popular")
+            for category in [*categories, ""]
+            for item, value in popular.get(category, ())
+        ]
+        fallback_items = [item for item, _, _ in fallback]
+        look_up = list(dict.fromkeys([*seeds, *candidates]))
+        masses = await store.masses(look_up)
+        # catalog entries for what can be shown: scored candidates and fallbacks
+        products = await store.get_products(list(dict.fromkeys([*candidates, *fallback_items])))
+        items = recommend(
+            seeds,
+            neighbors,
+            masses,
+            fallback,
+            limit=limit,
+            exclude=excluded(profile, now, self.rank),
+            settings=self.rank,
+            category_of=lambda item: (products.get(item) or {}).get("category"),
+            in_stock=lambda item: (products.get(item) or {}).get("in_stock", True),
+        )
+        for item in items:
+            product = products.get(item["product_id"]) or {}
+            for name in _SHOWN:
+                if product.get(name) is not None and item.get(name) is None:
+                    item[name] = product[name]
+        return items
+
+
+def _categories(profile: Mapping[str, Any]) -> list[str]:
+    """The customer's recent categories, most frequent first (for the popularity fallback)."""
+    tally: dict[str, int] = {}
+    for entry in profile.get("recent") or ():
+        if entry[3]:
+            tally[entry[3]] = tally.get(entry[3], 0) + 1
+    for line in (profile.get("cart") or {}).values():
+        category = line.get("category")
+        if isinstance(category, str) and category:
+            tally[category] = tally.get(category, 0) + 2
+    return [c for c, _ in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0]))[:3]]

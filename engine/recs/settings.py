@@ -1,0 +1,71 @@
+"""The `[recs]` section of config.toml, and the pure settings built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import ConfigError
+from engine.recs.cooccur import CoSettings
+from engine.recs.rank import RankSettings
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class RecsConfig:
+    """Collaborative filtering: weights, decay, filters and how shards merge counts."""
+
+    recs_enabled: bool = True
+    view_weight: float = 1.0
+    add_weight: float = 3.0
+    purchase_weight: float = 5.0
+    half_life_days: float = 90.0
+    pair_half_life_days: float = 60.0
+    history_items: int = 10
+    history_window_days: float = 365.0
+    seed_half_life_days: float = 14.0
+    exclude_bought_days: float = 7.0
+    popularity_blend: float = 2.0
+    max_per_category: int = 0
+    category_limits: tuple[str, ...] = ()
+    neighbors: int = 50
+    keep_neighbors: int = 200
+    flush_interval_s: float = 5.0
+
+
+def co_settings(config: RecsConfig) -> CoSettings:
+    """How the shards count co-occurrence."""
+    return CoSettings(
+        view_weight=config.view_weight,
+        add_weight=config.add_weight,
+        purchase_weight=config.purchase_weight,
+        half_life_s=config.half_life_days * DAY,
+        pair_half_life_s=config.pair_half_life_days * DAY,
+        history_items=config.history_items,
+        history_window_s=config.history_window_days * DAY,
+    )
+
+
+def category_limits(config: RecsConfig) -> dict[str, int]:
+    """`["Shoes=2", "Socks=1"]` as a table; errors name the entry."""
+    out: dict[str, int] = {}
+    for n, entry in enumerate(config.category_limits):
+        name, sep, value = entry.rpartition("=")
+        if not sep or not name.strip() or not value.strip().isdigit():
+            raise ConfigError(
+                f'recs.category_limits[{n}] must look like "Category=2", got {entry!r}',
+                field=f"recs.category_limits[{n}]",
+            )
+        out[name.strip()] = int(value)
+    return out
+
+
+def rank_settings(config: RecsConfig) -> RankSettings:
+    """Filters and limits of every recommendation list."""
+    return RankSettings(
+        seed_half_life_s=config.seed_half_life_days * DAY,
+        exclude_bought_s=config.exclude_bought_days * DAY,
+        max_per_category=config.max_per_category,
+        popularity_blend=config.popularity_blend,
+        category_limits=category_limits(config),
+    )

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import pytest
+
+from engine.insight.live import LiveInsight
+from engine.insight.rfm import Population, quintile, segment_of
+from engine.partition import Partition
+
+DAY = 86400.0
+T0 = 1_700_000_000.0
+
+
+def order(customer: str, at: float, revenue: float, n: int) -> dict:
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "customer": customer,
+        "userId": customer,
+        "anonymousId": None,
+        "messageId": f"{customer}-{n}",
+        "ts": at,
+        "receivedAt": at,
+        "properties": {"order_id": f"{customer}-{n}", "revenue": revenue, "products": []},
+    }
+
+
+def test_a_hand_computed_population() -> None:
+    """Five buyers, scored by hand.
+
+    customer  last order   orders  revenue   R  F  M   segment
+    a         day 100      5       500       5  5  5   champions
+    b         day 90       3       200       4  4  4   loyal
+    c         day 50       2       80        3  3  2   need_attention
+    d         day 10       1       80        2  1  2   hibernating
+    e         day 1        1       10        1  1  1   hibernating
+    Each score is 1 + floor(5 * share of buyers strictly below):
+    R: last-order days 1, 10, 50, 90, 100 -> shares 0, .2, .4, .6, .8 -> 1, 2, 3, 4, 5.
+    F: orders 1, 1, 2, 3, 5 -> shares 0, 0, .4, .6, .8 -> 1, 1, 3, 4, 5.
+    M: revenue 10, 80, 80, 200, 500 -> shares 0, .2, .2, .6, .8 -> 1, 2, 2, 4, 5.
+    """
+    rows = {
+        "a": (100, 5, 500.0),
+        "b": (90, 3, 200.0),
+        "c": (50, 2, 80.0),
+        "d": (10, 1, 80.0),
+        "e": (1, 1, 10.0),
+    }
+    partition = Partition(lambda c: True, insight=LiveInsight(co=None))
+    n = 0
+    for customer, (last_day, orders, revenue) in rows.items():
+        for k in range(orders):
+            n += 1
+            at = T0 + (last_day - (orders - 1 - k)) * DAY
+            partition.apply(order(customer, at, revenue / orders, n))
+    for profile in partition.profiles.values():  # everyone against the final population
+        partition.insight.refresh(profile, T0 + 101 * DAY)
+    got = {
+        c: (p.rfm["r"], p.rfm["f"], p.rfm["m"], p.rfm["segment"])
+        for c, p in partition.profiles.items()
+    }
+    assert got == {
+        "a": (5, 5, 5, "champions"),
+        "b": (4, 4, 4, "loyal"),
+        "c": (3, 3, 2, "need_attention"),
+        "d": (2, 1, 2, "hibernating"),
+        "e": (1, 1, 1, "hibernating"),
+    }
+    assert partition.profiles["a"].rfm["score"] == "555"
+    assert partition.profiles["c"].rfm["recency_days"] == pytest.approx(51.0)
+    assert len(partition.insight.population) == 5
+
+
+def test_every_purchase_moves_the_customer_in_the_population() -> None:
+    partition = Partition(lambda c: True, insight=LiveInsight(co=None))
+    partition.apply(order("a", T0, 10.0, 1))
+    partition.apply(order("b", T0 + DAY, 20.0, 2))
+    population = partition.insight.population
+    assert population.frequency.rank(2) == 1.0  # nobody has two orders yet
+    partition.apply(order("a", T0 + 2 * DAY, 30.0, 3))
+    assert len(population) == 2  # a moved from 1 to 2 orders: removed, then added
+    assert population.frequency.rank(2) == 0.5
+    assert partition.profiles["a"].rfm["k"] == [T0 + 2 * DAY, 2.0, 40.0]
+    partition.apply({**order("a", T0, 0, 0), "type": "_erase", "messageId": "erase"})
+    assert len(population) == 1
+
+
+def test_shard_populations_merge_into_the_whole_one() -> None:
+    values = [(T0 + i * DAY, float(1 + i % 4), 10.0 * (i + 1)) for i in range(40)]
+    whole, left, right = Population(), Population(), Population()
+    for i, v in enumerate(values):
+        whole.add(v)
+        (left if i % 2 else right).add(v)
+    left.merge(right)
+    assert all(left.scores(v) == whole.scores(v) for v in values)
+    assert Population.from_dict(left.to_dict()).scores(values[7]) == whole.scores(values[7])
+
+
+@pytest.mark.parametrize(
+    ("r", "f", "name"),
+    [
+        (5, 5, "champions"),
+        (5, 4, "champions"),
+        (4, 5, "loyal"),
+        (3, 4, "loyal"),
+        (5, 2, "potential_loyalist"),
+        (4, 3, "potential_loyalist"),
+        (5, 1, "new_customers"),
+        (4, 1, "promising"),
+        (3, 3, "need_attention"),
+        (3, 2, "about_to_sleep"),
+        (2, 4, "at_risk"),
+        (1, 3, "at_risk"),
+        (1, 5, "cant_lose"),
+        (2, 2, "hibernating"),
+        (1, 1, "hibernating"),
+    ],
+)
+def test_the_classic_grid(r: int, f: int, name: str) -> None:
+    assert segment_of(r, f) == name
+
+
+def test_quintile_edges() -> None:
+    assert [quintile(x) for x in (0.0, 0.19, 0.2, 0.79, 0.8, 0.99)] == [1, 1, 2, 4, 5, 5]

@@ -1,0 +1,131 @@
+"""Recommendations from a small hand-made history give the expected items."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.recs.cooccur import EPOCH, CoCounts, CoSettings
+from engine.recs.rank import RankSettings, excluded, recommend, seeds_of
+
+DAY = 86400.0
+T = EPOCH  # forward decay factor 1 at T
+FLAT = CoSettings(half_life_s=1e12, pair_half_life_s=1e12)  # no decay: easy arithmetic
+
+
+def bought(counts: CoCounts, items: list[str], at: float = T) -> None:
+    counts.observe(items, counts.settings.purchase_weight, at, [])
+
+
+def hand_made() -> CoCounts:
+    """Four baskets: socks go with shoes twice and with a hat once; a scarf goes with a hat."""
+    counts = CoCounts(FLAT)
+    bought(counts, ["shoes", "socks"])
+    bought(counts, ["shoes", "socks", "laces"])
+    bought(counts, ["socks", "hat"])
+    bought(counts, ["hat", "scarf"])
+    return counts
+
+
+def test_counts_and_cosine_by_hand() -> None:
+    counts = hand_made()
+    # each purchase weighs 5: socks in 3 baskets, shoes in 2, together in 2
+    assert counts.mass["socks"] == 15 and counts.mass["shoes"] == 10
+    assert counts.pairs["shoes"]["socks"] == 10 == counts.pairs["socks"]["shoes"]
+    assert counts.neighbors("shoes", 5) == [("socks", 10.0), ("laces", 5.0)]
+    profile = {"purchased": [[T - 40 * DAY, "shoes"]], "recent": []}
+    seeds = seeds_of(profile, T, FLAT, RankSettings(seed_half_life_s=1e12))
+    got = recommend(
+        seeds,
+        {s: counts.neighbors(s, 10) for s in seeds},
+        counts.mass,
+        [],
+        limit=5,
+        exclude=set(),
+        settings=RankSettings(popularity_blend=0),
+    )
+    # socks: 10/sqrt(10*15) = 0.816; laces: 5/sqrt(10*5) = 0.707
+    assert [g["product_id"] for g in got] == ["socks", "laces"]
+    assert got[0]["score"] == pytest.approx(5 * 10 / math.sqrt(150), rel=1e-5)
+
+
+def test_a_viewer_of_shoes_gets_socks_then_laces_then_popular_fallback() -> None:
+    counts = hand_made()
+    profile = {"recent": [[T - 60, "Product Viewed", "shoes", "footwear"]], "purchased": []}
+    seeds = seeds_of(profile, T, FLAT, RankSettings())
+    popular = [(item, w, "popular") for item, w in counts.top_popular("", 10)]
+    got = recommend(
+        seeds,
+        {s: counts.neighbors(s, 10) for s in seeds},
+        counts.mass,
+        popular,
+        limit=4,
+        exclude=set(),
+        settings=RankSettings(popularity_blend=0),
+    )
+    assert [(g["product_id"], g["reason"]) for g in got] == [
+        ("socks", "also_liked"),
+        ("laces", "also_liked"),
+        ("hat", "popular"),
+        ("shoes", "popular"),
+    ]
+
+
+def test_just_bought_cart_out_of_stock_and_category_limits_are_filtered() -> None:
+    counts = hand_made()
+    profile = {
+        "recent": [[T - 60, "Product Viewed", "hat", None]],
+        "purchased": [[T - DAY, "socks"]],  # bought yesterday: not offered again
+        "cart": {"laces": {"added_at": T - 30}},
+    }
+    rank = RankSettings(popularity_blend=0, max_per_category=1)
+    seeds = seeds_of(profile, T, FLAT, rank)
+    assert set(seeds) == {"hat", "socks", "laces"}
+    categories = {"shoes": "footwear", "scarf": "accessories", "hat": "accessories"}
+    popular = [(item, w, "popular") for item, w in counts.top_popular("", 10)]
+    got = recommend(
+        seeds,
+        {s: counts.neighbors(s, 10) for s in seeds},
+        counts.mass,
+        popular,
+        limit=5,
+        exclude=excluded(profile, T, rank),
+        settings=rank,
+        category_of=categories.get,
+        in_stock=lambda item: item != "scarf",
+    )
+    ids = [g["product_id"] for g in got]
+    assert "socks" not in ids and "laces" not in ids  # just bought, in the cart
+    assert "scarf" not in ids  # out of stock
+    assert ids == ["shoes", "hat"]  # one per category: shoes (footwear), hat (accessories)
+
+
+def test_event_weights_and_pair_recency() -> None:
+    settings = CoSettings(half_life_s=1e12, pair_half_life_s=DAY)
+    counts = CoCounts(settings)
+    history = [(T - DAY, "a", settings.view_weight)]  # a viewed a day before b was added
+    counts.observe(["b"], settings.add_weight, T, history)
+    # min(view 1, add 3) halved once for the one-day gap
+    assert counts.pairs["b"]["a"] == pytest.approx(0.5)
+    assert counts.mass == {"b": pytest.approx(3.0)}
+
+
+def test_forward_decay_makes_newer_behaviour_count_more() -> None:
+    counts = CoCounts(CoSettings(half_life_s=30 * DAY))
+    bought(counts, ["old"], T)
+    bought(counts, ["new"], T + 30 * DAY)
+    assert counts.mass["new"] == pytest.approx(2 * counts.mass["old"])
+
+
+def test_shard_partial_counts_merge_to_the_same_as_one_counter() -> None:
+    whole, left, right = CoCounts(FLAT), CoCounts(FLAT), CoCounts(FLAT)
+    baskets = [["a", "b"], ["b", "c"], ["a", "c", "d"], ["a", "b"]]
+    for i, basket in enumerate(baskets):
+        bought(whole, basket)
+        bought(left if i % 2 else right, basket)
+    taken = left.take()
+    assert not left and taken.events == 2
+    taken.merge(right)
+    assert taken.pairs == whole.pairs and taken.mass == whole.mass
+    assert taken.popular == whole.popular
