@@ -101,7 +101,7 @@ def console_routes(
         return html_response(page)
 
     async def login(request: Request) -> Response:
-        body = (await request.body())[:4096].decode("utf-8", "replace")
+        body = (await _read_limited(request, 4096)).decode("utf-8", "replace")
         key = urllib.parse.parse_qs(body).get("key", [""])[0].strip()
         try:
             role = keys.role_of(f"Bearer {key}") if key else None
@@ -205,3 +205,14 @@ async def _recent_sends(store: Any, canonical: str, profile: dict, shards: int) 
             if len(out) >= RECENT_SENDS:
                 break
     return out
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """At most `limit` bytes of the body (a login form is a few dozen)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
