@@ -225,3 +225,18 @@ def test_api_worker_processes_add_up_in_multiprocess_mode(tmp_path, redis_url: s
         cwd=ROOT,
     ).stdout.split()
     assert out == ["7.0", "2.0"]
+
+
+def test_nudge_serve_prepares_and_removes_the_multiprocess_dir(tmp_path, monkeypatch) -> None:
+    from engine.metrics.multiproc import ENV, prepare_multiproc_dir, remove_multiproc_dir
+
+    monkeypatch.delenv(ENV, raising=False)
+    stale = tmp_path / "prometheus-multiproc"
+    stale.mkdir()
+    (stale / "counter_123.db").write_bytes(b"an earlier run's counts")
+    path = prepare_multiproc_dir(str(tmp_path))
+    assert path == str(stale) and os.environ[ENV] == path and os.listdir(path) == []
+    remove_multiproc_dir(path)
+    assert not stale.exists() and ENV not in os.environ
+    monkeypatch.setenv(ENV, str(tmp_path / "theirs"))
+    assert prepare_multiproc_dir(str(tmp_path)) is None  # the operator's own dir is left alone

@@ -179,7 +179,7 @@ function renderFunnel(body) {
       cell(tr, fmtPct(v.conversion_rate));
       cell(tr, v.vs || "");
       cell(tr, v.lift === undefined || v.lift === null ? "" : fmtPct(v.lift));
-      cell(tr, v.p_value === undefined ? "" : v.p_value.toFixed(3) + (v.significant ? " *" : ""),
+      cell(tr, v.p_value === undefined ? "" : (v.p_value < 0.001 ? "<0.001" : v.p_value.toFixed(3)) + (v.significant ? " *" : ""),
         v.significant ? "sig" : "");
     }
     box.appendChild(table);
