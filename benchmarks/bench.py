@@ -56,6 +56,7 @@ WRITE = {"Authorization": basic_auth("dev-write-key"), "Content-Type": "applicat
 CONTENT = {"Authorization": "Bearer dev-content-key"}
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
 CONTENT_BLOCKS = "profile,cart,recommendations"
+CONTENT_DEADLINE_S = 0.2  # the default [content] deadline_ms
 _WAIT = re.compile(r'^(\s*wait\s*=\s*")(\d+(?:\.\d+)?)([smhd])(")', re.MULTILINE)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -521,6 +522,7 @@ class Run:
             "content_calls_s": round(len(t.content_s) / load_s, 1),
             "content_ms": _ms(t.content_s),
             "content_status": {str(k): v for k, v in t.content_status.items()},
+            "content_over_deadline": sum(1 for x in t.content_s if x > CONTENT_DEADLINE_S),
             "sends": len(t.sends),
             "sends_delivering": sum(1 for s in t.sends.values() if s.get("deliver", True)),
             "sends_by_rule": _count(s["rule"] for s in t.sends.values()),
@@ -616,6 +618,7 @@ def table(result: dict[str, Any]) -> str:
         ("ingest latency p50 / p99 / max", _fmt_ms(r["ingest_ms"])),
         ("content calls", f"{r['content_calls']:,} ({r['content_calls_s']:,.1f}/s)"),
         ("content latency p50 / p99 / max", _fmt_ms(r["content_ms"])),
+        ("content answers later than 200 ms", f"{r['content_over_deadline']:,} (client side)"),
         ("sends decided (outbox)", f"{r['sends']:,}, {r['sends_delivering']:,} to deliver"),
         ("sends by rule", ", ".join(f"{k} {v}" for k, v in sorted(r["sends_by_rule"].items()))),
         ("due -> outbox latency p50 / p99", _fmt_ms(r["trigger_ms"])),
