@@ -28,11 +28,15 @@ from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
 from engine.console.routes import console_routes
 from engine.content import ContentService, content_routes
+from engine.delivery.ledger import Ledger
+from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
 from engine.metrics import process as metered
 from engine.metrics.collect import MetricsCollector
 from engine.metrics.routes import metrics_routes
 from engine.store import Store, connect
+from engine.tracking import TokenSigner
+from engine.tracking.routes import tracking_routes
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +102,12 @@ def create_app(
     shards_factory: ShardsFactory,
     *,
     content: ContentService | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The ASGI app; `shards_factory` connects to the shards once the loop runs.
 
-    `content` replaces the content service built from `config.content` (tests
-    hand in one on a manual clock).
+    `content` replaces the content service built from `config.content`, and
+    `clock` the time tracking hits are stamped with (tests drive both).
     """
     keys = KeyRing(config.auth)
     state: dict[str, Any] = {}
@@ -111,6 +116,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["store"] = Store(connect(redis_url), config.engine.shards)
+        state["ledger"] = Ledger(connect(redis_url), config.engine.shards)
         state["shards"] = await shards_factory()
         await content.start()
         yield
@@ -298,6 +304,9 @@ def create_app(
     )
     routes += metrics_routes(config.metrics, keys, collector)
     routes += console_routes(config, keys, collector, shards=shards, store=store)
+    signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
+    routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
+    routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -27,6 +27,8 @@ _DELEGATED = {
     ),
     "sign-url": ("engine.content.sign_cli", "main", "a signed /v1/content URL for ESP templates"),
     "bench": ("benchmarks.bench", "main", "load test: shoppers, replay, triggers, content"),
+    "render": ("engine.delivery.cli", "render_main", "preview an email template"),
+    "dlq": ("engine.delivery.cli", "dlq_main", "list, show and replay dead-lettered sends"),
 }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.content.config import ContentConfig, content_config_from_mapping
+from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class EngineConfig:
     ray_address: str = ""
     ray_namespace: str = "nudge"
     redis_fsync: str = "everysec"
-    checkpoint_interval_ms: int = 200
+    checkpoint_interval_ms: int = 1000
     checkpoint_events: int = 20_000
     read_count: int = 200
     dedupe_window_s: float = 86_400.0
@@ -101,6 +102,7 @@ class Config:
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
     content: ContentConfig = field(default_factory=ContentConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -118,7 +120,7 @@ _SECTIONS = {
     "metrics": MetricsConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
-_FOREIGN = frozenset({"rules", "rule", "segment", "content"})
+_FOREIGN = frozenset({"rules", "rule", "segment", "content", "delivery", "esp"})
 
 
 def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
@@ -181,7 +183,11 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             elif key in given:
                 values[key] = _coerce(given[key], default, f"{name}.{key}")
         sections[name] = replace(defaults, **values)
-    config = Config(**sections, content=content_config_from_mapping(data.get("content"), env))
+    config = Config(
+        **sections,
+        content=content_config_from_mapping(data.get("content"), env),
+        delivery=delivery_config_from_mapping(data.get("delivery"), data.get("esp"), env),
+    )
     validate(config)
     return config
 

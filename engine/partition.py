@@ -269,6 +269,11 @@ class Partition:
             self._forwards.append((target, event))
 
     # -- checkpoints ------------------------------------------------------------
+    def take_sends(self) -> list[dict]:
+        """Hand over the sends decided since the last call (they leave before the checkpoint)."""
+        sends, self._sends = self._sends, []
+        return sends
+
     def take_changes(self) -> Changes:
         """Encode and hand over everything changed since the last call."""
         profiles = self.profiles

@@ -154,6 +154,10 @@ class Profile:
         """Plain-data form, used for checkpoints and the profile API."""
         data = {name: getattr(self, name) for name in self.__slots__}
         data["v"] = FORMAT_VERSION
+        if "ix" in self.journey:
+            # The rules' count index is a cache of `recent`, rebuilt on demand: often
+            # the larger part of a hot profile, and not state, so never encoded.
+            data["journey"] = {k: v for k, v in self.journey.items() if k != "ix"}
         return data
 
     @classmethod

@@ -51,6 +51,7 @@ def _raise_stop(signum: int, frame: object) -> None:
 def serve(config: Config) -> None:
     """Run the engine until SIGTERM or Ctrl-C, then stop everything it started."""
     from actors.cluster import ensure_shards, start_ray, stop_shards, wait_ready
+    from actors.dispatcher import ensure_dispatchers, stop_dispatchers, wait_dispatchers
     from engine.api import create_app
 
     warn_dev_keys(config)
@@ -63,6 +64,7 @@ def serve(config: Config) -> None:
         )
         redis_url = embedded.start()
     handles = []
+    dispatchers: list = []
     joined = bool(config.engine.ray_address)
     metrics_dir = None
     try:
@@ -72,6 +74,8 @@ def serve(config: Config) -> None:
         log.info("%d shards ready in %.1f s", len(handles), time.monotonic() - started)
         engine = dataclasses.replace(config.engine, redis_url=redis_url, ray_address=gcs)
         config = dataclasses.replace(config, engine=engine)
+        dispatchers = ensure_dispatchers(config, redis_url, detached=joined)
+        wait_dispatchers(dispatchers)
         uv_options = {
             "host": config.server.host,
             "port": config.server.port,
@@ -105,6 +109,8 @@ def serve(config: Config) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopping = time.monotonic()
+        if dispatchers and not joined:
+            stop_dispatchers(dispatchers, timeout=config.server.shutdown_timeout_s)
         if handles and not joined:
             stop_shards(handles)
         import ray

@@ -7,8 +7,10 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
   nudge:{sN}:erased    set of digests of erased ids (checkpoint)
   nudge:{sN}:pos       last stream id the checkpoint includes
   nudge:{sN}:fwd       stream of messages for other shards, written with the checkpoint
-  nudge:{sN}:outbox    stream of decided sends, field s = JSON send; written with the
-                       checkpoint whose state decided them, so each is written once
+  nudge:{sN}:outbox    stream of decided sends, field s = JSON send; written as soon as
+                       they are decided (not with the checkpoint). After a crash, replay
+                       decides them again under the same deterministic send_id, so an
+                       entry may repeat: consumers deliver each send_id once.
 """
 
 from __future__ import annotations
@@ -155,6 +157,13 @@ class Store:
             # Approximate trimming only drops whole stream nodes below MINID: much
             # cheaper than exact, and it never removes an entry at or above it.
             pipe.xtrim(stream_key(index), minid=pos, approximate=True)
+            await pipe.execute()
+
+    async def append_sends(self, index: int, sends: list[dict]) -> None:
+        """Append decided sends to shard `index`'s outbox, in order, in one round trip."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for send in sends:
+                pipe.xadd(outbox_key(index), {"s": orjson.dumps(send)})
             await pipe.execute()
 
     async def deliver_forwards(self, index: int) -> int:

@@ -161,3 +161,52 @@ async def test_a_timer_due_while_down_fires_on_recovery(
     assert send["rule"] == "cart_abandonment" and send["at"] == pytest.approx(MORNING + 60 * 60)
     await revived.stop()
     await store.close()
+
+
+async def test_sends_leave_before_the_checkpoint_and_replay_repeats_their_id(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from actors.shard import ShardActor
+    from engine.events import normalize
+    from engine.store import Store, connect
+
+    rules = load(ROOT / "config.toml", env={}).rules
+    config = test_config(shards=1, checkpoint_interval_ms=3_600_000, checkpoint_events=10**9)
+    clock = ManualClock(MORNING)
+
+    async def started() -> ShardActor:
+        actor = ShardActor(
+            0, 1, config.engine, redis_url, rules=rules, clock=clock, autostart=False
+        )
+        await actor.start()
+        while not actor.ready:
+            await asyncio.sleep(0.005)
+        return actor
+
+    actor = await started()
+    store = Store(connect(redis_url), 1)
+    msg = {"userId": "eve", "event": "Product Added", "properties": {"product_id": "p"}}
+    written = await store.append([normalize(msg, kind="track", received_at=MORNING)])
+    assert await actor.wait_applied(written[0])
+    clock.advance(16 * 60)
+    sends = []
+    for _ in range(500):
+        if sends := outbox(sync_redis, "eve", shards=1):
+            break
+        await asyncio.sleep(0.01)
+    assert [s["rule"] for s in sends] == ["cart_abandonment"]
+    assert actor.checkpoints == 0  # out before any checkpoint
+
+    # A crash: the loop ends with no final checkpoint, so a new shard replays the event.
+    actor._stopping = True
+    await actor._task
+    await actor._store.close()
+    revived = await started()
+    for _ in range(500):
+        if len(outbox(sync_redis, "eve", shards=1)) > 1:
+            break
+        await asyncio.sleep(0.01)
+    again = outbox(sync_redis, "eve", shards=1)
+    assert len(again) == 2 and again[0]["send_id"] == again[1]["send_id"]
+    await revived.stop()
+    await store.close()

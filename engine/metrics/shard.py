@@ -1,7 +1,7 @@
 """What a shard counts: the metrics it reports through `ShardActor.metrics()` (pure).
 
 Nothing here runs per event except the funnel's check for engagement and order
-events; checkpoints and sends are counted once per checkpoint.
+events; checkpoints are counted once per checkpoint, sends once per outbox write.
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ class ShardMetrics:
     def on_checkpoint(self, seconds: float, sends: list[dict], now: float) -> None:
         """A checkpoint wrote `sends` to the outbox in `seconds`, at wall time `now`."""
         self.checkpoint_seconds.observe(self.shard, seconds)
-        if not sends:
-            return
+        if sends:
+            self.on_sends(sends, now)
+
+    def on_sends(self, sends: list[dict], now: float) -> None:
+        """`sends` reached the outbox at wall time `now`."""
         inc = self.triggers.inc
         observe = self.trigger_latency.observe
         on_send = self.funnel.on_send

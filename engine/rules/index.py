@@ -6,16 +6,19 @@ A rule such as browse abandonment asks, on every product view,
 keeps, for each event name it is asked about by product or category, the
 times of that name's events by value, in the journey::
 
-    "ix": {"product:Product Viewed": [n, t, newest, {"p1": [ts, ...], ...}]}
+    "ix": {"product:Product Viewed": [n, t, newest, {"p1": [ts, ...], ...}, last]}
 
 The index is a cache of `recent`, brought up to date when asked, never a
-second source of truth:
+second source of truth, and never checkpointed (Profile.to_dict leaves it out):
 
 * `n` is `profile.counts[name]` when the index was last brought up to date.
   Every applied event bumps that count. One event more, found last in
-  `recent` and newer than `newest` (the newest time indexed), is added;
-  anything else (a late event, a profile merge, a time tie) rebuilds the
-  index from `recent`.
+  `recent`, not older than `newest` (the newest time indexed) and not the
+  very entry indexed last (`last`, kept by identity), is added; anything else
+  (a late event, a profile merge) rebuilds the index from `recent`. Ties are
+  common (a batch sent without timestamps shares one receivedAt), so they
+  must not force rebuilds: equal times are appended in order, which is why
+  the entry after `last` at an equal time can only be the new one.
 * `recent` keeps a time-ordered suffix of the events: every indexed time after
   `recent[0]`'s is in it, every earlier one has been dropped. A time equal to
   `recent[0]`'s is ambiguous (a twin may have been dropped), so those are
@@ -60,11 +63,13 @@ def count(
             entry is not None
             and entry[0] == seen - 1
             and last[1] == name
-            and ((newest := entry[2]) is None or last[0] > newest)
+            and last is not entry[4]
+            and ((newest := entry[2]) is None or last[0] >= newest)
             and entry[1] < len(recent) + _SLACK
         ):
-            # exactly one event more, and it is this one (nothing indexed is as new)
+            # exactly one event more, and it is this one (nothing indexed comes after it)
             ts = entry[2] = last[0]
+            entry[4] = last
             entry[0] = seen
             entry[1] += 1
             value = last[at]
@@ -117,12 +122,14 @@ def build(recent: list, name: str, at: int, seen: int) -> list:
     table: dict[str, list[float]] = {}
     held = 0
     newest = None
+    last = None
     for item in recent:
         if item[1] == name:
             held += 1
             ts = item[0]
-            if newest is None or ts > newest:
+            if newest is None or ts >= newest:
                 newest = ts
+                last = item
             value = item[at]
             if value is not None:
                 times = table.get(value)
@@ -130,4 +137,4 @@ def build(recent: list, name: str, at: int, seen: int) -> list:
                     table[value] = [ts]
                 else:
                     times.append(ts)
-    return [seen, held, newest, table]
+    return [seen, held, newest, table, last]

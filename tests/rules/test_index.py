@@ -102,6 +102,27 @@ def test_the_index_is_kept_up_to_date_by_one_event_at_a_time() -> None:
     for i in range(5):
         apply_event(p, event(random.Random(i), T0 + i, i) | {"event": "A"}, Limits())
         count(p, p.journey, index_key("A", PRODUCT), "A", PRODUCT, "p1", -float("inf"), T0 + 10)
-    seen, held, newest, by_product = p.journey["ix"]["product:A"]
-    assert (seen, held, newest) == (5, 5, T0 + 4)
+    seen, held, newest, by_product, last = p.journey["ix"]["product:A"]
+    assert (seen, held, newest) == (5, 5, T0 + 4) and last is p.recent[-1]
     assert by_product.get("p1", []) == [ts for ts, _, pid, _ in p.recent if pid == "p1"]
+
+
+def test_events_sharing_one_time_extend_the_index_without_a_rebuild() -> None:
+    # A batch sent without timestamps: every event has the same receivedAt.
+    p = Profile("tie")
+    built = []
+    for i in range(8):
+        apply_event(p, event(random.Random(i), T0, i) | {"event": "A"}, Limits())
+        n = count(p, p.journey, index_key("A", PRODUCT), "A", PRODUCT, "p1", T0 - 1, T0 + 1)
+        built.append(p.journey["ix"]["product:A"][1])
+        assert n == sum(1 for ts, name, pid, _ in p.recent if name == "A" and pid == "p1")
+    assert built == list(range(1, 9))  # one entry more each time: held grew, never rebuilt
+    assert p.journey["ix"]["product:A"][4] is p.recent[-1]
+
+
+def test_the_index_is_not_checkpointed() -> None:
+    p = Profile("cache")
+    apply_event(p, event(random.Random(1), T0, 1) | {"event": "A"}, Limits())
+    count(p, p.journey, index_key("A", PRODUCT), "A", PRODUCT, "p1", T0 - 1, T0 + 1)
+    assert "ix" in p.journey and "ix" not in p.to_dict()["journey"]
+    assert "ix" not in Profile.from_dict(orjson.loads(orjson.dumps(p.to_dict()))).journey

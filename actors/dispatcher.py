@@ -1,0 +1,432 @@
+"""The dispatcher: a plain class that moves sends from the shards' outboxes to the ESPs.
+
+`DispatcherActor` is not a Ray actor by itself; `remote_dispatcher_class` wraps
+it with `ray.remote` late, and tests may drive it on their own event loop.
+Each dispatcher is one consumer (`dispatcher-N`) of the consumer group
+"dispatch" on every outbox. On (re)start it first finishes its own pending
+entries, then reads new ones; entries another consumer held too long
+(`claim_idle_ms`) are claimed with XAUTOCLAIM. Many sends are in flight at
+once (`max_inflight`), so a slow ESP never stalls the shards or other ESPs.
+
+Exactly once, as far as an ESP allows: before each attempt the send's record
+says "sending"; the outcome is recorded, counted and the entry acknowledged in
+one transaction. A send whose record is final is never sent again. A crash
+during an ESP call replays that one send with the same idempotency key (the
+webhook's Idempotency-Key, SMTP's Message-ID), so an ESP that honours it
+delivers once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from redis.exceptions import RedisError
+
+from engine.config import Config
+from engine.content.blocks import Links
+from engine.delivery import ledger as lg
+from engine.delivery.adapters import Adapter, make_adapter
+from engine.delivery.compose import Composer, suppression
+from engine.delivery.ledger import Ledger
+from engine.delivery.message import DeliveryError, PermanentError, TransientError
+from engine.delivery.policy import CircuitBreaker, TokenBucket, backoff
+from engine.delivery.templates import TemplateError, TemplateSet
+from engine.store import connect
+from engine.tracking import TokenSigner
+
+log = logging.getLogger(__name__)
+
+ProfileSource = Callable[[str], Awaitable[dict | None]]
+_BLOCK_MS = 250
+
+
+def dispatcher_name(index: int) -> str:
+    """The Ray actor name, and the consumer name, of dispatcher `index`."""
+    return f"dispatcher-{index}"
+
+
+class DispatcherActor:
+    """One consumer of every outbox; delivers sends through the configured ESPs."""
+
+    def __init__(
+        self,
+        index: int,
+        config: Config,
+        redis_url: str,
+        *,
+        profiles: ProfileSource | None = None,
+        autostart: bool = True,
+        rand: Callable[[], float] = random.random,
+    ):
+        self.index = index
+        self.config = config
+        self.delivery = config.delivery
+        self.redis_url = redis_url
+        self.consumer = dispatcher_name(index)
+        self._profiles = profiles
+        self._rand = rand
+        self.templates = TemplateSet(self.delivery.templates_dir)
+        self.composer = Composer(
+            self.delivery,
+            signer=TokenSigner(config.tracking.tracking_secret, config.tracking.public_url),
+            links=Links(config.content.product_url, config.content.checkout_url),
+            templates=self.templates,
+        )
+        share = max(self.delivery.dispatchers, 1)
+        self.breakers = {
+            esp.name: CircuitBreaker(
+                failures=self.delivery.breaker_failures, reset_s=self.delivery.breaker_reset_s
+            )
+            for esp in self.delivery.esps
+        }
+        # The ESP's rate is shared by the dispatchers: each takes its part.
+        self.buckets = {
+            esp.name: TokenBucket(esp.rate_per_s / share, now=time.monotonic())
+            for esp in self.delivery.esps
+        }
+        self.adapters: dict[str, Adapter] = {}
+        self.stats = {"sent": 0, "suppressed": 0, "holdout": 0, "dead_lettered": 0, "failed": 0}
+        self.ready = False
+        self._inflight: dict[asyncio.Task, tuple[int, str]] = {}
+        self._stopping = False
+        self._ledger: Ledger | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+        if autostart:
+            self._task = asyncio.get_event_loop().create_task(self._run())
+
+    async def start(self) -> None:
+        """Start the loop on the running event loop (when built with autostart=False)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- the loop ---------------------------------------------------------------------
+    async def _run(self) -> None:
+        settings = self.config.engine
+        self._ledger = Ledger(
+            connect(self.redis_url), settings.shards, ttl_s=self.delivery.ledger_days * 86400.0
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.delivery.max_inflight)
+        )
+        self.adapters = {
+            esp.name: make_adapter(esp, session=self._session) for esp in self.delivery.esps
+        }
+        if self._profiles is None:
+            self._profiles = _ray_profiles(self.config)
+        while not self._stopping:
+            try:
+                await self._ledger.ensure_groups()
+                await self._resume_own()
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("%s: start failed (%s); retrying", self.consumer, exc)
+                await asyncio.sleep(0.5)
+        self.ready = True
+        last_claim = last_touch = time.monotonic()
+        claim_every = self.delivery.claim_idle_ms / 1000.0 / 2
+        touch_every = self.delivery.claim_idle_ms / 1000.0 / 3
+        while not self._stopping:
+            try:
+                free = self.delivery.max_inflight - len(self._inflight)
+                if free <= 0:
+                    await asyncio.wait(
+                        list(self._inflight),
+                        timeout=_BLOCK_MS / 1000,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    continue
+                # COUNT applies per stream: split what is free over the shards' outboxes.
+                per_stream = max(min(free, self.delivery.read_count) // settings.shards, 1)
+                entries = await self._ledger.read(
+                    self.consumer, count=per_stream, block_ms=_BLOCK_MS
+                )
+                self._start_all(entries)
+                now = time.monotonic()
+                if now - last_touch >= touch_every:
+                    last_touch = now
+                    await self._touch()
+                if now - last_claim >= claim_every:
+                    last_claim = now
+                    claimed = await self._ledger.claim(
+                        self.consumer,
+                        min_idle_ms=self.delivery.claim_idle_ms,
+                        count=max(free, 1),
+                    )
+                    self._start_all(claimed)
+            except (RedisError, OSError) as exc:
+                log.warning("%s: Redis error (%s); retrying", self.consumer, exc)
+                await asyncio.sleep(0.2)
+
+    async def _resume_own(self) -> None:
+        # Entries this consumer read before it crashed: pending under its name.
+        after: dict[int, str] = {}
+        seen: set[tuple[int, str]] = set()
+        while True:
+            entries = await self._ledger.read(
+                self.consumer, count=self.delivery.read_count, block_ms=None, after=after
+            )
+            fresh = [e for e in entries if (e[0], e[1]) not in seen]
+            if not fresh:
+                return
+            for index, sid, _ in fresh:
+                after[index] = sid
+                seen.add((index, sid))
+            if fresh:
+                log.info("%s: resuming %d pending sends", self.consumer, len(fresh))
+            self._start_all(fresh)
+            while len(self._inflight) >= self.delivery.max_inflight:
+                await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+
+    def _start_all(self, entries: list[lg.Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        busy = set(self._inflight.values())
+        for index, sid, send in entries:
+            if (index, sid) in busy:
+                continue
+            task = loop.create_task(self._deliver(index, sid, send))
+            self._inflight[task] = (index, sid)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._inflight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: delivery crashed", self.consumer, exc_info=task.exception())
+
+    async def _touch(self) -> None:
+        by_shard: dict[int, list[str]] = {}
+        for index, sid in self._inflight.values():
+            by_shard.setdefault(index, []).append(sid)
+        for index, ids in by_shard.items():
+            await self._ledger.touch(self.consumer, index, ids)
+
+    # -- one send -----------------------------------------------------------------------
+    async def _deliver(self, index: int, entry_id: str, send: dict) -> None:
+        """Deliver one outbox entry to its end: sent, suppressed, holdout or dead-lettered."""
+        ledger = self._ledger
+        while True:
+            try:
+                await self._deliver_once(ledger, index, entry_id, send)
+                return
+            except (RedisError, OSError) as exc:
+                # The outcome could not be recorded: the entry stays pending; try again.
+                if self._stopping:
+                    return
+                log.warning("%s: Redis error on %s (%s)", self.consumer, send["send_id"], exc)
+                await asyncio.sleep(0.5)
+
+    async def _deliver_once(self, ledger: Ledger, index: int, entry_id: str, send: dict) -> None:
+        # The record and the profile in parallel: a final record (rare) wastes one read.
+        record, profile = await asyncio.gather(
+            ledger.record(index, send["send_id"]), self._profiles(send["customer"])
+        )
+        if record is not None and record["state"] in lg.FINAL:
+            await ledger.ack(index, entry_id)  # already done: never twice
+            return
+        attempts = record["attempts"] if record else 0
+        if not send.get("deliver", True):
+            await self._finish(index, entry_id, send, lg.HOLDOUT, attempts, "holdout")
+            return
+        esp = self.delivery.esp(send.get("esp") or "default")
+        if esp is None:
+            await self._dead(
+                index,
+                entry_id,
+                send,
+                attempts,
+                f"no ESP named {send.get('esp')!r} is configured ([[esp]] in config.toml)",
+            )
+            return
+        reason = suppression(profile)
+        if reason is not None:
+            await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
+            return
+        adapter = self.adapters[esp.name]
+        try:
+            email = self.composer.compose(send, profile, esp, render=adapter.renders)
+        except (TemplateError, DeliveryError) as exc:
+            await self._dead(index, entry_id, send, attempts, exc.message)
+            return
+        breaker, bucket = self.breakers[esp.name], self.buckets[esp.name]
+        last_error = ""
+        while True:
+            wait = bucket.reserve(time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            attempts += 1
+            retry_after = None
+            if not breaker.allow(time.monotonic()):
+                last_error = f"circuit open for ESP {esp.name!r} (last error: {last_error})"
+                await ledger.count_failure(index, send)
+                self.stats["failed"] += 1
+                wait = breaker.retry_in(time.monotonic())
+            else:
+                # "sending" only carries the attempt count across a crash (the idempotency
+                # key, not this record, makes a re-send harmless): write it alongside the call.
+                marked = asyncio.ensure_future(
+                    ledger.mark_sending(index, send, attempts, time.time())
+                )
+                failure: DeliveryError | None = None
+                try:
+                    detail = await adapter.send(email)
+                except (TransientError, PermanentError) as exc:
+                    failure = exc
+                await marked  # done before any final record, which it must not overwrite
+                if failure is None:
+                    breaker.success()
+                    await self._finish(index, entry_id, send, lg.SENT, attempts, detail)
+                    return
+                if isinstance(failure, PermanentError):
+                    breaker.success()  # the ESP answered: it is up
+                    await self._dead(index, entry_id, send, attempts, failure.message)
+                    return
+                breaker.failure(time.monotonic())
+                last_error, retry_after = failure.message, failure.retry_after
+                await ledger.count_failure(index, send)
+                self.stats["failed"] += 1
+                wait = 0.0
+            if attempts >= self.delivery.max_attempts:
+                await self._dead(
+                    index,
+                    entry_id,
+                    send,
+                    attempts,
+                    f"gave up after {attempts} attempts: {last_error}",
+                )
+                return
+            delay = backoff(
+                attempts,
+                initial_s=self.delivery.backoff_initial_ms / 1000,
+                max_s=self.delivery.backoff_max_ms / 1000,
+                retry_after_s=retry_after,
+                max_retry_after_s=self.delivery.max_retry_after_s,
+                rand=self._rand,
+            )
+            await asyncio.sleep(max(delay, wait))
+
+    async def _finish(
+        self, index: int, entry_id: str, send: dict, state: str, attempts: int, detail: str
+    ) -> None:
+        await self._ledger.finish(
+            index, entry_id, send, state, attempts=attempts, now=time.time(), detail=detail
+        )
+        self.stats[state] += 1
+
+    async def _dead(self, index: int, entry_id: str, send: dict, attempts: int, error: str) -> None:
+        letter = await self._ledger.dead_letter(
+            index, entry_id, send, error=error, attempts=attempts, now=time.time()
+        )
+        self.stats["dead_lettered"] += 1
+        log.warning(
+            "%s: send %s dead-lettered as %s: %s", self.consumer, send["send_id"], letter, error
+        )
+
+    # -- calls --------------------------------------------------------------------------
+    async def status(self) -> dict:
+        """Readiness, in-flight sends, counters and circuit breakers of this dispatcher."""
+        now = time.monotonic()
+        return {
+            "index": self.index,
+            "ready": self.ready,
+            "pid": os.getpid(),
+            "inflight": len(self._inflight),
+            "stats": dict(self.stats),
+            "breakers": {name: b.state(now) for name, b in self.breakers.items()},
+        }
+
+    async def stop(self, timeout: float = 5.0) -> int:
+        """Stop reading, let in-flight sends finish for up to `timeout` s; returns those left."""
+        self._stopping = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), _BLOCK_MS / 1000 + 2)
+        left = list(self._inflight)
+        if left:
+            _, pending = await asyncio.wait(left, timeout=timeout)
+            for task in pending:  # they stay pending in Redis: the next start resumes them
+                task.cancel()
+            left = list(pending)
+        for adapter in self.adapters.values():
+            await adapter.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._ledger is not None:
+            await self._ledger.close()
+        return len(left)
+
+
+def _ray_profiles(config: Config) -> ProfileSource:
+    """Profiles read from the named shard actors (coalesced per shard)."""
+    from actors.cluster import shard_client
+
+    client = shard_client(config.engine)
+
+    async def profile(customer: str) -> dict | None:
+        return await client.profile(customer)
+
+    return profile
+
+
+# -- Ray -----------------------------------------------------------------------------
+def remote_dispatcher_class(max_restarts: int = -1):
+    """DispatcherActor as a restartable Ray actor class (ray.remote applied late)."""
+    import ray
+
+    return ray.remote(
+        num_cpus=0, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=100
+    )(DispatcherActor)
+
+
+def ensure_dispatchers(config: Config, redis_url: str, *, detached: bool = False) -> list:
+    """Create the dispatcher actors that do not exist yet; handles to all of them."""
+    cls = remote_dispatcher_class()
+    handles = []
+    for index in range(config.delivery.dispatchers):
+        options: dict[str, Any] = {
+            "name": dispatcher_name(index),
+            "namespace": config.engine.ray_namespace,
+            "get_if_exists": True,
+            "scheduling_strategy": "SPREAD",
+        }
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(cls.options(**options).remote(index, config, redis_url))
+    return handles
+
+
+def wait_dispatchers(handles: list, timeout: float = 60.0) -> None:
+    """Block until every dispatcher has resumed its pending sends and reads."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    pending = list(handles)
+    while pending:
+        statuses = ray.get(
+            [h.status.remote() for h in pending], timeout=max(deadline - time.monotonic(), 1)
+        )
+        pending = [h for h, s in zip(pending, statuses, strict=True) if not s["ready"]]
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} dispatcher(s) not ready after {timeout:.0f} s")
+        if pending:
+            time.sleep(0.05)
+
+
+def stop_dispatchers(handles: list, timeout: float = 5.0) -> None:
+    """Let every dispatcher finish its in-flight sends, then end the actors."""
+    import ray
+
+    try:
+        ray.get([h.stop.remote(timeout) for h in handles], timeout=timeout + 5)
+    except Exception as exc:  # what is unfinished stays pending and resumes on next start
+        log.warning("dispatchers did not stop cleanly: %s", exc)
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)

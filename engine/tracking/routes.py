@@ -1,0 +1,144 @@
+"""Tracking and consent endpoints: open pixel, click redirect, unsubscribe (RFC 8058).
+
+The links are in emails, so they carry no API key: the signed token is the
+authority. Each hit becomes an ordinary Segment track event on the customer
+(Email Opened, Email Link Clicked, Unsubscribed), appended through the same
+durable path as any ingest, so rules can react to it and a crash loses nothing.
+
+messageIds are deterministic, so the engine's per-customer dedupe keeps
+repeats in check: one open per send per minute (mail clients and privacy
+proxies fetch the pixel several times), one click per send, link and minute,
+and one unsubscribe per send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from engine import events as ev
+from engine.errors import ValidationError
+from engine.tracking.tokens import CLICK, OPEN, UNSUBSCRIBE, BadToken, Token, TokenSigner
+
+# The smallest transparent GIF (43 bytes).
+PIXEL = bytes.fromhex(
+    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
+)
+_NO_STORE = {
+    "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0",
+    "Pragma": "no-cache",
+}
+
+
+def tracking_event(token: Token, name: str, message_id: str, received_at: float) -> dict:
+    """The normalized Segment event a tracking hit becomes."""
+    props: dict[str, Any] = {"send_id": token.send_id}
+    if token.rule:
+        props["rule"] = token.rule
+    if token.variant:
+        props["variant"] = token.variant
+    if token.url:
+        props["url"] = token.url
+    msg = {
+        "userId": token.customer,
+        "event": name,
+        "messageId": message_id,
+        "properties": props,
+        "context": {"library": {"name": "nudge-tracking"}},
+    }
+    return ev.normalize(msg, kind="track", received_at=received_at)
+
+
+def safe_destination(url: str | None) -> str:
+    """The signed click destination, if it is an absolute http(s) URL; else a 400."""
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValidationError("the link's destination is not an http(s) URL", field="token")
+    return url  # type: ignore[return-value]
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    text = (
+        "<!doctype html><html><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:32em;margin:4em auto;"
+        "padding:0 1em;color:#222}button{font:inherit;padding:.5em 1.2em}</style>"
+        f"</head><body>{body}</body></html>"
+    )
+    return HTMLResponse(text, status_code=status, headers=_NO_STORE)
+
+
+def tracking_routes(
+    signer: TokenSigner,
+    append: Callable[[list[dict]], Any],
+    *,
+    clock: Callable[[], float] = time.time,
+) -> list[Route]:
+    """The /t/o, /t/c and /u routes; `append(events)` is the durable ingest path."""
+
+    async def opened(request: Request) -> Response:
+        # A pixel always answers with the image: a broken one shows in the email.
+        now = clock()
+        try:
+            token = signer.verify(request.path_params["token"], OPEN)
+        except BadToken:
+            return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
+        message_id = f"nudge-open:{token.send_id}:{int(now // 60)}"
+        await append([tracking_event(token, "Email Opened", message_id, now)])
+        return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
+
+    async def clicked(request: Request) -> Response:
+        now = clock()
+        token = signer.verify(request.path_params["token"], CLICK)
+        url = safe_destination(token.url)
+        link = hashlib.blake2b(url.encode(), digest_size=6).hexdigest()
+        message_id = f"nudge-click:{token.send_id}:{link}:{int(now // 60)}"
+        await append([tracking_event(token, "Email Link Clicked", message_id, now)])
+        return RedirectResponse(url, status_code=302, headers=_NO_STORE)
+
+    async def unsubscribe_page(request: Request) -> Response:
+        raw = request.path_params["token"]
+        try:
+            signer.verify(raw, UNSUBSCRIBE)
+        except BadToken:
+            return _page("Link not valid", "<h1>This link is not valid</h1>", status=400)
+        return _page(
+            "Unsubscribe",
+            "<h1>Unsubscribe</h1><p>Stop receiving these emails?</p>"
+            f'<form method=post action="{html.escape(request.url.path)}">'
+            '<input type=hidden name="List-Unsubscribe" value="One-Click">'
+            "<button type=submit>Unsubscribe</button></form>",
+        )
+
+    async def unsubscribe(request: Request) -> Response:
+        # RFC 8058: a POST with List-Unsubscribe=One-Click unsubscribes at once, no
+        # confirmation step (the confirmation page's own form posts the same body).
+        raw = request.path_params["token"]
+        try:
+            token = signer.verify(raw, UNSUBSCRIBE)
+        except BadToken:
+            return _page("Link not valid", "<h1>This link is not valid</h1>", status=400)
+        now = clock()
+        event = tracking_event(token, "Unsubscribed", f"nudge-unsub:{token.send_id}", now)
+        await append([event])
+        return _page(
+            "Unsubscribed",
+            "<h1>You are unsubscribed</h1><p>You will get no more of these emails.</p>",
+        )
+
+    return [
+        Route("/t/o/{token}.gif", opened, methods=["GET"]),
+        Route("/t/c/{token}", clicked, methods=["GET"]),
+        Route("/u/{token}", unsubscribe_page, methods=["GET"]),
+        Route("/u/{token}", unsubscribe, methods=["POST"]),
+    ]
+
