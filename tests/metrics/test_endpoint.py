@@ -255,3 +255,21 @@ def test_nudge_serve_prepares_and_removes_the_multiprocess_dir(tmp_path, monkeyp
     assert not stale.exists() and ENV not in os.environ
     monkeypatch.setenv(ENV, str(tmp_path / "theirs"))
     assert prepare_multiproc_dir(str(tmp_path)) is None  # the operator's own dir is left alone
+
+
+def test_delivery_outcomes_from_the_ledger_are_sends_by_rule_variant_outcome(
+    engine, sync_redis
+) -> None:
+    client, _ = engine
+    # what the dispatchers' ledger writes (engine.delivery.ledger), on two shards
+    sync_redis.hincrby("nudge:{s0}:dcounts", "cart_abandonment\x1furgency\x1fsent", 3)
+    sync_redis.hincrby("nudge:{s2}:dcounts", "cart_abandonment\x1furgency\x1fsent", 2)
+    sync_redis.hincrby("nudge:{s2}:dcounts", "vip_welcome\x1f\x1fsuppressed", 1)
+    samples = scrape(client)
+    assert total(samples, "nudge_sends_total", rule="cart_abandonment", outcome="sent") == 5
+    assert total(samples, "nudge_sends_total", rule="vip_welcome", variant="-") == 1
+    client.post("/console/login", data={"key": "dev-admin-key"})
+    assert client.get("/console/api/live").json()["totals"]["sent"] == 5
+    [rule] = [r for r in client.get("/console/api/funnel").json()["rules"]
+              if r["rule"] == "cart_abandonment"]  # fmt: skip
+    assert rule["variants"][0]["sent"] == 5
