@@ -61,6 +61,7 @@ CONTENT = {"Authorization": "Bearer dev-content-key"}
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
 CONTENT_BLOCKS = "profile,cart,recommendations"
 CONTENT_DEADLINE_S = 0.2  # the default [content] deadline_ms
+CHECK_MARGIN_S = 0.5  # no timer this near the moment decisions are compared
 _WAIT = re.compile(r'^(\s*wait\s*=\s*")(\d+(?:\.\d+)?)([smhd])(")', re.MULTILINE)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -533,8 +534,13 @@ class Run:
 
     def _quiet_moment(self, earliest: float) -> tuple[float, int]:
         """The first time from `earliest` (searching 20 s) with no reference timer within
-        --margin of it; and how many deadlines are that near (0 unless none was found)."""
-        margin = self.args.margin
+        CHECK_MARGIN_S of it; and how many deadlines are that near (0 unless none was found).
+
+        Once the load has stopped the shards are idle and fire timers within milliseconds
+        of their deadlines, so a smaller margin than --margin (which covers ingest lag
+        under load) is enough here.
+        """
+        margin = CHECK_MARGIN_S
         deadlines = sorted(self.reference.partition.timers._want.values())
         best = (earliest, len(deadlines) + 1)
         t = earliest
