@@ -25,7 +25,7 @@ from engine.console import data
 from engine.console.session import COOKIE, Sessions
 from engine.errors import AuthError, EngineError, NotFound
 from engine.metrics.collect import MetricsCollector
-from engine.routing import shard_for
+from engine.routing import shard_for, shard_tag
 from engine.store import outbox_key
 
 RECENT_SENDS = 20
@@ -101,7 +101,7 @@ def console_routes(
         return html_response(page)
 
     async def login(request: Request) -> Response:
-        body = (await request.body())[:4096].decode("utf-8", "replace")
+        body = (await _read_limited(request, 4096)).decode("utf-8", "replace")
         key = urllib.parse.parse_qs(body).get("key", [""])[0].strip()
         try:
             role = keys.role_of(f"Bearer {key}") if key else None
@@ -191,17 +191,39 @@ def console_routes(
 
 
 async def _recent_sends(store: Any, canonical: str, profile: dict, shards: int) -> list[dict]:
-    """The customer's newest sends from their shard's outbox (newest first)."""
+    """The customer's newest sends, newest first: still in the outbox (queued), parked in the
+    dead-letter stream, and the rest from the profile's send history (decided; delivered
+    sends leave the outbox, and their delivery records are keyed by send id only)."""
     ids = {canonical, *profile.get("merged_ids", ())}
-    entries = await store.redis.xrevrange(
-        outbox_key(shard_for(canonical, shards)), count=OUTBOX_SCAN
-    )
-    out = []
-    for sid, fields in entries:
-        send = orjson.loads(fields[b"s"])
-        if send.get("customer") in ids:
-            send.pop("payload", None)
-            out.append({"stream_id": sid.decode(), **send})
-            if len(out) >= RECENT_SENDS:
-                break
-    return out
+    index = shard_for(canonical, shards)
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.xrevrange(outbox_key(index), count=OUTBOX_SCAN)
+        pipe.xrevrange(f"nudge:{shard_tag(index)}:dlq", count=OUTBOX_SCAN)
+        queued, dead = await pipe.execute()
+    out: list[dict] = []
+    for entries, field, state in ((queued, b"s", "queued"), (dead, b"d", "dead-lettered")):
+        for sid, fields in entries:
+            if field not in fields:
+                continue
+            item = orjson.loads(fields[field])
+            send = item.get("send", item) if state == "dead-lettered" else item
+            if send.get("customer") in ids:
+                send = {k: v for k, v in send.items() if k != "payload"}
+                out.append({"stream_id": sid.decode(), **send, "state": state})
+    known = {(s.get("rule"), round(float(s.get("at", 0)), 3)) for s in out}
+    for at, rule in (profile.get("journey") or {}).get("h", ()):
+        if (rule, round(float(at), 3)) not in known:
+            out.append({"at": at, "rule": rule, "state": "decided"})
+    out.sort(key=lambda s: -float(s.get("at") or 0))
+    return out[:RECENT_SENDS]
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """At most `limit` bytes of the body (a login form is a few dozen)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]

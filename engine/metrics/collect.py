@@ -41,6 +41,27 @@ class Scrape:
     shards_answered: int = 0
 
 
+SENDS = "nudge_sends_total"
+SENDS_HELP = (
+    "Sends by rule, variant and delivery outcome (sent, suppressed, holdout, dead_lettered, "
+    "failed attempts, replayed), from the delivery ledger's counters in Redis"
+)
+
+
+def _delivery_counts(replies: list[dict]) -> dict[tuple, float]:
+    """The delivery ledger's per-shard counters (engine.delivery.ledger: nudge:{sN}:dcounts,
+    field "rule\\x1fvariant\\x1foutcome"), summed over shards."""
+    out: dict[tuple, float] = {}
+    for reply in replies:
+        for name, value in (reply or {}).items():
+            parts = (name.decode() if isinstance(name, bytes) else name).split("\x1f")
+            if len(parts) != 3:
+                continue
+            key = (parts[0], parts[1] or "-", parts[2])
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
 def _scrape_gauges(shards: int, answered: int) -> list[tuple[str, str, float]]:
     return [
         ("nudge_shards", "Shards the engine is configured with", shards),
@@ -80,6 +101,7 @@ def known_series(collector: MetricsCollector | None = None) -> dict[str, str]:
         add(name, "gauge", help)
     for name, help, _ in _scrape_gauges(0, 0):
         add(name, "gauge", help)
+    add(SENDS, "counter", SENDS_HELP)
     add(_LAG_SERIES, "gauge", "Stream lag per shard")
     return out
 
@@ -176,6 +198,13 @@ class MetricsCollector:
             log.warning("metrics: Redis gauges failed: %r", redis_result)
         else:
             scrape.gauges.extend(self._lag(actors, redis_result.pop("_tails")))
+            actors[SENDS] = {
+                "name": SENDS,
+                "help": SENDS_HELP,
+                "kind": "counter",
+                "labels": ["rule", "variant", "outcome"],
+                "samples": redis_result.pop("_sends"),
+            }
             for name, (help, label, values) in redis_result.items():
                 family = GaugeMetricFamily(name, help, labels=[label])
                 for key, value in values.items():
@@ -196,8 +225,11 @@ class MetricsCollector:
                 for value, key in keys(self.shard_count).items():
                     plan.append((name, help, label, value))
                     pipe.xlen(key)
-            lengths = await pipe.execute()
-        out: dict[str, Any] = {"_tails": tails}
+            for index in range(self.shard_count):
+                pipe.hgetall(f"nudge:{shard_tag(index)}:dcounts")
+            replies = await pipe.execute()
+        lengths, counts = replies[: len(plan)], replies[len(plan) :]
+        out: dict[str, Any] = {"_tails": tails, "_sends": _delivery_counts(counts)}
         for (name, help, label, value), length in zip(plan, lengths, strict=True):
             out.setdefault(name, (help, label, {}))[2][value] = float(length)
         return out

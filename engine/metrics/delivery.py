@@ -1,15 +1,15 @@
-"""Metrics of the delivery side (dispatcher actors), by the names the dashboard uses.
+"""Metrics of the delivery dispatchers (Ray actors), by the names the dashboard uses.
 
 A dispatcher holds one `DeliveryMetrics`, counts into it, and reports it from a
 Ray method the API collects at scrape time:
 
     self.meters = DeliveryMetrics()
-    self.meters.sent(send, "sent", now)          # or "failed", "retried", "dead_lettered"
+    self.meters.sent(send, "sent", now)          # the final outcome of a send
     async def metrics(self): return self.meters.snapshot()
 
-and the API registers the dispatchers once: `collector.add_actor_source(fn)` (see
-engine.metrics.collect). DLQ depth is not counted here but measured from Redis at
-scrape time (`collector.add_stream_depth`).
+and the API registers the dispatchers once: `app.state.metrics.add_actor_source(fn)`
+(engine.metrics.collect). Sends by outcome and the DLQ depth are not counted here:
+the scrape reads them from Redis (the ledger's counters, the dead-letter streams).
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ SENT, FAILED, RETRIED, DEAD_LETTERED, SKIPPED = (
 
 
 class DeliveryMetrics:
-    """nudge_sends_total, nudge_send_latency_seconds and nudge_esp_requests_total."""
+    """nudge_send_latency_seconds and nudge_esp_requests_total.
+
+    (Sends by rule, variant and outcome, nudge_sends_total, are read at scrape time from
+    the delivery ledger's counters in Redis, which survive restarts: not counted here.)
+    """
 
     def __init__(self) -> None:
         self.registry = ActorMetrics()
-        self.sends = self.registry.counter(
-            "nudge_sends_total",
-            "Sends handed to an ESP, by rule, variant and outcome "
-            "(sent, failed, retried, dead_lettered, skipped)",
-            ("rule", "variant", "outcome"),
-        )
         self.latency = self.registry.histogram(
             "nudge_send_latency_seconds",
             "From when a send became due (its event's timestamp or its timer) to the ESP's accept",
@@ -47,8 +45,7 @@ class DeliveryMetrics:
         )
 
     def sent(self, send: dict, outcome: str, now: float) -> None:
-        """Count one send's outcome; a successful one also its event-to-ESP latency."""
-        self.sends.inc((send["rule"], send.get("variant") or "-", outcome))
+        """A send's final outcome; a successful one counts its event-to-ESP latency."""
         if outcome == SENT:
             self.latency.observe((), max(now - float(send["at"]), 0.0))
 

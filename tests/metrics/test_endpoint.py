@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +19,8 @@ from engine.api import create_app
 from engine.clock import ManualClock
 from engine.config import MetricsConfig, load
 from engine.metrics.collect import known_series
+from engine.routing import shard_for
+from engine.store import outbox_key
 from tests.conftest import ROOT, LocalShards, serve_app, test_config
 
 WRITE = ("dev-write-key", "")
@@ -154,7 +157,7 @@ def test_metrics_move_with_events_sends_and_content(engine) -> None:
     assert {"nudge_dlq_depth", "nudge_stream_length", "nudge_shards"} <= exposed
 
 
-def test_console_login_and_its_json(engine) -> None:
+def test_console_login_and_its_json(engine, sync_redis) -> None:
     client, clock = engine
     page = client.get("/console")
     assert page.status_code == 200 and 'action="/console/login"' in page.text
@@ -184,7 +187,19 @@ def test_console_login_and_its_json(engine) -> None:
     assert funnel[0]["rule"] == "cart_abandonment"
     person = client.get("/console/api/customer/bo").json()
     assert person["profile"]["cart"]["sku-2"]["price"] == 5
-    assert [s["rule"] for s in person["sends"]] == ["cart_abandonment"]
+    assert [(s["rule"], s["state"]) for s in person["sends"]] == [("cart_abandonment", "queued")]
+    # delivery takes it out of the outbox; dead-lettered, it shows with its send id ...
+    [(entry_id, fields)] = sync_redis.xrange(outbox_key(shard_for("bo", 4)))
+    send = orjson.loads(fields[b"s"])
+    sync_redis.xdel(outbox_key(shard_for("bo", 4)), entry_id)
+    dlq = f"nudge:{{s{shard_for('bo', 4)}}}:dlq"
+    sync_redis.xadd(dlq, {"d": orjson.dumps({"send": send, "error": "550", "attempts": 6})})
+    [shown] = client.get("/console/api/customer/bo").json()["sends"]
+    assert shown["state"] == "dead-lettered" and shown["send_id"] == send["send_id"]
+    # ... and once gone from both, the profile's send history still tells it was decided
+    sync_redis.delete(dlq)
+    [shown] = client.get("/console/api/customer/bo").json()["sends"]
+    assert (shown["rule"], shown["state"]) == ("cart_abandonment", "decided")
     assert any(r["rule"] == "cart_abandonment" for r in person["explain"])
     assert client.get("/console/api/customer/nobody").status_code == 404
     # an admin Bearer key works without a cookie (for scripts)
@@ -225,3 +240,36 @@ def test_api_worker_processes_add_up_in_multiprocess_mode(tmp_path, redis_url: s
         cwd=ROOT,
     ).stdout.split()
     assert out == ["7.0", "2.0"]
+
+
+def test_nudge_serve_prepares_and_removes_the_multiprocess_dir(tmp_path, monkeypatch) -> None:
+    from engine.metrics.multiproc import ENV, prepare_multiproc_dir, remove_multiproc_dir
+
+    monkeypatch.delenv(ENV, raising=False)
+    stale = tmp_path / "prometheus-multiproc"
+    stale.mkdir()
+    (stale / "counter_123.db").write_bytes(b"an earlier run's counts")
+    path = prepare_multiproc_dir(str(tmp_path))
+    assert path == str(stale) and os.environ[ENV] == path and os.listdir(path) == []
+    remove_multiproc_dir(path)
+    assert not stale.exists() and ENV not in os.environ
+    monkeypatch.setenv(ENV, str(tmp_path / "theirs"))
+    assert prepare_multiproc_dir(str(tmp_path)) is None  # the operator's own dir is left alone
+
+
+def test_delivery_outcomes_from_the_ledger_are_sends_by_rule_variant_outcome(
+    engine, sync_redis
+) -> None:
+    client, _ = engine
+    # what the dispatchers' ledger writes (engine.delivery.ledger), on two shards
+    sync_redis.hincrby("nudge:{s0}:dcounts", "cart_abandonment\x1furgency\x1fsent", 3)
+    sync_redis.hincrby("nudge:{s2}:dcounts", "cart_abandonment\x1furgency\x1fsent", 2)
+    sync_redis.hincrby("nudge:{s2}:dcounts", "vip_welcome\x1f\x1fsuppressed", 1)
+    samples = scrape(client)
+    assert total(samples, "nudge_sends_total", rule="cart_abandonment", outcome="sent") == 5
+    assert total(samples, "nudge_sends_total", rule="vip_welcome", variant="-") == 1
+    client.post("/console/login", data={"key": "dev-admin-key"})
+    assert client.get("/console/api/live").json()["totals"]["sent"] == 5
+    [rule] = [r for r in client.get("/console/api/funnel").json()["rules"]
+              if r["rule"] == "cart_abandonment"]  # fmt: skip
+    assert rule["variants"][0]["sent"] == 5

@@ -179,7 +179,7 @@ function renderFunnel(body) {
       cell(tr, fmtPct(v.conversion_rate));
       cell(tr, v.vs || "");
       cell(tr, v.lift === undefined || v.lift === null ? "" : fmtPct(v.lift));
-      cell(tr, v.p_value === undefined ? "" : v.p_value.toFixed(3) + (v.significant ? " *" : ""),
+      cell(tr, v.p_value === undefined ? "" : (v.p_value < 0.001 ? "<0.001" : v.p_value.toFixed(3)) + (v.significant ? " *" : ""),
         v.significant ? "sig" : "");
     }
     box.appendChild(table);
@@ -217,8 +217,9 @@ async function inspect(event) {
     $("inspect-id").textContent = body.id === body.customer ? body.id : `${body.customer} → ${body.id}`;
     $("inspect-profile").textContent = JSON.stringify(body.profile, null, 2);
     fillTable("inspect-timers", body.timers, [(w) => w.rule, (w) => String(w.step), (w) => w.due_iso || fmtTime(w.due)]);
-    fillTable("inspect-sends", body.sends, [(s) => fmtTime(s.at), (s) => s.rule, (s) => String(s.step),
-      (s) => s.variant || "", (s) => s.send_id]);
+    fillTable("inspect-sends", body.sends, [(s) => fmtTime(s.at), (s) => s.rule,
+      (s) => (s.step === undefined ? "" : String(s.step)), (s) => s.variant || "", (s) => s.state,
+      (s) => s.send_id || ""]);
     fillTable("inspect-explain", body.explain, [(r) => r.rule, (r) => r.status,
       (r) => (r.last ? `${r.last.outcome}${r.last.detail ? ": " + r.last.detail : ""}` : "")]);
   } catch (err) {
