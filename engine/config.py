@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.errors import ConfigError
+from engine.inbound.webhooks import WebhookSource, webhooks_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,14 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class BrowserConfig:
+    """Browsers posting events themselves (/sdk.js): the shop origins allowed by CORS."""
+
+    # e.g. ["https://shop.example"]; "*" allows any origin; empty: no CORS answers.
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings, passed in to whatever needs them."""
 
@@ -86,6 +95,9 @@ class Config:
     # shard, since compiled rules cannot travel between processes.
     rules: tuple[tuple[str, str], ...] = ()
     content: ContentConfig = field(default_factory=ContentConfig)
+    browser: BrowserConfig = field(default_factory=BrowserConfig)
+    # Platform webhook sources, [webhooks.NAME] (engine.inbound.webhooks).
+    webhooks: tuple[WebhookSource, ...] = ()
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -100,9 +112,10 @@ _SECTIONS = {
     "engine": EngineConfig,
     "auth": AuthConfig,
     "tracking": TrackingConfig,
+    "browser": BrowserConfig,
 }
-# Sections read by their own modules: trigger rules (engine.rules) and content.
-_FOREIGN = frozenset({"rules", "rule", "segment", "content"})
+# Sections read by their own modules: trigger rules (engine.rules), content, webhooks.
+_FOREIGN = frozenset({"rules", "rule", "segment", "content", "webhooks"})
 
 
 def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
@@ -165,7 +178,11 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
             elif key in given:
                 values[key] = _coerce(given[key], default, f"{name}.{key}")
         sections[name] = replace(defaults, **values)
-    config = Config(**sections, content=content_config_from_mapping(data.get("content"), env))
+    config = Config(
+        **sections,
+        content=content_config_from_mapping(data.get("content"), env),
+        webhooks=webhooks_from_mapping(data.get("webhooks"), env),
+    )
     validate(config)
     return config
 
