@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
+import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -263,3 +265,20 @@ def test_errors_401_404_400(webhook_api: str) -> None:
     assert "not mapped" in ignored.json()["ignored"]
     missing = httpx.get(f"{webhook_api}/v1/profiles/7012345678901", headers=ADMIN, timeout=10)
     assert missing.status_code == 404  # nothing above reached a profile
+
+
+def test_the_commented_examples_in_config_toml_load() -> None:
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    block = text[text.index("# [webhooks.shopify]") : text.index("\n\n[content]")]
+    toml = [
+        line[2:]
+        for line in block.splitlines()
+        if re.match(r"^# (\[|[a-z_]+ = )", line)  # the settings, not the prose
+    ]
+    config = from_mapping(tomllib.loads("\n".join(toml)), {})
+    assert [(s.name, s.signature) for s in config.webhooks] == [
+        ("shopify", "shopify"),
+        ("woo", "woocommerce"),
+        ("myshop", "shopify"),
+    ]
+    assert config.webhooks[2].emits("carts/update")[0].event == "Cart Viewed"
