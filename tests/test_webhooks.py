@@ -98,6 +98,7 @@ def test_woocommerce_guest_checkout_then_paid_order_share_one_order_message_id(s
         (lambda p: p.update(line_items={"a": 1}), "line_items"),
         (lambda p: p["line_items"].__setitem__(0, "x"), "line_items.0"),
         (lambda p: p.pop("id"), "id"),
+        (lambda p: p.update(created_at="yesterday"), "created_at"),
     ],
 )
 def test_bad_payloads_name_the_field(sources, mutate, field) -> None:

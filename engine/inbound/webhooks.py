@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import AuthError, ConfigError, ValidationError
+from engine.events import parse_time
 
 MAPPINGS_DIR = Path(__file__).resolve().parent / "mappings"
 # scheme -> the header carrying base64(HMAC-SHA256(secret, raw body)), as each platform documents.
@@ -376,5 +377,6 @@ def _message(source: WebhookSource, emit: Emit, root: dict, item: Any, fallback:
     if traits:
         message["context"]["traits"] = traits
     if emit.timestamp and (stamp := resolve(root, emit.timestamp)) is not None:
+        parse_time(stamp, emit.timestamp)  # a bad time names the payload's field
         message["timestamp"] = stamp
     return message
