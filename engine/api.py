@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,6 +32,7 @@ from engine.content import ContentService, content_routes
 from engine.delivery.ledger import Ledger
 from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
+from engine.inbound.http import IngestCORS, sdk_routes, webhook_routes
 from engine.metrics import process as metered
 from engine.metrics.collect import MetricsCollector
 from engine.metrics.routes import metrics_routes
@@ -96,6 +98,13 @@ def _parse(body: bytes) -> Any:
         raise ValidationError(f"malformed JSON: {exc}", field="body", code="invalid_json") from None
 
 
+def _body_key(parsed: Any) -> str | None:
+    # Browsers' sendBeacon cannot set Authorization: like Segment's analytics.js, the
+    # write key may travel as "writeKey" in the body instead.
+    key = parsed.get("writeKey") if isinstance(parsed, dict) else None
+    return f"Bearer {key}" if isinstance(key, str) and key else None
+
+
 ShardsFactory = Callable[[], Awaitable[ShardClient]]
 
 
@@ -152,12 +161,17 @@ def create_app(
             raise
 
     async def _ingest(request: Request, kind: str | None, started: float) -> JSONResponse:
-        keys.require(request.headers.get("authorization"), WRITE)
+        header = request.headers.get("authorization")
+        if header is not None:
+            keys.require(header, WRITE)
         received = time.time()
         if kind is None:
             body = await read_body(request, ev.MAX_BATCH_BYTES)
+            parsed = _parse(body)
+            if header is None:
+                keys.require(_body_key(parsed), WRITE)
             accepted, rejected = ev.normalize_batch(
-                _parse(body), received_at=received, body_bytes=len(body)
+                parsed, received_at=received, body_bytes=len(body)
             )
             if not accepted:
                 metered.count_ingest((), rejected, time.perf_counter() - started)
@@ -174,7 +188,10 @@ def create_app(
                 )
         else:
             body = await read_body(request, ev.MAX_EVENT_BYTES)
-            accepted = [ev.normalize(_parse(body), kind=kind, received_at=received)]
+            parsed = _parse(body)
+            if header is None:
+                keys.require(_body_key(parsed), WRITE)
+            accepted = [ev.normalize(parsed, kind=kind, received_at=received)]
             rejected = []
         await store().append(accepted)
         metered.count_ingest(accepted, rejected, time.perf_counter() - started)
@@ -321,8 +338,13 @@ def create_app(
     routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
     routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     routes += recs_routes(keys, lambda: state["recs"], shards)
+    routes += webhook_routes(config.webhooks, store=store) + sdk_routes()
+    middleware = []
+    if config.browser.allowed_origins:
+        middleware.append(Middleware(IngestCORS, origins=config.browser.allowed_origins))
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             EngineError: engine_error,

@@ -19,6 +19,7 @@ from typing import Any
 from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
+from engine.inbound.webhooks import WebhookSource, webhooks_from_mapping
 from engine.insight.settings import ModelsConfig, RfmConfig
 from engine.recs.settings import RecsConfig
 
@@ -92,6 +93,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class BrowserConfig:
+    """Browsers posting events themselves (/sdk.js): the shop origins allowed by CORS."""
+
+    # e.g. ["https://shop.example"]; "*" allows any origin; empty: no CORS answers.
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """All settings, passed in to whatever needs them."""
 
@@ -108,6 +117,9 @@ class Config:
     recs: RecsConfig = field(default_factory=RecsConfig)
     rfm: RfmConfig = field(default_factory=RfmConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    browser: BrowserConfig = field(default_factory=BrowserConfig)
+    # Platform webhook sources, [webhooks.NAME] (engine.inbound.webhooks).
+    webhooks: tuple[WebhookSource, ...] = ()
 
     @property
     def dev_keys_in_use(self) -> list[str]:
@@ -126,9 +138,12 @@ _SECTIONS = {
     "recs": RecsConfig,
     "rfm": RfmConfig,
     "models": ModelsConfig,
+    "browser": BrowserConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
-_FOREIGN = frozenset({"rules", "rule", "segment", "content", "delivery", "esp"})
+_FOREIGN = frozenset(
+    {"rules", "rule", "segment", "content", "delivery", "esp", "webhooks"}
+)
 
 
 def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
@@ -195,6 +210,7 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         **sections,
         content=content_config_from_mapping(data.get("content"), env),
         delivery=delivery_config_from_mapping(data.get("delivery"), data.get("esp"), env),
+        webhooks=webhooks_from_mapping(data.get("webhooks"), env),
     )
     validate(config)
     return config

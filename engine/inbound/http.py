@@ -1,0 +1,122 @@
+"""HTTP shells of the other ways in: POST /webhooks/{source}, GET /sdk.js, and CORS for ingest.
+
+Thin: read the raw body, verify, map (engine.inbound.webhooks), normalize (engine.events)
+and append to the store, the same durable path as /v1/batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import orjson
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine import events as ev
+from engine.errors import NotFound, PayloadTooLarge, ValidationError
+from engine.inbound.webhooks import WebhookSource, map_payload, verify_signature
+from engine.store import Store
+
+MAX_WEBHOOK_BYTES = ev.MAX_BATCH_BYTES
+# The paths a browser on the shop's own domain may post to.
+INGEST_PATHS = frozenset([f"/v1/{kind}" for kind in ev.TYPES] + ["/v1/batch"])
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+async def _raw_body(request: Request, limit: int) -> bytes:
+    # Signatures cover the bytes as sent: no decoding of any kind before verifying.
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def webhook_routes(
+    sources: tuple[WebhookSource, ...], *, store: Callable[[], Store]
+) -> list[Route]:
+    """POST /webhooks/{source}: 401 on a bad signature, 404 for an unknown source."""
+    by_name = {s.name: s for s in sources}
+
+    async def receive(request: Request) -> Response:
+        name = request.path_params["source"]
+        source = by_name.get(name)
+        if source is None:
+            raise NotFound(f"no webhook source {name!r}", field="source")
+        body = await _raw_body(request, MAX_WEBHOOK_BYTES)
+        verify_signature(source, request.headers, body)
+        topic = request.headers.get(source.topic_header)
+        if not topic:
+            raise ValidationError(
+                f"missing {source.topic_header} header", field=source.topic_header
+            )
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ValidationError(
+                f"malformed JSON: {exc}", field="body", code="invalid_json"
+            ) from None
+        delivery = request.headers.get(source.delivery_header) if source.delivery_header else None
+        delivery = delivery or hashlib.blake2b(body, digest_size=16).hexdigest()
+        messages = map_payload(source, topic, payload, delivery_id=delivery)
+        received = time.time()
+        events = [ev.normalize(m, kind=None, received_at=received) for m in messages]
+        if events:
+            await store().append(events)
+        answer: dict[str, Any] = {"success": True, "events": len(events)}
+        if source.emits(topic) is None:
+            # Acknowledged all the same: a platform retries, then disables, a failing hook.
+            answer["ignored"] = f"topic {topic!r} is not mapped"
+        return _json(answer)
+
+    return [Route("/webhooks/{source}", receive, methods=["POST"])]
+
+
+def sdk_routes() -> list[Route]:
+    """GET /sdk.js: the first-party browser snippet, a static file of this package."""
+    script = resources.files("engine.inbound").joinpath("sdk.js").read_bytes()
+    etag = '"' + hashlib.blake2b(script, digest_size=8).hexdigest() + '"'
+
+    async def sdk(request: Request) -> Response:
+        headers = {"Cache-Control": "public, max-age=300", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(script, media_type="application/javascript; charset=utf-8", headers=headers)
+
+    return [Route("/sdk.js", sdk, methods=["GET"])]
+
+
+class IngestCORS:
+    """CORS on the ingest endpoints only, for the configured origins ("*": any).
+
+    The admin and content endpoints stay same-origin: browsers get no CORS answer there.
+    """
+
+    def __init__(self, app: ASGIApp, *, origins: tuple[str, ...]):
+        self.app = app
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=list(origins),
+            allow_methods=["POST"],
+            allow_headers=["Authorization", "Content-Type", "Content-Encoding"],
+            max_age=600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route ingest requests through CORS, everything else straight to the app."""
+        if scope["type"] == "http" and scope["path"] in INGEST_PATHS:
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

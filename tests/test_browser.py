@@ -1,0 +1,204 @@
+"""The browser way in: /sdk.js in headless Chromium on a shop page of another origin,
+CORS on the ingest endpoints, and the write key carried in the body."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+
+from engine.config import BrowserConfig
+from tests.conftest import LocalShards, serve_app, test_config
+
+ADMIN = {"Authorization": "Bearer dev-admin-key"}
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+SHOP_PAGE = """<!doctype html>
+<html><head><title>Trail Runner</title>
+<script>
+  window.nudge = window.nudge || [];
+  nudge.push(["identify", "browser-user", {email: "bea@example.com", first_name: "Bea"}]);
+  nudge.push(["track", "Product Viewed", {product_id: "p1", category: "shoes"}]);
+</script>
+<script async src="{api}/sdk.js" data-write-key="dev-write-key" data-flush-interval="600000">
+</script>
+</head><body><h1>Trail Runner</h1></body></html>
+"""
+
+
+@pytest.fixture
+def shop_and_api(redis_url: str) -> Iterator[tuple[str, str]]:
+    """A shop site and the API on two loopback origins; the API allows the shop's."""
+    from engine.api import create_app
+
+    api_base: dict[str, str] = {}
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(SHOP_PAGE.replace("{api}", api_base["url"]))
+
+    async def elsewhere(request: Request) -> HTMLResponse:
+        return HTMLResponse("<!doctype html><title>Elsewhere</title><p>bye</p>")
+
+    shop = Starlette(routes=[Route("/product", page), Route("/elsewhere", elsewhere)])
+    with serve_app(shop) as shop_base:
+        config = dataclasses.replace(
+            test_config(), browser=BrowserConfig(allowed_origins=(shop_base,))
+        )
+        shards = LocalShards(config, redis_url)
+        with serve_app(create_app(config, redis_url, shards.connect)) as base:
+            api_base["url"] = base
+            yield shop_base, base
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[object]:
+    """Headless Debian Chromium through chromedriver; fails (not skips) when it is missing."""
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
+        pytest.fail(
+            f"{CHROMIUM} or {CHROMEDRIVER} is missing: run .ci/browser as root "
+            "(apt-get install -y chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(predicate, timeout: float = 15.0) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def test_sdk_in_chromium_queues_batches_and_beacons_on_leaving(shop_and_api, chromium) -> None:
+    shop, api = shop_and_api
+    chromium.get(f"{shop}/product")
+    wait_for(lambda: chromium.execute_script("return !!(window.nudge && window.nudge.loaded)"))
+    chromium.execute_script(
+        'nudge.track("Product Added", {product_id: "p1", price: 20, quantity: 2});'
+        'nudge.page("Product", {category: "shoes"});'
+    )
+    # The flush interval is ten minutes: nothing may have left yet...
+    early = httpx.get(f"{api}/v1/profiles/browser-user", headers=ADMIN, timeout=10)
+    assert early.status_code == 404
+    anonymous = chromium.get_cookie("nudge_aid")["value"]
+    assert len(anonymous) == 36
+    # ...so only the beacon sent on pagehide can deliver the four events.
+    chromium.get(f"{shop}/elsewhere")
+
+    def arrived() -> dict | None:
+        answer = httpx.get(f"{api}/v1/profiles/browser-user", headers=ADMIN, timeout=10)
+        if answer.status_code != 200:
+            return None
+        found = answer.json()
+        return found if sum(found["counts"].values()) >= 3 else None
+
+    profile = wait_for(arrived)
+    assert profile["counts"] == {"Product Viewed": 1, "Product Added": 1, "Page Viewed": 1}
+    assert profile["traits"]["first_name"] == "Bea"
+    assert profile["cart_total"] == 40.0
+    # The anonymous cookie id is the same person.
+    same = httpx.get(f"{api}/v1/profiles/{anonymous}", headers=ADMIN, timeout=10).json()
+    assert same["id"] == profile["id"]
+    # Back on the shop, the cookie is kept and the user id remembered.
+    chromium.get(f"{shop}/product")
+    wait_for(lambda: chromium.execute_script("return !!(window.nudge && window.nudge.loaded)"))
+    assert chromium.get_cookie("nudge_aid")["value"] == anonymous
+    chromium.execute_script('nudge.track("Product Viewed", {product_id: "p2"}); nudge.flush();')
+    wait_for(
+        lambda: (
+            httpx.get(f"{api}/v1/profiles/browser-user", headers=ADMIN, timeout=10).json()[
+                "counts"
+            ]["Product Viewed"]
+            == 3
+        )
+    )
+
+
+def test_sdk_js_is_served_with_a_validator(shop_and_api) -> None:
+    _, api = shop_and_api
+    first = httpx.get(f"{api}/sdk.js", timeout=10)
+    assert first.status_code == 200
+    assert first.headers["content-type"].startswith("application/javascript")
+    assert "sendBeacon" in first.text
+    again = httpx.get(f"{api}/sdk.js", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_cors_answers_the_shop_origin_on_ingest_only(shop_and_api) -> None:
+    shop, api = shop_and_api
+    preflight = {"Origin": shop, "Access-Control-Request-Method": "POST"}
+    allowed = httpx.options(f"{api}/v1/batch", headers=preflight, timeout=10)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == shop
+    stranger = {**preflight, "Origin": "http://evil.example"}
+    refused = httpx.options(f"{api}/v1/batch", headers=stranger, timeout=10)
+    assert "access-control-allow-origin" not in refused.headers
+    admin = httpx.options(f"{api}/v1/profiles/x", headers=preflight, timeout=10)
+    assert "access-control-allow-origin" not in admin.headers
+    simple = httpx.post(
+        f"{api}/v1/track",
+        content=b'{"writeKey": "dev-write-key", "userId": "u", "event": "E"}',
+        headers={"Origin": shop, "Content-Type": "text/plain"},
+        timeout=10,
+    )
+    assert simple.status_code == 200
+    assert simple.headers["access-control-allow-origin"] == shop
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (
+            b'{"writeKey": "dev-write-key", "batch": [{"type": "track", "userId": "k", '
+            b'"event": "E"}]}',
+            200,
+        ),
+        (b'{"writeKey": "stolen", "batch": [{"type": "track", "userId": "k", "event": "E"}]}', 401),
+        (b'{"batch": [{"type": "track", "userId": "k", "event": "E"}]}', 401),
+        (
+            b'{"writeKey": "dev-admin-key", "batch": [{"type": "track", "userId": "k", '
+            b'"event": "E"}]}',
+            200,
+        ),
+    ],
+)
+def test_write_key_in_the_body(shop_and_api, body: bytes, status: int) -> None:
+    _, api = shop_and_api
+    answer = httpx.post(f"{api}/v1/batch", content=body, timeout=10)
+    assert answer.status_code == status, answer.text

@@ -1,0 +1,285 @@
+"""Platform webhooks: signatures as Shopify and WooCommerce compute them, the shipped
+mappings over realistic payloads, and POST /webhooks/{source} into real profiles."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine import events as ev
+from engine.config import from_mapping
+from engine.errors import AuthError, ConfigError, ValidationError
+from engine.inbound.webhooks import map_payload, sign, verify_signature, webhooks_from_mapping
+from tests.conftest import LocalShards, serve_app, test_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
+ADMIN = {"Authorization": "Bearer dev-admin-key"}
+TABLE = {
+    "shopify": {"secret": "shpss_0123456789abcdef", "mapping": "shopify"},
+    "woo": {"secret": "wc-webhook-secret", "mapping": "woocommerce"},
+}
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict:
+    return {s.name: s for s in webhooks_from_mapping(TABLE)}
+
+
+# --- pure mapping ---------------------------------------------------------------------------
+
+
+def test_shopify_checkout_maps_to_checkout_started_and_one_product_added_per_line(sources):
+    messages = map_payload(
+        sources["shopify"],
+        "checkouts/create",
+        fixture("shopify_checkouts_create.json"),
+        delivery_id="d1",
+    )
+    assert [m["event"] for m in messages] == ["Checkout Started", "Product Added", "Product Added"]
+    started, runner, socks = messages
+    assert started["userId"] == 7012345678901
+    assert started["anonymousId"] == "Z2NwLWV1cm9wZS13ZXN0MTowMUhYQ0FSVDEyMzQ1Njc4OTA"
+    assert started["properties"]["revenue"] == 166.0
+    assert started["properties"]["checkout_url"].endswith("/recover?key=0f1e2d3c4b5a")
+    assert started["properties"]["products"][1] == {
+        "product_id": 8012345678902,
+        "variant": 44012345678902,
+        "sku": "MS-M",
+        "name": "Merino Socks",
+        "price": 18.5,
+        "quantity": 2,
+    }
+    assert started["context"]["traits"] == {
+        "email": "ada@example.com",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+    }
+    assert socks["properties"]["price"] == 18.5 and socks["properties"]["quantity"] == 2
+    assert runner["messageId"] == (
+        "shopify:shopify-checkout-9b8a1c0e4f2d4e6a8b7c6d5e4f3a2b1c-line-44012345678901"
+    )
+    normalized = [ev.normalize(m, kind=None, received_at=1e9) for m in messages]
+    assert normalized[0]["customer"] == "7012345678901"
+    assert normalized[0]["ts"] == datetime(2026, 11, 23, 15, 2, 11, tzinfo=UTC).timestamp()
+
+
+def test_woocommerce_guest_checkout_then_paid_order_share_one_order_message_id(sources):
+    order = fixture("woocommerce_order_created.json")
+    created = map_payload(sources["woo"], "order.created", order, delivery_id="a")
+    assert [m["event"] for m in created] == ["Checkout Started", "Product Added", "Product Added"]
+    assert created[0]["userId"] == "grace@example.com"  # customer_id 0 is a guest
+    assert created[0]["properties"]["revenue"] == 53.8
+    paid = dict(order, status="processing")
+    first = map_payload(sources["woo"], "order.created", paid, delivery_id="b")
+    again = map_payload(sources["woo"], "order.updated", paid, delivery_id="c")
+    assert [m["event"] for m in first] == ["Order Completed"]
+    assert first[0]["messageId"] == again[0]["messageId"] == "woo:woo-order-727"
+    assert map_payload(sources["woo"], "order.updated", order, delivery_id="d") == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda p: p.update(customer=None, cart_token=None, checkout_token=None), "customer.id"),
+        (lambda p: p.update(total_price="free"), "total_price"),
+        (lambda p: p.update(line_items={"a": 1}), "line_items"),
+        (lambda p: p["line_items"].__setitem__(0, "x"), "line_items.0"),
+        (lambda p: p.pop("id"), "id"),
+        (lambda p: p.update(created_at="yesterday"), "created_at"),
+    ],
+)
+def test_bad_payloads_name_the_field(sources, mutate, field) -> None:
+    payload = fixture("shopify_orders_create.json")
+    mutate(payload)
+    with pytest.raises(ValidationError) as raised:
+        map_payload(sources["shopify"], "orders/create", payload, delivery_id="x")
+    assert raised.value.field == field
+
+
+def test_signatures_as_the_platforms_compute_them(sources) -> None:
+    body = (FIXTURES / "shopify_orders_create.json").read_bytes()
+    good = sign("shpss_0123456789abcdef", body)
+    verify_signature(sources["shopify"], {"X-Shopify-Hmac-Sha256": good}, body)
+    for headers, payload in [
+        ({"X-Shopify-Hmac-Sha256": good}, body + b" "),
+        ({"X-Shopify-Hmac-Sha256": sign("other-secret", body)}, body),
+        ({"X-WC-Webhook-Signature": good}, body),  # the other platform's header
+        ({}, body),
+    ]:
+        with pytest.raises(AuthError):
+            verify_signature(sources["shopify"], headers, payload)
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ({"shop": {"mapping": "shopify"}}, "webhooks.shop.secret"),
+        ({"shop": {"secret": "s", "mapping": "magento"}}, "webhooks.shop.mapping"),
+        (
+            {"shop": {"secret": "s", "mapping": "shopify", "signature": "md5"}},
+            "webhooks.shop.signature",
+        ),
+        ({"shop": {"secret": "s", "mapping": "shopify", "sekret": "x"}}, "webhooks.shop.sekret"),
+        ({"Shop!": {"secret": "s"}}, "webhooks.Shop!"),
+        (
+            {
+                "shop": {
+                    "secret": "s",
+                    "signature": "shopify",
+                    "topic_header": "X-T",
+                    "topic": {"a": {"event": "E"}},
+                }
+            },
+            'webhooks.shop.topic."a"[0].user_id',
+        ),
+    ],
+)
+def test_config_errors_name_the_key(table, field) -> None:
+    with pytest.raises(ConfigError) as raised:
+        from_mapping({"webhooks": table}, {})
+    assert raised.value.field == field
+
+
+def test_secret_from_the_environment() -> None:
+    config = from_mapping(
+        {"webhooks": {"my-shop": {"mapping": "shopify"}}},
+        {"NUDGE_WEBHOOKS_MY_SHOP_SECRET": "from-env"},
+    )
+    assert config.webhooks[0].secret == "from-env"
+
+
+# --- over HTTP, into profiles ---------------------------------------------------------------
+
+
+@pytest.fixture
+def webhook_api(redis_url: str) -> Iterator[str]:
+    from engine.api import create_app
+
+    config = dataclasses.replace(
+        test_config(), webhooks=from_mapping({"webhooks": TABLE}, {}).webhooks
+    )
+    shards = LocalShards(config, redis_url)
+    with serve_app(create_app(config, redis_url, shards.connect)) as base:
+        yield base
+
+
+def post(
+    base: str,
+    source: str,
+    topic: str,
+    payload: dict | bytes,
+    *,
+    secret: str,
+    delivery: str = "1",
+    header: str | None = None,
+) -> httpx.Response:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    if source == "woo":
+        headers = {
+            "X-WC-Webhook-Topic": topic,
+            "X-WC-Webhook-Delivery-ID": delivery,
+            "X-WC-Webhook-Signature": sign(secret, body),
+        }
+    else:
+        headers = {
+            "X-Shopify-Topic": topic,
+            "X-Shopify-Webhook-Id": delivery,
+            header or "X-Shopify-Hmac-Sha256": sign(secret, body),
+        }
+    headers["Content-Type"] = "application/json"
+    return httpx.post(f"{base}/webhooks/{source}", content=body, headers=headers, timeout=10)
+
+
+def profile(base: str, customer: str) -> dict:
+    answer = httpx.get(f"{base}/v1/profiles/{customer}", headers=ADMIN, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_shopify_checkout_fills_the_cart_and_the_order_empties_it(webhook_api: str) -> None:
+    secret = TABLE["shopify"]["secret"]
+    checkout = fixture("shopify_checkouts_create.json")
+    answer = post(webhook_api, "shopify", "checkouts/create", checkout, secret=secret)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"success": True, "events": 3}
+    before = profile(webhook_api, "7012345678901")
+    assert sorted(before["cart"]) == ["8012345678901", "8012345678902"]
+    assert before["cart_total"] == 166.0
+    assert before["traits"]["first_name"] == "Ada"
+
+    order = fixture("shopify_orders_create.json")
+    for delivery in ("order-1", "order-1", "order-1-retry"):  # redeliveries are deduplicated
+        answer = post(
+            webhook_api, "shopify", "orders/create", order, secret=secret, delivery=delivery
+        )
+        assert answer.status_code == 200, answer.text
+    after = profile(webhook_api, "7012345678901")
+    assert after["orders"] == 1
+    assert after["revenue"] == 176.0
+    assert after["cart"] == {}
+    assert after["counts"]["Order Completed"] == 1
+
+
+def test_woocommerce_guest_order_reaches_the_profile_once(webhook_api: str) -> None:
+    secret = TABLE["woo"]["secret"]
+    order = fixture("woocommerce_order_created.json")
+    assert post(webhook_api, "woo", "order.created", order, secret=secret).json()["events"] == 3
+    paid = dict(order, status="processing", date_paid_gmt="2026-11-23T15:04:00")
+    for n, topic in enumerate(["order.updated", "order.updated", "order.created"]):
+        answer = post(webhook_api, "woo", topic, paid, secret=secret, delivery=f"d{n}")
+        assert answer.status_code == 200, answer.text
+    guest = profile(webhook_api, "grace@example.com")
+    assert guest["counts"]["Checkout Started"] == 1
+    assert guest["orders"] == 1 and guest["revenue"] == 53.8
+    assert guest["traits"]["last_name"] == "Hopper"
+
+
+def test_errors_401_404_400(webhook_api: str) -> None:
+    secret = TABLE["shopify"]["secret"]
+    order = fixture("shopify_orders_create.json")
+    forged = post(webhook_api, "shopify", "orders/create", order, secret="guessed")
+    assert forged.status_code == 401
+    assert forged.json()["error"]["field"] == "X-Shopify-Hmac-Sha256"
+    unknown = post(webhook_api, "bigcartel", "orders/create", order, secret=secret)
+    assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "source"
+    broken = copy.deepcopy(order)
+    broken["total_price"] = "lots"
+    bad = post(webhook_api, "shopify", "orders/create", broken, secret=secret)
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "total_price"
+    garbled = post(webhook_api, "shopify", "orders/create", b"{not json", secret=secret)
+    assert garbled.status_code == 400 and garbled.json()["error"]["field"] == "body"
+    ignored = post(webhook_api, "shopify", "products/update", {"id": 1}, secret=secret)
+    assert ignored.status_code == 200 and ignored.json()["events"] == 0
+    assert "not mapped" in ignored.json()["ignored"]
+    missing = httpx.get(f"{webhook_api}/v1/profiles/7012345678901", headers=ADMIN, timeout=10)
+    assert missing.status_code == 404  # nothing above reached a profile
+
+
+def test_the_commented_examples_in_config_toml_load() -> None:
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    block = text[text.index("# [webhooks.shopify]") : text.index("\n\n[content]")]
+    toml = [
+        line[2:]
+        for line in block.splitlines()
+        if re.match(r"^# (\[|[a-z_]+ = )", line)  # the settings, not the prose
+    ]
+    config = from_mapping(tomllib.loads("\n".join(toml)), {})
+    assert [(s.name, s.signature) for s in config.webhooks] == [
+        ("shopify", "shopify"),
+        ("woo", "woocommerce"),
+        ("myshop", "shopify"),
+    ]
+    assert config.webhooks[2].emits("carts/update")[0].event == "Cart Viewed"
