@@ -73,6 +73,9 @@ def test_open_click_and_unsubscribe_reach_the_profile(tracked) -> None:
 
     seen = profile(client, cid)
     assert seen["email"]["opened"] == 1 and seen["email"]["clicked"] == 1
+    scraped = client.get("/metrics", headers=ADMIN).text
+    assert 'nudge_email_opens_total{rule="cart_abandonment",variant="-"}' in scraped
+    assert 'nudge_email_clicks_total{rule="cart_abandonment",variant="-"}' in scraped
     assert seen["counts"]["Email Link Clicked"] == 1
     assert seen["consent"]["unsubscribed"] is False
 

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from engine import events as ev
 from engine.errors import ValidationError
+from engine.metrics import process as metered
 from engine.tracking.tokens import CLICK, OPEN, UNSUBSCRIBE, BadToken, Token, TokenSigner
 
 # The smallest transparent GIF (43 bytes).
@@ -94,6 +95,7 @@ def tracking_routes(
             return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
         message_id = f"nudge-open:{token.send_id}:{int(now // 60)}"
         await append([tracking_event(token, "Email Opened", message_id, now)])
+        metered.EMAIL_OPENS.labels(token.rule or "-", token.variant or "-").inc()
         return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
 
     async def clicked(request: Request) -> Response:
@@ -103,6 +105,7 @@ def tracking_routes(
         link = hashlib.blake2b(url.encode(), digest_size=6).hexdigest()
         message_id = f"nudge-click:{token.send_id}:{link}:{int(now // 60)}"
         await append([tracking_event(token, "Email Link Clicked", message_id, now)])
+        metered.EMAIL_CLICKS.labels(token.rule or "-", token.variant or "-").inc()
         return RedirectResponse(url, status_code=302, headers=_NO_STORE)
 
     async def unsubscribe_page(request: Request) -> Response:
@@ -130,6 +133,7 @@ def tracking_routes(
         now = clock()
         event = tracking_event(token, "Unsubscribed", f"nudge-unsub:{token.send_id}", now)
         await append([event])
+        metered.UNSUBSCRIBES.inc()
         return _page(
             "Unsubscribed",
             "<h1>You are unsubscribed</h1><p>You will get no more of these emails.</p>",
