@@ -10,7 +10,7 @@ one visit sends, in order; the caller stamps ids and times when it sends it.
   purchases with fixed probabilities, carrying the send's id, rule and variant.
 - Daily seasonality: a visit-rate curve over the hour of day (quiet at night,
   peaks at lunch and in the evening) that paced runs follow.
-- Replay: the real invoices in ../shared/data/online_retail_sample.csv, each as a
+- Replay: the real invoices in benchmarks/data/online_retail_sample.csv.gz, each as a
   cart filled line by line then ordered, in invoice-date order.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import gzip
 import math
 import random
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RETAIL_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "online_retail_sample.csv"
+# The UCI Online Retail sample, bundled (benchmarks/data/README.md: source and licence).
+RETAIL_CSV = Path(__file__).resolve().parent / "data" / "online_retail_sample.csv.gz"
 _CATEGORIES = (
     "Shoes", "Dresses", "Shirts", "Jeans", "Jackets", "Bags", "Watches", "Jewelry",
     "Beauty", "Home", "Kitchen", "Toys", "Books", "Sports", "Outdoor", "Electronics",
@@ -191,7 +193,8 @@ def _order(customer: str, cart: list[tuple[str, float, str]], rng: random.Random
 def retail_sessions(path: Path = RETAIL_CSV) -> list[Session]:
     """Every invoice of the retail sample as one visit: its lines added, then ordered."""
     invoices: dict[str, list[dict[str, str]]] = {}
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as f:
         for row in csv.DictReader(f):
             invoices.setdefault(row["InvoiceNo"], []).append(row)
     ordered = sorted(invoices.items(), key=lambda kv: (kv[1][0]["InvoiceDate"], kv[0]))
