@@ -335,3 +335,46 @@ def test_sendgrid_wire_format_is_accepted_by_a_validating_server(
     assert body["personalizations"][0]["custom_args"]["send_id"] == "send-ivy"
     assert "Ivy" in body["subject"]
     assert "HTTP 401" in letter["error"] and letter["send"]["send_id"] == "send-ivy-2"
+
+
+def test_entries_a_vanished_consumer_held_are_claimed_and_delivered(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from engine.delivery.ledger import GROUP
+
+    hook = Hook(secret="k")
+    shard = shard_for("jo", 4)
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        delivery = delivery_config(esp, claim_idle_ms=200)
+        sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
+        _put(sync_redis, "jo", "send-jo", "hook")
+        # A consumer that read the entry and vanished (a dispatcher removed from the pool).
+        taken = sync_redis.xreadgroup(GROUP, "dispatcher-9", {outbox_key(shard): ">"})
+        assert len(taken[0][1]) == 1
+        with engine(redis_url, delivery, rules=False) as (client, _, _config):
+            identify(client, "jo")
+            client.get("/v1/profiles/jo", headers=ADMIN)
+            assert wait_for(lambda: hook.accepted)
+            time.sleep(0.2)
+    assert list(hook.accepted) == ["send-jo"] and len(hook.requests) == 1
+    assert sync_redis.xpending(outbox_key(shard), GROUP)["pending"] == 0
+
+
+def test_rate_limit_beyond_the_burst(redis_url: str, sync_redis: redis.Redis) -> None:
+    hook = Hook(secret="k")
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k", rate_per_s=5)
+        with engine(redis_url, delivery_config(esp, dispatchers=1), rules=False) as (
+            client,
+            _,
+            _config,
+        ):
+            identify(client, "lou")
+            client.get("/v1/profiles/lou", headers=ADMIN)
+            for n in range(10):
+                _put(sync_redis, "lou", f"send-lou-{n}", "hook")
+            assert wait_for(lambda: len(hook.accepted) == 10)
+    times = sorted(r["at"] for r in hook.requests)
+    # Burst of 5 at once, then one every 0.2 s: the tenth no sooner than 1 s after the first.
+    assert times[-1] - times[0] >= 0.95
