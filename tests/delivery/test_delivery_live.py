@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -378,3 +379,35 @@ def test_rate_limit_beyond_the_burst(redis_url: str, sync_redis: redis.Redis) ->
     times = sorted(r["at"] for r in hook.requests)
     # Burst of 5 at once, then one every 0.2 s: the tenth no sooner than 1 s after the first.
     assert times[-1] - times[0] >= 0.95
+
+
+async def test_a_profile_read_that_fails_is_retried_then_dead_lettered(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from actors.dispatcher import DispatcherActor
+    from tests.conftest import test_config
+
+    hook = Hook(secret="k")
+    calls: dict[str, int] = {}
+
+    async def flaky(customer: str) -> dict | None:
+        calls[customer] = calls.get(customer, 0) + 1
+        if customer == "never" or calls[customer] == 1:
+            raise RuntimeError("shard unreachable")
+        return {"id": customer, "traits": {"email": f"{customer}@example.com"}}
+
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        config = dataclasses.replace(test_config(), delivery=delivery_config(esp))
+        dispatcher = DispatcherActor(0, config, redis_url, profiles=flaky, autostart=False)
+        await dispatcher.start()
+        _put(sync_redis, "once", "send-once", "hook")
+        _put(sync_redis, "never", "send-never", "hook")
+        for _ in range(500):
+            if hook.accepted and sync_redis.xlen(dlq_key(shard_for("never", 4))):
+                break
+            await asyncio.sleep(0.02)
+        await dispatcher.stop()
+    assert list(hook.accepted) == ["send-once"] and calls["once"] == 2
+    [(_, fields)] = sync_redis.xrange(dlq_key(shard_for("never", 4)))
+    assert b"shard unreachable" in fields[b"d"] and calls["never"] == 5
