@@ -88,6 +88,8 @@ def test_cart_recovery_email_arrives_by_smtp_with_items_and_signed_links(
     assert message["To"].addresses[0].addr_spec == f"{ann}@example.com"
     assert "Ann" in message["Subject"] or "cart" in message["Subject"].lower()
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    # Verbatim on the wire, as mail clients read it (not folded into encoded words).
+    assert b"\r\nList-Unsubscribe: <http://127.0.0.1:8000/u/" in inbox.raw[0]
     html = message.get_body(("html",)).get_content()
     text = message.get_body(("plain",)).get_content()
     assert "Wool socks" in html and "9.50" in html and "Wool socks" in text
