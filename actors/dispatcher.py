@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 ProfileSource = Callable[[str], Awaitable[dict | None]]
 _BLOCK_MS = 250
+_MAX_SURPRISES = 5  # unexpected errors (an unreachable shard) before a send is dead-lettered
 
 
 def dispatcher_name(index: int) -> str:
@@ -212,6 +213,7 @@ class DispatcherActor:
     async def _deliver(self, index: int, entry_id: str, send: dict) -> None:
         """Deliver one outbox entry to its end: sent, suppressed, holdout or dead-lettered."""
         ledger = self._ledger
+        surprises = 0
         while True:
             try:
                 await self._deliver_once(ledger, index, entry_id, send)
@@ -222,6 +224,16 @@ class DispatcherActor:
                     return
                 log.warning("%s: Redis error on %s (%s)", self.consumer, send["send_id"], exc)
                 await asyncio.sleep(0.5)
+            except Exception as exc:  # a shard that cannot answer now, or a bug
+                surprises += 1
+                if self._stopping:
+                    return
+                log.warning("%s: %s failed: %r", self.consumer, send["send_id"], exc)
+                if surprises >= _MAX_SURPRISES:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._dead(index, entry_id, send, 0, f"{type(exc).__name__}: {exc}")
+                    return
+                await asyncio.sleep(0.2 * surprises)
 
     async def _deliver_once(self, ledger: Ledger, index: int, entry_id: str, send: dict) -> None:
         # The record and the profile in parallel: a final record (rare) wastes one read.

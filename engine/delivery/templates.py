@@ -171,6 +171,7 @@ def _environment(directory: Path, *, autoescape: bool) -> SandboxedEnvironment:
         undefined=jinja2.StrictUndefined,
         finalize=_finalize,
         trim_blocks=True,
+        auto_reload=False,  # no stat() of every file and partial on every render
         lstrip_blocks=True,
     )
     env.filters["money"] = money

@@ -93,12 +93,19 @@ def test_the_sendgrid_validator_catches_what_sendgrid_rejects() -> None:
 
 
 def test_mime_message_has_both_parts_and_one_click_unsubscribe() -> None:
-    message = smtp.build_message(MAIL, now=1_700_000_000, domain="shop.example")
+    long_link = "https://t.example/u/" + "x" * 200
+    message = smtp.build_message(
+        Email(**{**MAIL.__dict__, "unsubscribe_url": long_link}),
+        now=1_700_000_000,
+        domain="shop.example",
+    )
+    raw = smtp.to_bytes(message)
+    assert f"List-Unsubscribe: <{long_link}>\r\n".encode() in raw  # verbatim, not RFC 2047
     parsed = email.message_from_bytes(bytes(message), policy=email.policy.default)
     assert parsed.get_content_type() == "multipart/alternative"
     assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
     assert parsed["Message-ID"] == "<abc123@shop.example>"
-    assert parsed["List-Unsubscribe"] == "<https://t.example/u/tok>"
+    assert parsed["List-Unsubscribe"] == f"<{long_link}>"
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert parsed["To"].addresses[0].display_name == "Ann Lee"
     assert parsed.get_body(("html",)).get_content().strip() == "<p>Hi Ann</p>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -87,6 +88,8 @@ def test_cart_recovery_email_arrives_by_smtp_with_items_and_signed_links(
     assert message["To"].addresses[0].addr_spec == f"{ann}@example.com"
     assert "Ann" in message["Subject"] or "cart" in message["Subject"].lower()
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    # Verbatim on the wire, as mail clients read it (not folded into encoded words).
+    assert b"\r\nList-Unsubscribe: <http://127.0.0.1:8000/u/" in inbox.raw[0]
     html = message.get_body(("html",)).get_content()
     text = message.get_body(("plain",)).get_content()
     assert "Wool socks" in html and "9.50" in html and "Wool socks" in text
@@ -335,3 +338,78 @@ def test_sendgrid_wire_format_is_accepted_by_a_validating_server(
     assert body["personalizations"][0]["custom_args"]["send_id"] == "send-ivy"
     assert "Ivy" in body["subject"]
     assert "HTTP 401" in letter["error"] and letter["send"]["send_id"] == "send-ivy-2"
+
+
+def test_entries_a_vanished_consumer_held_are_claimed_and_delivered(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from engine.delivery.ledger import GROUP
+
+    hook = Hook(secret="k")
+    shard = shard_for("jo", 4)
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        delivery = delivery_config(esp, claim_idle_ms=200)
+        sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
+        _put(sync_redis, "jo", "send-jo", "hook")
+        # A consumer that read the entry and vanished (a dispatcher removed from the pool).
+        taken = sync_redis.xreadgroup(GROUP, "dispatcher-9", {outbox_key(shard): ">"})
+        assert len(taken[0][1]) == 1
+        with engine(redis_url, delivery, rules=False) as (client, _, _config):
+            identify(client, "jo")
+            client.get("/v1/profiles/jo", headers=ADMIN)
+            assert wait_for(lambda: hook.accepted)
+            time.sleep(0.2)
+    assert list(hook.accepted) == ["send-jo"] and len(hook.requests) == 1
+    assert sync_redis.xpending(outbox_key(shard), GROUP)["pending"] == 0
+
+
+def test_rate_limit_beyond_the_burst(redis_url: str, sync_redis: redis.Redis) -> None:
+    hook = Hook(secret="k")
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k", rate_per_s=5)
+        with engine(redis_url, delivery_config(esp, dispatchers=1), rules=False) as (
+            client,
+            _,
+            _config,
+        ):
+            identify(client, "lou")
+            client.get("/v1/profiles/lou", headers=ADMIN)
+            for n in range(10):
+                _put(sync_redis, "lou", f"send-lou-{n}", "hook")
+            assert wait_for(lambda: len(hook.accepted) == 10)
+    times = sorted(r["at"] for r in hook.requests)
+    # Burst of 5 at once, then one every 0.2 s: the tenth no sooner than 1 s after the first.
+    assert times[-1] - times[0] >= 0.95
+
+
+async def test_a_profile_read_that_fails_is_retried_then_dead_lettered(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from actors.dispatcher import DispatcherActor
+    from tests.conftest import test_config
+
+    hook = Hook(secret="k")
+    calls: dict[str, int] = {}
+
+    async def flaky(customer: str) -> dict | None:
+        calls[customer] = calls.get(customer, 0) + 1
+        if customer == "never" or calls[customer] == 1:
+            raise RuntimeError("shard unreachable")
+        return {"id": customer, "traits": {"email": f"{customer}@example.com"}}
+
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        config = dataclasses.replace(test_config(), delivery=delivery_config(esp))
+        dispatcher = DispatcherActor(0, config, redis_url, profiles=flaky, autostart=False)
+        await dispatcher.start()
+        _put(sync_redis, "once", "send-once", "hook")
+        _put(sync_redis, "never", "send-never", "hook")
+        for _ in range(500):
+            if hook.accepted and sync_redis.xlen(dlq_key(shard_for("never", 4))):
+                break
+            await asyncio.sleep(0.02)
+        await dispatcher.stop()
+    assert list(hook.accepted) == ["send-once"] and calls["once"] == 2
+    [(_, fields)] = sync_redis.xrange(dlq_key(shard_for("never", 4)))
+    assert b"shard unreachable" in fields[b"d"] and calls["never"] == 5

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import format_datetime, formataddr
 
 import aiosmtplib
 
 from engine.delivery.config import EspConfig
 from engine.delivery.message import Email, PermanentError, TransientError
+
+# Long ASCII headers (List-Unsubscribe holds a ~200 character URL) must stay verbatim:
+# the default policy folds them into RFC 2047 encoded words, which mail clients do not
+# read as a URL. 998 is RFC 5322's hard line limit.
+# aiosmtplib would flatten with its own policy, so the adapter sends the bytes itself.
+_POLICY = SMTP.clone(max_line_length=998)
+
+
+def to_bytes(message: EmailMessage) -> bytes:
+    """The message as sent on the wire (CRLF line ends, long headers kept verbatim)."""
+    return message.as_bytes(policy=_POLICY)
 
 
 def build_message(email: Email, *, now: float, domain: str = "nudge.local") -> EmailMessage:
@@ -19,7 +31,7 @@ def build_message(email: Email, *, now: float, domain: str = "nudge.local") -> E
     """
     if email.subject is None or email.html is None or email.text is None:
         raise PermanentError("SMTP needs a rendered subject, text and HTML")
-    message = EmailMessage()
+    message = EmailMessage(policy=_POLICY)
     message["From"] = formataddr((email.from_name, email.from_email))
     message["To"] = formataddr((email.to_name or "", email.to_email))
     message["Subject"] = email.subject
@@ -51,7 +63,9 @@ class SmtpAdapter:
         message = build_message(email, now=time.time(), domain=self.domain)
         try:
             _, reply = await aiosmtplib.send(
-                message,
+                to_bytes(message),
+                sender=email.from_email,
+                recipients=[email.to_email],
                 hostname=esp.host,
                 port=esp.port,
                 username=esp.username or None,
