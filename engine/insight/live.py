@@ -80,15 +80,9 @@ class LiveInsight:
             product = product_key(props)
             if product is not None:
                 if self.counts is not None:
-                    ts = event["ts"]
                     weight = self.co.view_weight if name == VIEW else self.co.add_weight
-                    category = props.get("category")
-                    self.counts.observe(
-                        [product],
-                        weight,
-                        ts,
-                        history_of(profile, ts, self.co, (product,)),
-                        {product: category} if category.__class__ is str else None,
+                    self.counts.observe_one(
+                        profile, product, weight, event["ts"], props.get("category")
                     )
                 if product not in self.catalog and product not in self.described:
                     self._describe(product, props)

@@ -2,6 +2,7 @@
 
 Models (the label, over the `--horizon-days` after the cut, 90 by default):
   churn       no purchase in the next 90 days
+  purchase    a purchase in the next 90 days (churn's complement)
   high_value  spend in the next 90 days in the top decile of the population
 
 Rows are the customers who had bought by the cut. With `--data`, the
@@ -33,6 +34,7 @@ from engine.insight.rfm import Population
 DAY = 86400.0
 MODELS = {
     "churn": "no purchase in the next {days:g} days",
+    "purchase": "a purchase in the next {days:g} days",
     "high_value": "spend in the next {days:g} days in the top decile",
 }
 
@@ -86,6 +88,9 @@ def build_dataset(
     if model == "churn":
         labels = [1 if orders == 0 else 0 for orders, _ in spend]
         sign = -1.0  # a high RFM score means a customer unlikely to churn
+    elif model == "purchase":
+        labels = [1 if orders > 0 else 0 for orders, _ in spend]
+        sign = 1.0
     else:
         amounts = sorted(amount for _, amount in spend)
         top = amounts[int(0.9 * (len(amounts) - 1))] if amounts else 0.0

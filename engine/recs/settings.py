@@ -21,7 +21,7 @@ class RecsConfig:
     purchase_weight: float = 5.0
     half_life_days: float = 90.0
     pair_half_life_days: float = 60.0
-    history_items: int = 10
+    history_items: int = 5
     history_window_days: float = 365.0
     seed_half_life_days: float = 14.0
     exclude_bought_days: float = 7.0

@@ -121,3 +121,26 @@ def test_the_classic_grid(r: int, f: int, name: str) -> None:
 
 def test_quintile_edges() -> None:
     assert [quintile(x) for x in (0.0, 0.19, 0.2, 0.79, 0.8, 0.99)] == [1, 1, 2, 4, 5, 5]
+
+
+def test_merging_two_buyers_counts_one_person_once() -> None:
+    partition = Partition(lambda c: True, insight=LiveInsight(co=None))
+    partition.apply(order("ann", T0, 10.0, 1))
+    anon = {**order("anon-1", T0 + 60, 30.0, 2), "userId": None, "anonymousId": "anon-1"}
+    partition.apply(anon)
+    assert len(partition.insight.population) == 2
+    identify = {
+        "type": "identify",
+        "customer": "ann",
+        "userId": "ann",
+        "anonymousId": "anon-1",
+        "messageId": "id-1",
+        "ts": T0 + 120,
+        "receivedAt": T0 + 120,
+        "traits": {},
+    }
+    partition.apply(identify)
+    ann = partition.profiles["ann"]
+    assert "anon-1" not in partition.profiles and ann.orders == 2
+    assert len(partition.insight.population) == 1  # one person, counted once
+    assert ann.rfm["k"] == [T0 + 60, 2.0, 40.0]

@@ -32,7 +32,8 @@ def test_counts_and_cosine_by_hand() -> None:
     counts = hand_made()
     # each purchase weighs 5: socks in 3 baskets, shoes in 2, together in 2
     assert counts.mass["socks"] == 15 and counts.mass["shoes"] == 10
-    assert counts.pairs["shoes"]["socks"] == 10 == counts.pairs["socks"]["shoes"]
+    assert counts.pairs[("shoes", "socks")] == 10
+    assert counts.adjacency()["socks"]["shoes"] == 10 == counts.adjacency()["shoes"]["socks"]
     assert counts.neighbors("shoes", 5) == [("socks", 10.0), ("laces", 5.0)]
     profile = {"purchased": [[T - 40 * DAY, "shoes"]], "recent": []}
     seeds = seeds_of(profile, T, FLAT, RankSettings(seed_half_life_s=1e12))
@@ -107,7 +108,7 @@ def test_event_weights_and_pair_recency() -> None:
     history = [(T - DAY, "a", settings.view_weight)]  # a viewed a day before b was added
     counts.observe(["b"], settings.add_weight, T, history)
     # min(view 1, add 3) halved once for the one-day gap
-    assert counts.pairs["b"]["a"] == pytest.approx(0.5)
+    assert counts.pairs[("a", "b")] == pytest.approx(0.5)
     assert counts.mass == {"b": pytest.approx(3.0)}
 
 
@@ -129,3 +130,29 @@ def test_shard_partial_counts_merge_to_the_same_as_one_counter() -> None:
     taken.merge(right)
     assert taken.pairs == whole.pairs and taken.mass == whole.mass
     assert taken.popular == whole.popular
+
+
+def test_the_hot_path_counts_exactly_what_observe_with_history_counts() -> None:
+    from types import SimpleNamespace
+
+    from engine.recs.cooccur import history_of
+
+    settings = CoSettings(history_items=3, pair_half_life_s=DAY)
+    profile = SimpleNamespace(
+        recent=[
+            [T - 5 * DAY, "Product Viewed", "a", None],
+            [T - 3 * DAY, "Product Added", "b", "x"],
+            [T - 2 * DAY, "Page Viewed", None, None],
+            [T - DAY, "Product Viewed", "c", None],
+            [T - 60, "Product Viewed", "b", "x"],
+            [T, "Product Viewed", "z", "cat"],  # the event itself, already in recent
+        ],
+        purchased=[[T - 4 * DAY, "d"], [T - 3 * DAY, "e"]],
+    )
+    fast, slow = CoCounts(settings), CoCounts(settings)
+    fast.observe_one(profile, "z", settings.view_weight, T, "cat")
+    history = history_of(profile, T, settings, ["z"])
+    assert [item for _, item, _ in history] == ["b", "c", "a"]
+    slow.observe(["z"], settings.view_weight, T, history, {"z": "cat"})
+    assert fast.pairs == pytest.approx(slow.pairs)
+    assert fast.mass == slow.mass and fast.popular == slow.popular
