@@ -5,7 +5,9 @@ round trips: the seeds' neighbours and the popular lists, then the masses
 and catalog entries of the candidates. Ranking is engine.recs.rank, the same
 code the offline evaluation scores. Items carry the catalog's name, price,
 url, image_url and category (or what events said of a product the catalog
-lacks); out-of-stock products never appear.
+lacks); out-of-stock products never appear. When Redis holds too little (a new shop),
+the list is filled with what the customer recently looked at (the interim
+recent-interest recommender).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.clock import Clock, SystemClock
+from engine.content.recommend import recent_interest
 from engine.recs.rank import excluded, recommend, seeds_of
 from engine.recs.settings import RecsConfig, co_settings, rank_settings
 from engine.recs.store import RecsStore
@@ -86,6 +89,15 @@ class CollaborativeRecommender:
             category_of=lambda item: (products.get(item) or {}).get("category"),
             in_stock=lambda item: (products.get(item) or {}).get("in_stock", True),
         )
+        if len(items) < limit:
+            # nothing counted yet (a new shop) or a thin history: what this customer looked at
+            taken = {item["product_id"] for item in items}
+            for item in recent_interest(profile, limit=limit):
+                if len(items) >= limit:
+                    break
+                known = products.get(item["product_id"]) or {}
+                if item["product_id"] not in taken and known.get("in_stock", True):
+                    items.append(item)
         for item in items:
             product = products.get(item["product_id"]) or {}
             for name in _SHOWN:

@@ -144,3 +144,18 @@ def test_merging_two_buyers_counts_one_person_once() -> None:
     assert "anon-1" not in partition.profiles and ann.orders == 2
     assert len(partition.insight.population) == 1  # one person, counted once
     assert ann.rfm["k"] == [T0 + 60, 2.0, 40.0]
+
+
+def test_events_with_only_a_product_id_are_enriched_from_the_catalog() -> None:
+    from engine.recs.cooccur import CoSettings
+
+    insight = LiveInsight(co=CoSettings())
+    insight.catalog = {"p1": {"id": "p1", "category": "Shoes", "name": "Boot", "price": 80.0}}
+    partition = Partition(lambda c: True, insight=insight)
+    view = {**order("ann", T0, 0, 1), "event": "Product Viewed", "properties": {"product_id": "p1"}}
+    partition.apply(view)
+    assert partition.profiles["ann"].recent[-1][3] == "Shoes"  # category from the catalog
+    assert insight.counts.popular["Shoes"] == {"p1": insight.counts.mass["p1"]}
+    other = {**view, "messageId": "v2", "properties": {"product_id": "p2", "name": "Lamp"}}
+    partition.apply(other)
+    assert insight.take_described() == {"p2": {"name": "Lamp"}}  # unknown: what events say

@@ -141,3 +141,43 @@ def test_recommendations_segments_and_described_products(local_api) -> None:
 def test_admin_routes_need_a_key(local_api, path: str) -> None:
     base, _ = local_api
     assert httpx.get(base + path).status_code == 401
+
+
+def test_a_new_shop_still_recommends_what_the_customer_looked_at(local_api) -> None:
+    base, _ = local_api
+    with httpx.Client(base_url=base) as client:
+        batch = [
+            track("solo", "Product Viewed", 1, product_id="kettle", category="Kitchen"),
+            track("solo", "Product Viewed", 2, product_id="toaster", category="Kitchen"),
+            track("solo", "Product Added", 3, product_id="toaster", category="Kitchen"),
+        ]
+        assert client.post("/v1/batch", json={"batch": batch}, headers=WRITE).status_code == 200
+        assert client.get("/v1/profiles/solo", headers=ADMIN).status_code == 200
+        # no flush yet: Redis holds no counts at all
+        answer = client.get("/v1/content/solo?blocks=recommendations", headers=CONTENT).json()
+        items = answer["blocks"]["recommendations"]["data"]["items"]
+        assert [(i["product_id"], i["reason"]) for i in items] == [("kettle", "recent_interest")]
+
+
+def test_catalog_import_command_against_the_running_engine(local_api, tmp_path) -> None:
+    from engine.recs.catalog_cli import main
+
+    base, _ = local_api
+    csv_file = tmp_path / "products.csv"
+    csv_file.write_text(
+        "id,name,price,category,in_stock\n"
+        "sku-1,Wool socks,9.5,Socks,yes\n"
+        "sku-2,Bad price,cheap,Socks,yes\n"
+        "sku-3,Boots,89,Shoes,no\n"
+    )
+    code = main(["import", str(csv_file), "--url", base, "--key", "dev-admin-key"])
+    assert code == 1  # one line rejected
+    with httpx.Client(base_url=base, headers=ADMIN) as client:
+        boots = client.get("/v1/catalog/products/sku-3").json()
+        assert boots["in_stock"] is False and boots["price"] == 89.0
+        assert client.get("/v1/catalog/products/sku-2").status_code == 404
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text('{"id": "sku-4", "name": "Hat"}\n\n{"id": "sku-5", "image": "h.png"}\n')
+    assert main(["import", str(jsonl), "--url", base, "--key", "dev-admin-key"]) == 0
+    with httpx.Client(base_url=base, headers=ADMIN) as client:
+        assert client.get("/v1/catalog/products/sku-5").json()["image_url"] == "h.png"
