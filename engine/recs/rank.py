@@ -125,19 +125,19 @@ def pick(
     return out
 
 
-def recommend(
+def ranked(
     seeds: Mapping[str, float],
     neighbors: Mapping[str, Iterable[tuple[str, float]]],
     mass: Mapping[str, float],
     popular: Iterable[tuple[str, float, str]],
-    *,
-    limit: int,
-    exclude: set[str],
     settings: RankSettings,
-    category_of: Callable[[str], str | None] = lambda item: None,
-    in_stock: Callable[[str], bool] = lambda item: True,
-) -> list[dict]:
-    """Collaborative candidates best first, then `popular` (item, score, reason) as fallback."""
+) -> list[tuple[str, float, str]]:
+    """Every candidate as (item, score, reason), best first: collaborative, then `popular`.
+
+    With `popularity_blend`, each collaborative score (normalized to the best
+    one) gets blend x its popularity relative to the bestseller added, and
+    popular items without co-occurrence evidence compete on that alone.
+    """
     scores = score(seeds, neighbors, mass)
     popular = list(popular)
     blend = settings.popularity_blend
@@ -151,11 +151,27 @@ def recommend(
         for item, value in prior.items():
             if item not in scores:
                 scores[item] = blend * value * 0.999  # CF evidence wins ties
-    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    stream = [(item, value, "also_liked") for item, value in ranked]
+    order = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    stream = [(item, value, "also_liked") for item, value in order]
     stream.extend(popular)
+    return stream
+
+
+def recommend(
+    seeds: Mapping[str, float],
+    neighbors: Mapping[str, Iterable[tuple[str, float]]],
+    mass: Mapping[str, float],
+    popular: Iterable[tuple[str, float, str]],
+    *,
+    limit: int,
+    exclude: set[str],
+    settings: RankSettings,
+    category_of: Callable[[str], str | None] = lambda item: None,
+    in_stock: Callable[[str], bool] = lambda item: True,
+) -> list[dict]:
+    """Collaborative candidates best first, then `popular` (item, score, reason) as fallback."""
     return pick(
-        stream,
+        ranked(seeds, neighbors, mass, popular, settings),
         limit=limit,
         exclude=exclude,
         settings=settings,
