@@ -145,9 +145,13 @@ class ShardInsight:
                 insight.catalog = await self.store.load_catalog()
                 self.catalog_version = version
             self.flushes += 1
-        except Exception as exc:  # counts of one flush are approximate; never wedge the shard
+        except Exception as exc:  # never wedge the shard: keep the counts for the next flush
             self.errors += 1
             log.warning("shard %d: insight flush failed (%s)", self.index, exc)
+            if counts is not None and insight.counts is not None:
+                counts.merge(insight.counts)
+                insight.counts = counts
+            insight.described = {**described, **insight.described}
 
     async def _retrain(self) -> None:
         """Retrain every active model from the live profiles, in a child process."""

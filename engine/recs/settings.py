@@ -69,3 +69,28 @@ def rank_settings(config: RecsConfig) -> RankSettings:
         popularity_blend=config.popularity_blend,
         category_limits=category_limits(config),
     )
+
+
+def check(config: RecsConfig) -> None:
+    """Refuse [recs] settings that cannot work; errors name the key."""
+    positive = (
+        "half_life_days",
+        "pair_half_life_days",
+        "history_window_days",
+        "seed_half_life_days",
+        "flush_interval_s",
+    )
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"recs.{name} must be positive", field=f"recs.{name}")
+    for name in ("view_weight", "add_weight", "purchase_weight", "popularity_blend"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"recs.{name} must be 0 or more", field=f"recs.{name}")
+    for name in ("history_items", "neighbors", "keep_neighbors"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"recs.{name} must be at least 1", field=f"recs.{name}")
+    if config.exclude_bought_days < 0 or config.max_per_category < 0:
+        raise ConfigError(
+            "recs.exclude_bought_days and recs.max_per_category must be 0 or more", field="recs"
+        )
+    category_limits(config)

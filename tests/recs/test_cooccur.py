@@ -156,3 +156,31 @@ def test_the_hot_path_counts_exactly_what_observe_with_history_counts() -> None:
     slow.observe(["z"], settings.view_weight, T, history, {"z": "cat"})
     assert fast.pairs == pytest.approx(slow.pairs)
     assert fast.mass == slow.mass and fast.popular == slow.popular
+
+
+@pytest.mark.parametrize(
+    ("section", "data", "field"),
+    [
+        ("recs", {"half_life_days": 0}, "recs.half_life_days"),
+        ("recs", {"category_limits": ["Socks"]}, "recs.category_limits[0]"),
+        ("recs", {"history_items": 0}, "recs.history_items"),
+        ("rfm", {"sketch_accuracy": 0.9}, "rfm.sketch_accuracy"),
+        ("models", {"active": ["../etc/passwd"]}, "models.active[0]"),
+        ("models", {"score_interval_ms": 0}, "models"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(section: str, data: dict, field: str) -> None:
+    from engine.config import from_mapping
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        from_mapping({section: data}, {})
+    assert caught.value.field == field
+
+
+def test_category_limits_are_read_from_config() -> None:
+    from engine.config import from_mapping
+    from engine.recs.settings import rank_settings
+
+    config = from_mapping({"recs": {"category_limits": ["Socks=1", "Big Shoes = 2"]}}, {})
+    assert dict(rank_settings(config.recs).category_limits) == {"Socks": 1, "Big Shoes": 2}
