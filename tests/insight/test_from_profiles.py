@@ -71,16 +71,13 @@ async def test_scheduled_retraining_writes_a_model_the_shards_pick_up(
     partition = await checkpoint_buyers(redis_url, now)
     models = tmp_path / "models"
     config_file = tmp_path / "config.toml"
-    config_file.write_text(
-        f'[engine]\nshards = 1\nredis_url = "{redis_url}"\n\n'
-        f'[models]\ndir = "{models}"\nactive = ["churn"]\n'
-    )
+    config_file.write_text('[models]\nactive = ["churn"]\n')  # Redis and dir come from the shard
     settings = InsightSettings(
         models=ModelsConfig(dir=str(models), active=("churn",), retrain_interval_hours=1e-9),
         config_path=str(config_file),
     )
     insight = ShardInsight(0, 1, settings)
-    await insight.start(connect(redis_url))
+    await insight.start(connect(redis_url), redis_url=redis_url)
     try:
         await insight.run_due(partition, now)
         assert insight._retraining is not None
