@@ -139,7 +139,9 @@ def ranked(
     popular items without co-occurrence evidence compete on that alone.
     """
     scores = score(seeds, neighbors, mass)
+    evidence = set(scores)  # items some seed co-occurs with
     popular = list(popular)
+    reasons = {item: reason for item, _, reason in reversed(popular)}
     blend = settings.popularity_blend
     if blend > 0 and scores and popular:
         top = max(value for _, value, _ in popular) or 1.0
@@ -152,7 +154,9 @@ def ranked(
             if item not in scores:
                 scores[item] = blend * value * 0.999  # CF evidence wins ties
     order = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    stream = [(item, value, "also_liked") for item, value in order]
+    stream = [
+        (item, value, "also_liked" if item in evidence else reasons[item]) for item, value in order
+    ]
     stream.extend(popular)
     return stream
 

@@ -184,3 +184,23 @@ def test_category_limits_are_read_from_config() -> None:
 
     config = from_mapping({"recs": {"category_limits": ["Socks=1", "Big Shoes = 2"]}}, {})
     assert dict(rank_settings(config.recs).category_limits) == {"Socks": 1, "Big Shoes": 2}
+
+
+def test_blended_popularity_keeps_each_item_s_own_reason() -> None:
+    counts = hand_made()
+    profile = {"recent": [[T - 60, "Product Viewed", "shoes", None]], "purchased": []}
+    seeds = seeds_of(profile, T, FLAT, RankSettings())
+    popular = [(item, w, "popular") for item, w in counts.top_popular("", 10)]
+    got = recommend(
+        seeds,
+        {s: counts.neighbors(s, 10) for s in seeds},
+        counts.mass,
+        popular,
+        limit=5,
+        exclude=set(),
+        settings=RankSettings(popularity_blend=2.0),
+    )
+    reasons = {g["product_id"]: g["reason"] for g in got}
+    assert reasons["socks"] == reasons["laces"] == "also_liked"
+    assert reasons["hat"] == "popular"  # ranked by the blend, but nothing pairs it with shoes
+    assert got[0]["product_id"] == "socks"  # co-occurring and popular
