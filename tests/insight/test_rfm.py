@@ -33,10 +33,10 @@ def test_a_hand_computed_population() -> None:
     c         day 50       2       80        3  3  2   need_attention
     d         day 10       1       80        2  1  2   hibernating
     e         day 1        1       10        1  1  1   hibernating
-    Each score is 1 + floor(5 * share of buyers strictly below):
-    R: last-order days 1, 10, 50, 90, 100 -> shares 0, .2, .4, .6, .8 -> 1, 2, 3, 4, 5.
-    F: orders 1, 1, 2, 3, 5 -> shares 0, 0, .4, .6, .8 -> 1, 1, 3, 4, 5.
-    M: revenue 10, 80, 80, 200, 500 -> shares 0, .2, .2, .6, .8 -> 1, 2, 2, 4, 5.
+    Each score is ceil(5 * (buyers strictly below + 1) / 5 buyers):
+    R: last-order days 1, 10, 50, 90, 100 -> below 0, 1, 2, 3, 4 -> 1, 2, 3, 4, 5.
+    F: orders 1, 1, 2, 3, 5 -> below 0, 0, 2, 3, 4 -> 1, 1, 3, 4, 5.
+    M: revenue 10, 80, 80, 200, 500 -> below 0, 1, 1, 3, 4 -> 1, 2, 2, 4, 5.
     """
     rows = {
         "a": (100, 5, 500.0),
@@ -120,7 +120,10 @@ def test_the_classic_grid(r: int, f: int, name: str) -> None:
 
 
 def test_quintile_edges() -> None:
-    assert [quintile(x) for x in (0.0, 0.19, 0.2, 0.79, 0.8, 0.99)] == [1, 1, 2, 4, 5, 5]
+    # ten buyers: 0 below -> 1 (top of the first fifth is 2 buyers), 9 below -> 5
+    assert [quintile(b / 10, 10) for b in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert quintile(0.0, 1) == 5  # a lone buyer is the best there is
+    assert quintile(0.0, 0) == 1
 
 
 def test_merging_two_buyers_counts_one_person_once() -> None:
