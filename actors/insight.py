@@ -151,7 +151,7 @@ class ShardInsight:
                     merged.merge(one)
             insight.merged = merged
             version = await self.store.catalog_version()
-            if version != self.catalog_version:
+            if self.settings.recs.enrich_events and version != self.catalog_version:
                 insight.catalog = await self.store.load_catalog()
                 self.catalog_version = version
             self.flushes += 1

@@ -31,6 +31,7 @@ class RecsConfig:
     neighbors: int = 50
     keep_neighbors: int = 200
     flush_interval_s: float = 5.0
+    enrich_events: bool = True
 
 
 def co_settings(config: RecsConfig) -> CoSettings:
