@@ -163,12 +163,22 @@ class LiveInsight:
         self.to_score.discard(profile.id)
 
     def rebuild(self, profiles: Any) -> None:
-        """The population of restored profiles (after loading a checkpoint)."""
+        """The population of restored profiles (after loading a checkpoint).
+
+        Buyers checkpointed before RFM existed are counted from their orders
+        and scored against the rebuilt population.
+        """
         self.population = Population(alpha=self.alpha)
+        unscored = []
         for profile in profiles:
             old = profile.rfm
             if old is not None and old.get("k") is not None:
                 self.population.add(tuple(old["k"]))
+            elif self.rfm and (values := values_of(profile)) is not None:
+                self.population.add(values)
+                unscored.append((profile, values))
+        for profile, values in unscored:
+            profile.rfm = rfm_record(values, self.population, profile.last_seen or values[0])
 
     # -- flush -------------------------------------------------------------------------
     def take_counts(self) -> CoCounts | None:

@@ -162,3 +162,19 @@ def test_events_with_only_a_product_id_are_enriched_from_the_catalog() -> None:
     other = {**view, "messageId": "v2", "properties": {"product_id": "p2", "name": "Lamp"}}
     partition.apply(other)
     assert insight.take_described() == {"p2": {"name": "Lamp"}}  # unknown: what events say
+
+
+def test_restoring_a_checkpoint_from_before_rfm_counts_and_scores_its_buyers() -> None:
+    import orjson
+
+    old = Partition(lambda c: True)  # no insight: profiles without rfm
+    for n, customer in enumerate(["a", "b"]):
+        for k in range(n + 1):
+            old.apply(order(customer, T0 + n * DAY + k, 10.0, n * 10 + k))
+    saved = old.take_changes().profiles
+    assert all(orjson.loads(v)["rfm"] is None for v in saved.values())
+    restored = Partition(lambda c: True, insight=LiveInsight(co=None))
+    restored.restore(saved, {}, set())
+    assert len(restored.insight.population) == 2
+    assert restored.profiles["b"].rfm["score"] == "555"
+    assert restored.profiles["a"].rfm["r"] == 3  # ceil(5 * (0 below + 1) / 2 buyers)
