@@ -127,13 +127,12 @@ class LiveInsight:
         return True
 
     def scoring_population(self) -> Population:
-        """The population scores are taken against: every shard's, else this shard's own."""
-        merged = self.merged
-        return (
-            merged
-            if merged is not None and len(merged) >= len(self.population)
-            else (self.population)
-        )
+        """Every shard's population as of the last merge, else (before one) this shard's own.
+
+        The merged one is at most a flush old, and ranking against it is a binary
+        search (its index is built once per merge, not once per order).
+        """
+        return self.merged if self.merged is not None else self.population
 
     def refresh(self, profile: Any, now: float) -> bool:
         """Rescore RFM against the current population (the periodic re-check)."""
