@@ -15,11 +15,13 @@ checked; a bad one is refused and the previous model keeps serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.insight.live import LiveInsight
@@ -43,8 +45,14 @@ class InsightSettings:
 
 
 def insight_settings(config: Any, config_path: str | None = None) -> InsightSettings:
-    """The shard's share of a full Config."""
-    return InsightSettings(config.recs, config.rfm, config.models, config_path)
+    """The shard's share of a full Config, with paths made absolute here.
+
+    Shards run in Ray worker processes whose working directory need not be
+    the one `nudge serve` was started from.
+    """
+    models = dataclasses.replace(config.models, dir=str(Path(config.models.dir).resolve()))
+    path = str(Path(config_path).resolve()) if config_path else None
+    return InsightSettings(config.recs, config.rfm, models, path)
 
 
 class ShardInsight:
@@ -67,6 +75,7 @@ class ShardInsight:
         self._next_reload = 0.0
         self._next_retrain = time.monotonic() + models.retrain_interval_hours * 3600.0
         self._retraining: asyncio.Task | None = None
+        self.redis_url = ""
 
     def live(self) -> LiveInsight:
         """A fresh LiveInsight for a (new or recovered) partition."""
@@ -81,9 +90,10 @@ class ShardInsight:
     def recheck_s(self) -> float:
         return self.settings.rfm.recheck_hours * 3600.0
 
-    async def start(self, store_client: Any) -> None:
-        """Connect, load models and the catalog (before the shard replays its stream)."""
+    async def start(self, store_client: Any, *, redis_url: str = "") -> None:
+        """Connect and load the models (before the shard replays its stream)."""
         self.store = RecsStore(store_client)
+        self.redis_url = redis_url
         self.registry.reload_all()
 
     async def close(self) -> None:
@@ -141,25 +151,31 @@ class ShardInsight:
                     merged.merge(one)
             insight.merged = merged
             version = await self.store.catalog_version()
-            if version != self.catalog_version:
+            if self.settings.recs.enrich_events and version != self.catalog_version:
                 insight.catalog = await self.store.load_catalog()
                 self.catalog_version = version
             self.flushes += 1
-        except Exception as exc:  # counts of one flush are approximate; never wedge the shard
+        except Exception as exc:  # never wedge the shard: keep the counts for the next flush
             self.errors += 1
             log.warning("shard %d: insight flush failed (%s)", self.index, exc)
+            if counts is not None and insight.counts is not None:
+                counts.merge(insight.counts)
+                insight.counts = counts
+            insight.described = {**described, **insight.described}
 
     async def _retrain(self) -> None:
         """Retrain every active model from the live profiles, in a child process."""
-        for name in self.settings.models.active:
+        models = self.settings.models
+        env = {**os.environ, "NUDGE_SHARDS": str(self.shards)}
+        if self.redis_url:  # the Redis this shard uses, whatever the child's config says
+            env["NUDGE_REDIS_URL"] = self.redis_url
+        for name in models.active:
             args = [sys.executable, "-m", "engine.insight.train", name, "--from-profiles"]
+            args += ["--out", models.dir]
             if self.settings.config_path:
                 args += ["--config", self.settings.config_path]
             process = await asyncio.create_subprocess_exec(
-                *args,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env={**os.environ},
+                *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
             )
             _, err = await process.communicate()
             if process.returncode:

@@ -101,7 +101,7 @@ class ShardActor:
         if self._advanced is None:
             self._advanced = asyncio.Event()
         self._store = Store(connect(self.redis_url), self.shards)
-        await self.insight.start(connect(self.redis_url))
+        await self.insight.start(connect(self.redis_url), redis_url=self.redis_url)
         while not self._stopping:
             try:
                 await self._recover()

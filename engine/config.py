@@ -21,7 +21,9 @@ from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
 from engine.inbound.webhooks import WebhookSource, webhooks_from_mapping
 from engine.insight.settings import ModelsConfig, RfmConfig
+from engine.insight.settings import check as check_insight
 from engine.recs.settings import RecsConfig
+from engine.recs.settings import check as check_recs
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,8 @@ def validate(config: Config) -> None:
     for ok, path, problem in checks:
         if not ok:
             raise ConfigError(f"{path} {problem}", field=path)
+    check_recs(config.recs)
+    check_insight(config.rfm, config.models)
     if config.dev_keys_in_use and not _is_loopback(config.server.host):
         raise ConfigError(
             f"refusing to listen on {config.server.host} with the development keys "

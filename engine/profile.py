@@ -445,7 +445,7 @@ def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
     if other.order_log:
         log = sorted((into.order_log or []) + other.order_log, key=lambda e: e[0])
         into.order_log = log[-limits.order_log_max :]
-    into.rfm = None  # rescored by the shard's insight after the merge
+    # `rfm` keeps the values counted for `into`: the shard's insight replaces them after the merge
     for name in ("opened", "clicked"):
         into.email[name] += other.email.get(name, 0)
     for name in ("last_opened", "last_clicked"):

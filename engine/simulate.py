@@ -266,7 +266,15 @@ class Simulator:
     def __init__(self, ruleset: RuleSet, *, start: float, limits: Limits | None = None):
         self.ruleset = ruleset
         self.clock = ManualClock(start)
-        self.partition = Partition(lambda customer: True, limits=limits, rules=ruleset)
+        # RFM and the periodic segment re-check, as a shard runs them (engine.insight)
+        from engine.insight.live import LiveInsight
+        from engine.insight.settings import RfmConfig
+
+        if not ruleset.recheck_s:
+            ruleset.recheck_s = RfmConfig().recheck_hours * 3600.0
+        self.partition = Partition(
+            lambda customer: True, limits=limits, rules=ruleset, insight=LiveInsight(co=None)
+        )
         self._sends: list[Send] = []
         self._taken = 0  # partition.sent as of the last take_changes
 

@@ -80,15 +80,9 @@ class LiveInsight:
             product = product_key(props)
             if product is not None:
                 if self.counts is not None:
-                    ts = event["ts"]
                     weight = self.co.view_weight if name == VIEW else self.co.add_weight
-                    category = props.get("category")
-                    self.counts.observe(
-                        [product],
-                        weight,
-                        ts,
-                        history_of(profile, ts, self.co, (product,)),
-                        {product: category} if category.__class__ is str else None,
+                    self.counts.observe_one(
+                        profile, product, weight, event["ts"], props.get("category")
                     )
                 if product not in self.catalog and product not in self.described:
                     self._describe(product, props)
@@ -133,13 +127,12 @@ class LiveInsight:
         return True
 
     def scoring_population(self) -> Population:
-        """The population scores are taken against: every shard's, else this shard's own."""
-        merged = self.merged
-        return (
-            merged
-            if merged is not None and len(merged) >= len(self.population)
-            else (self.population)
-        )
+        """Every shard's population as of the last merge, else (before one) this shard's own.
+
+        The merged one is at most a flush old, and ranking against it is a binary
+        search (its index is built once per merge, not once per order).
+        """
+        return self.merged if self.merged is not None else self.population
 
     def refresh(self, profile: Any, now: float) -> bool:
         """Rescore RFM against the current population (the periodic re-check)."""
@@ -169,12 +162,22 @@ class LiveInsight:
         self.to_score.discard(profile.id)
 
     def rebuild(self, profiles: Any) -> None:
-        """The population of restored profiles (after loading a checkpoint)."""
+        """The population of restored profiles (after loading a checkpoint).
+
+        Buyers checkpointed before RFM existed are counted from their orders
+        and scored against the rebuilt population.
+        """
         self.population = Population(alpha=self.alpha)
+        unscored = []
         for profile in profiles:
             old = profile.rfm
             if old is not None and old.get("k") is not None:
                 self.population.add(tuple(old["k"]))
+            elif self.rfm and (values := values_of(profile)) is not None:
+                self.population.add(values)
+                unscored.append((profile, values))
+        for profile, values in unscored:
+            profile.rfm = rfm_record(values, self.population, profile.last_seen or values[0])
 
     # -- flush -------------------------------------------------------------------------
     def take_counts(self) -> CoCounts | None:

@@ -29,6 +29,22 @@ log = logging.getLogger(__name__)
 
 FORMAT = "nudge-model"
 FORMAT_VERSION = 1
+_threads_limited = False
+
+
+def _one_thread() -> None:
+    """Score on the calling thread only (once per process).
+
+    scikit-learn's tree ensembles predict with OpenMP threads; on a shard that
+    owns one core beside other shards they only fight each other: measured on
+    2 cores, a 65-row batch takes 1.8 ms on one thread and 6.4 ms on all.
+    """
+    global _threads_limited
+    if not _threads_limited:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="openmp")
+        _threads_limited = True
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class Model:
         """Probability of the label for each feature row (one batched call)."""
         if not rows:
             return []
+        _one_thread()
         probabilities = self.estimator.predict_proba(rows)
         return [float(p[1]) for p in probabilities]
 

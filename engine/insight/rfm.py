@@ -4,12 +4,14 @@ Pure. A `Population` holds one shard's share of every buyer's values in three
 mergeable sketches (last-order day, order count, revenue); shards publish
 theirs and score against the merge of all of them, so a quintile means the
 same on every shard. Scores are 1-5, 5 best (most recent, most frequent,
-highest spend), from each value's rank, the share of buyers strictly below
-it: score = 1 + floor(5 * rank).
+highest spend), from each value's percentile rank as pandas' rank(method=
+"min", pct=True) gives it: with `below` buyers strictly below the value among
+`n`, score = ceil(5 * (below + 1) / n). Ties share the lower rank.
 
 Worked example (hand-computed in tests/insight/test_rfm.py): five buyers with
-1, 1, 2, 3, 5 orders. Two buyers are below 2 orders: rank 2/5, F = 1 +
-floor(2) = 3; nobody is below one order: F = 1; 5 orders: rank 4/5, F = 5.
+1, 1, 2, 3, 5 orders. Two buyers are below 2 orders: ceil(5 * 3/5) = 3;
+nobody is below one order: ceil(5 * 1/5) = 1; 5 orders: ceil(5 * 5/5) = 5.
+A lone buyer is 5 on every score.
 
 The named segments follow the classic R x F grid (R first, then F):
     R 5, F 4-5: champions            R 3-4, F 4-5: loyal
@@ -56,9 +58,11 @@ def segment_of(r: int, f: int) -> str:
     return "new_customers" if r == 5 else "promising"
 
 
-def quintile(rank: float) -> int:
-    """Score 1-5 from a rank in [0, 1)."""
-    return min(5, 1 + math.floor(rank * 5 + 1e-9))
+def quintile(below: float, total: int) -> int:
+    """Score 1-5 from the share of `total` buyers strictly below a value."""
+    if total <= 0:
+        return 1
+    return min(5, max(1, math.ceil(5 * (below * total + 1) / total - 1e-9)))
 
 
 def values_of(profile: Any) -> tuple[float, float, float] | None:
@@ -101,10 +105,11 @@ class Population:
 
     def scores(self, values: tuple[float, float, float]) -> tuple[int, int, int]:
         """(R, F, M), each 1-5, of one buyer's values against this population."""
+        n = self.frequency.total
         return (
-            quintile(self.recency.rank(values[0])),
-            quintile(self.frequency.rank(values[1])),
-            quintile(self.monetary.rank(values[2])),
+            quintile(self.recency.rank(values[0]), n),
+            quintile(self.frequency.rank(values[1]), n),
+            quintile(self.monetary.rank(values[2]), n),
         )
 
     def to_dict(self) -> dict:

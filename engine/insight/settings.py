@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from engine.errors import ConfigError
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -29,3 +34,28 @@ class ModelsConfig:
     reload_interval_s: float = 10.0
     # retrain every active model from live profiles this often (0: never)
     retrain_interval_hours: float = 0.0
+
+
+def check(rfm: RfmConfig, models: ModelsConfig) -> None:
+    """Refuse [rfm] and [models] settings that cannot work; errors name the key."""
+    if not 0 < rfm.sketch_accuracy < 0.5:
+        raise ConfigError(
+            "rfm.sketch_accuracy must be between 0 and 0.5", field="rfm.sketch_accuracy"
+        )
+    if rfm.recheck_hours < 0:
+        raise ConfigError("rfm.recheck_hours must be 0 (never) or more", field="rfm.recheck_hours")
+    for n, name in enumerate(models.active):
+        if not _MODEL_NAME.match(name):
+            raise ConfigError(
+                f"models.active[{n}] {name!r} is not a model name", field=f"models.active[{n}]"
+            )
+    if models.score_interval_ms < 1 or models.reload_interval_s <= 0:
+        raise ConfigError(
+            "models.score_interval_ms and models.reload_interval_s must be positive",
+            field="models",
+        )
+    if models.retrain_interval_hours < 0:
+        raise ConfigError(
+            "models.retrain_interval_hours must be 0 (never) or more",
+            field="models.retrain_interval_hours",
+        )

@@ -19,6 +19,7 @@ stays in the bottom quintile instead of being lifted into the second.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -27,11 +28,14 @@ class _BucketSketch:
     """Counts per integer bucket; subclasses map values to buckets."""
 
     kind = ""
-    __slots__ = ("counts", "total")
+    __slots__ = ("_index", "counts", "total")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
         self.total = 0
+        # (sorted buckets, values below each): built on the first rank after a change, so
+        # ranking against a population that changes only at merges is a binary search
+        self._index: tuple[list[int], list[int]] | None = None
 
     def bucket(self, value: float) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -44,6 +48,7 @@ class _BucketSketch:
         b = self.bucket(value)
         self.counts[b] = self.counts.get(b, 0) + count
         self.total += count
+        self._index = None
 
     def remove(self, value: float, count: int = 1) -> None:
         """Forget `count` occurrences of `value` (never below zero)."""
@@ -55,6 +60,7 @@ class _BucketSketch:
         else:
             self.counts[b] = have - taken
         self.total -= taken
+        self._index = None
 
     def merge(self, other: _BucketSketch) -> None:
         """Add `other`'s counts into this sketch (same kind and parameters)."""
@@ -64,17 +70,23 @@ class _BucketSketch:
         for b, n in other.counts.items():
             counts[b] = counts.get(b, 0) + n
         self.total += other.total
+        self._index = None
 
     def rank(self, value: float) -> float:
         """The share of counted values in buckets below `value`'s, in [0, 1)."""
         if self.total <= 0:
             return 0.0
-        target = self.bucket(value)
-        below = 0
-        for b, n in self.counts.items():
-            if b < target:
-                below += n
-        return below / self.total
+        index = self._index
+        if index is None:
+            buckets = sorted(self.counts)
+            below, running = [], 0
+            for b in buckets:
+                below.append(running)
+                running += self.counts[b]
+            index = self._index = (buckets, below)
+        buckets, below = index
+        at = bisect.bisect_left(buckets, self.bucket(value))
+        return (below[at] if at < len(buckets) else self.total) / self.total
 
     def quantile(self, q: float) -> float | None:
         """The value at quantile `q` (0..1), within the sketch's accuracy; None when empty."""
@@ -165,5 +177,6 @@ def sketch_from_dict(data: dict[str, Any]) -> DDSketch | LinearSketch:
         raise ValueError(f"unknown sketch kind {kind!r}")
     counts = {int(b): int(n) for b, n in (data.get("counts") or {}).items() if int(n) > 0}
     sketch.counts = counts
+    sketch._index = None
     sketch.total = sum(counts.values())
     return sketch

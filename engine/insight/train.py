@@ -2,6 +2,7 @@
 
 Models (the label, over the `--horizon-days` after the cut, 90 by default):
   churn       no purchase in the next 90 days
+  purchase    a purchase in the next 90 days (churn's complement)
   high_value  spend in the next 90 days in the top decile of the population
 
 Rows are the customers who had bought by the cut. With `--data`, the
@@ -33,6 +34,7 @@ from engine.insight.rfm import Population
 DAY = 86400.0
 MODELS = {
     "churn": "no purchase in the next {days:g} days",
+    "purchase": "a purchase in the next {days:g} days",
     "high_value": "spend in the next {days:g} days in the top decile",
 }
 
@@ -86,6 +88,9 @@ def build_dataset(
     if model == "churn":
         labels = [1 if orders == 0 else 0 for orders, _ in spend]
         sign = -1.0  # a high RFM score means a customer unlikely to churn
+    elif model == "purchase":
+        labels = [1 if orders > 0 else 0 for orders, _ in spend]
+        sign = 1.0
     else:
         amounts = sorted(amount for _, amount in spend)
         top = amounts[int(0.9 * (len(amounts) - 1))] if amounts else 0.0
@@ -118,18 +123,34 @@ def metrics(scores: list[float], labels: list[int]) -> dict[str, float]:
     }
 
 
-def _estimator() -> Any:
+def _estimator(rows: int) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    # shallow and slow: a few thousand customers, a dozen features (tuned by 5-fold CV)
+    # shallow and slow: a few thousand customers, a dozen features (tuned by 5-fold CV);
+    # leaves of 50 customers, fewer when there are few rows, so a small shop still learns
     return HistGradientBoostingClassifier(
         max_iter=150,
         learning_rate=0.03,
         max_depth=3,
-        min_samples_leaf=50,
+        min_samples_leaf=max(5, min(50, rows // 20)),
         l2_regularization=1.0,
         random_state=0,
     )
+
+
+def _matrix(rows: list[list[float]]) -> Any:
+    """The rows as an array; a feature missing for every row becomes 0.
+
+    scikit-learn cannot bin a column that is all NaN (no products in any
+    order, say); constant, it simply never splits, whatever it holds later.
+    """
+    import numpy as np
+
+    x = np.asarray(rows, dtype=float)
+    if len(x):
+        empty = np.isnan(x).all(axis=0)
+        x[:, empty] = 0.0
+    return x
 
 
 def cross_validate(data: Dataset, folds: int = 5) -> tuple[list[float], dict, dict]:
@@ -137,13 +158,13 @@ def cross_validate(data: Dataset, folds: int = 5) -> tuple[list[float], dict, di
     import numpy as np
     from sklearn.model_selection import StratifiedKFold
 
-    x = np.asarray(data.rows, dtype=float)
+    x = _matrix(data.rows)
     y = np.asarray(data.labels)
     if len(set(data.labels)) < 2:
         raise ValueError("every row has the same label: nothing to learn")
     predicted = np.zeros(len(y))
     for train_at, test_at in StratifiedKFold(folds, shuffle=True, random_state=0).split(x, y):
-        fitted = _estimator().fit(x[train_at], y[train_at])
+        fitted = _estimator(len(train_at)).fit(x[train_at], y[train_at])
         predicted[test_at] = fitted.predict_proba(x[test_at])[:, 1]
     scores = predicted.tolist()
     return scores, metrics(scores, data.labels), metrics(data.baseline, data.labels)
@@ -170,7 +191,7 @@ def fit_and_save(
 
     from engine.insight.model import model_path, next_version, save_model
 
-    estimator = _estimator().fit(np.asarray(data.rows, dtype=float), np.asarray(data.labels))
+    estimator = _estimator(len(data.rows)).fit(_matrix(data.rows), np.asarray(data.labels))
     path = model_path(directory, name)
     version = next_version(path)
     save_model(

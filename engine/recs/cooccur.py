@@ -35,7 +35,7 @@ class CoSettings:
     purchase_weight: float = 5.0
     half_life_s: float = 90 * 86400.0  # forward decay of every contribution
     pair_half_life_s: float = 60 * 86400.0  # decay over the gap between the two events
-    history_items: int = 10  # distinct earlier products a new one is paired with
+    history_items: int = 5  # distinct earlier products a new one is paired with
     history_window_s: float = 365 * 86400.0
 
     def weight(self, event: str) -> float:
@@ -54,16 +54,21 @@ class CoSettings:
 
 
 class CoCounts:
-    """Co-occurrence, item mass and popularity per category: sums, mergeable."""
+    """Co-occurrence, item mass and popularity per category: sums, mergeable.
 
-    __slots__ = ("events", "mass", "pairs", "popular", "settings")
+    `pairs` is keyed by the ordered pair (a, b) with a < b: one update per pair
+    on the hot path; both directions are written out at flush time.
+    """
+
+    __slots__ = ("_adjacent", "events", "mass", "pairs", "popular", "settings")
 
     def __init__(self, settings: CoSettings | None = None):
         self.settings = settings or CoSettings()
-        self.pairs: dict[str, dict[str, float]] = {}  # a -> {b: weight}, both directions
+        self.pairs: dict[tuple[str, str], float] = {}
         self.mass: dict[str, float] = {}
         self.popular: dict[str, dict[str, float]] = {}  # category ("" = all) -> {item: weight}
         self.events = 0
+        self._adjacent: dict[str, dict[str, float]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.mass)
@@ -84,51 +89,115 @@ class CoCounts:
         if not items or weight <= 0:
             return
         s = self.settings
-        scale = s.scale(ts)
+        scale = math.exp2((ts - EPOCH) / s.half_life_s)
         w = weight * scale
         mass, pairs, popular = self.mass, self.pairs, self.popular
         everyone = popular.get("")
         if everyone is None:
             everyone = popular[""] = {}
         self.events += 1
-        history = list(history)
+        self._adjacent = None
+        pair_half = s.pair_half_life_s
+        exp2 = math.exp2
         for i, item in enumerate(items):
             mass[item] = mass.get(item, 0.0) + w
             everyone[item] = everyone.get(item, 0.0) + w
-            category = categories.get(item) if categories else None
-            if category:
-                table = popular.get(category)
-                if table is None:
-                    table = popular[category] = {}
-                table[item] = table.get(item, 0.0) + w
-            mine = pairs.get(item)
-            if mine is None:
-                mine = pairs[item] = {}
+            if categories:
+                category = categories.get(item)
+                if category:
+                    table = popular.get(category)
+                    if table is None:
+                        table = popular[category] = {}
+                    table[item] = table.get(item, 0.0) + w
             for other in items[:i]:
                 if other != item:
-                    self._pair(mine, item, other, w)
+                    key = (item, other) if item < other else (other, item)
+                    pairs[key] = pairs.get(key, 0.0) + w
             for then, other, other_weight in history:
                 if other == item:
                     continue
-                pw = min(weight, other_weight) * scale
-                gap = ts - then
-                if gap > 0:
-                    pw *= math.exp2(-gap / s.pair_half_life_s)
-                self._pair(mine, item, other, pw)
+                pw = (weight if weight < other_weight else other_weight) * scale
+                if ts > then:
+                    pw *= exp2((then - ts) / pair_half)
+                key = (item, other) if item < other else (other, item)
+                pairs[key] = pairs.get(key, 0.0) + pw
 
-    def _pair(self, mine: dict[str, float], item: str, other: str, w: float) -> None:
-        mine[other] = mine.get(other, 0.0) + w
-        theirs = self.pairs.get(other)
-        if theirs is None:
-            theirs = self.pairs[other] = {}
-        theirs[item] = theirs.get(item, 0.0) + w
+    def observe_one(
+        self, profile: Any, item: str, weight: float, ts: float, category: Any = None
+    ) -> None:
+        """`observe` for one product event of `profile` (a view or an add), in one pass.
+
+        The shard's hot path: pairs `item` with the customer's last distinct
+        products exactly as `observe(..., history_of(profile, ts, ...))`
+        would, without building the history list.
+        """
+        s = self.settings
+        scale = math.exp2((ts - EPOCH) / s.half_life_s)
+        w = weight * scale
+        mass, pairs, popular = self.mass, self.pairs, self.popular
+        mass[item] = mass.get(item, 0.0) + w
+        everyone = popular.get("")
+        if everyone is None:
+            everyone = popular[""] = {}
+        everyone[item] = everyone.get(item, 0.0) + w
+        if category.__class__ is str and category:
+            table = popular.get(category)
+            if table is None:
+                table = popular[category] = {}
+            table[item] = table.get(item, 0.0) + w
+        self.events += 1
+        self._adjacent = None
+        limit = s.history_items
+        horizon = ts - s.history_window_s
+        pair_half = s.pair_half_life_s
+        view, add = s.view_weight, s.add_weight
+        seen = {item}
+        found = 0
+        exp2 = math.exp2
+        for entry in reversed(profile.recent):
+            then = entry[0]
+            if then < horizon:
+                break
+            other = entry[2]
+            if other is None or other in seen or then > ts:
+                continue
+            name = entry[1]
+            if name == VIEW:
+                ow = view
+            elif name == ADD:
+                ow = add
+            else:
+                continue
+            seen.add(other)
+            pw = (weight if weight < ow else ow) * scale
+            if ts > then:
+                pw *= exp2((then - ts) / pair_half)
+            key = (item, other) if item < other else (other, item)
+            pairs[key] = pairs.get(key, 0.0) + pw
+            found += 1
+            if found >= limit:
+                return
+        bought = s.purchase_weight
+        for then, other in reversed(profile.purchased):
+            if then < horizon:
+                break
+            if other in seen or then > ts:
+                continue
+            seen.add(other)
+            pw = (weight if weight < bought else bought) * scale
+            if ts > then:
+                pw *= exp2((then - ts) / pair_half)
+            key = (item, other) if item < other else (other, item)
+            pairs[key] = pairs.get(key, 0.0) + pw
+            found += 1
+            if found >= limit:
+                return
 
     def merge(self, other: CoCounts) -> None:
         """Add another shard's (or flush's) counts into these."""
-        for a, row in other.pairs.items():
-            mine = self.pairs.setdefault(a, {})
-            for b, w in row.items():
-                mine[b] = mine.get(b, 0.0) + w
+        pairs = self.pairs
+        for key, w in other.pairs.items():
+            pairs[key] = pairs.get(key, 0.0) + w
         for item, w in other.mass.items():
             self.mass[item] = self.mass.get(item, 0.0) + w
         for category, table in other.popular.items():
@@ -136,6 +205,7 @@ class CoCounts:
             for item, w in table.items():
                 mine[item] = mine.get(item, 0.0) + w
         self.events += other.events
+        self._adjacent = None
 
     def take(self) -> CoCounts:
         """Hand over everything counted so far and start empty (the shard's flush)."""
@@ -147,12 +217,23 @@ class CoCounts:
             self.events,
         )
         self.pairs, self.mass, self.popular, self.events = {}, {}, {}, 0
+        self._adjacent = None
         return taken
 
-    # -- reading (in memory: evaluation, tests) ---------------------------------------
+    # -- reading (in memory: evaluation, tests; and the flush, both directions) ----------
+    def adjacency(self) -> dict[str, dict[str, float]]:
+        """item -> {neighbour: weight}, both directions (built once per change)."""
+        if self._adjacent is None:
+            adjacent: dict[str, dict[str, float]] = {}
+            for (a, b), w in self.pairs.items():
+                adjacent.setdefault(a, {})[b] = w
+                adjacent.setdefault(b, {})[a] = w
+            self._adjacent = adjacent
+        return self._adjacent
+
     def neighbors(self, item: str, n: int) -> list[tuple[str, float]]:
         """The `n` items co-occurring most with `item`, raw weights, best first."""
-        row = self.pairs.get(item)
+        row = self.adjacency().get(item)
         if not row:
             return []
         return sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
@@ -175,7 +256,7 @@ def history_of(
     horizon = ts - settings.history_window_s
     seen = set(skip)
     out: list[tuple[float, str, float]] = []
-    weight = settings.weight
+    view, add = settings.view_weight, settings.add_weight
     for entry in reversed(profile.recent):
         then = entry[0]
         if then < horizon:
@@ -183,8 +264,12 @@ def history_of(
         item = entry[2]
         if item is None or item in seen or then > ts:
             continue
-        w = weight(entry[1])
-        if w <= 0:
+        name = entry[1]
+        if name == VIEW:
+            w = view
+        elif name == ADD:
+            w = add
+        else:
             continue
         seen.add(item)
         out.append((then, item, w))

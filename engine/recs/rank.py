@@ -125,6 +125,42 @@ def pick(
     return out
 
 
+def ranked(
+    seeds: Mapping[str, float],
+    neighbors: Mapping[str, Iterable[tuple[str, float]]],
+    mass: Mapping[str, float],
+    popular: Iterable[tuple[str, float, str]],
+    settings: RankSettings,
+) -> list[tuple[str, float, str]]:
+    """Every candidate as (item, score, reason), best first: collaborative, then `popular`.
+
+    With `popularity_blend`, each collaborative score (normalized to the best
+    one) gets blend x its popularity relative to the bestseller added, and
+    popular items without co-occurrence evidence compete on that alone.
+    """
+    scores = score(seeds, neighbors, mass)
+    evidence = set(scores)  # items some seed co-occurs with
+    popular = list(popular)
+    reasons = {item: reason for item, _, reason in reversed(popular)}
+    blend = settings.popularity_blend
+    if blend > 0 and scores and popular:
+        top = max(value for _, value, _ in popular) or 1.0
+        cf_top = max(scores.values()) or 1.0
+        prior = {item: value / top for item, value, _ in popular}
+        scores = {
+            item: value / cf_top + blend * prior.get(item, 0.0) for item, value in scores.items()
+        }
+        for item, value in prior.items():
+            if item not in scores:
+                scores[item] = blend * value * 0.999  # CF evidence wins ties
+    order = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    stream = [
+        (item, value, "also_liked" if item in evidence else reasons[item]) for item, value in order
+    ]
+    stream.extend(popular)
+    return stream
+
+
 def recommend(
     seeds: Mapping[str, float],
     neighbors: Mapping[str, Iterable[tuple[str, float]]],
@@ -138,24 +174,8 @@ def recommend(
     in_stock: Callable[[str], bool] = lambda item: True,
 ) -> list[dict]:
     """Collaborative candidates best first, then `popular` (item, score, reason) as fallback."""
-    scores = score(seeds, neighbors, mass)
-    popular = list(popular)
-    blend = settings.popularity_blend
-    if blend > 0 and scores and popular:
-        top = max(value for _, value, _ in popular) or 1.0
-        cf_top = max(scores.values()) or 1.0
-        prior = {item: value / top for item, value, _ in popular}
-        scores = {
-            item: value / cf_top + blend * prior.get(item, 0.0) for item, value in scores.items()
-        }
-        for item, value in prior.items():
-            if item not in scores:
-                scores[item] = blend * value * 0.999  # CF evidence wins ties
-    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    stream = [(item, value, "also_liked") for item, value in ranked]
-    stream.extend(popular)
     return pick(
-        stream,
+        ranked(seeds, neighbors, mass, popular, settings),
         limit=limit,
         exclude=exclude,
         settings=settings,

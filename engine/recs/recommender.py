@@ -1,11 +1,14 @@
 """The collaborative-filtering Recommender behind the `recommendations` content block.
 
-Reads the counts every shard merged into Redis (engine.recs.store) in two
-round trips: the seeds' neighbours and the popular lists, then the masses
-and catalog entries of the candidates. Ranking is engine.recs.rank, the same
-code the offline evaluation scores. Items carry the catalog's name, price,
-url, image_url and category (or what events said of a product the catalog
-lacks); out-of-stock products never appear.
+Reads the counts every shard merged into Redis (engine.recs.store) in three
+small round trips: the seeds' neighbours and the popular lists; the
+candidates' masses; the catalog entries of the best few candidates only.
+Ranking is engine.recs.rank, the same code the offline evaluation scores.
+Items carry the catalog's name, price, url, image_url and category (or what
+events said of a product the catalog lacks); out-of-stock products never
+appear. When Redis holds too little (a new shop), the list is filled with
+what the customer recently looked at (the interim recent-interest
+recommender).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.clock import Clock, SystemClock
-from engine.recs.rank import excluded, recommend, seeds_of
+from engine.content.recommend import recent_interest
+from engine.recs.rank import excluded, pick, ranked, seeds_of
 from engine.recs.settings import RecsConfig, co_settings, rank_settings
 from engine.recs.store import RecsStore
 from engine.store import connect
@@ -70,22 +74,34 @@ class CollaborativeRecommender:
             for category in [*categories, ""]
             for item, value in popular.get(category, ())
         ]
-        fallback_items = [item for item, _, _ in fallback]
-        look_up = list(dict.fromkeys([*seeds, *candidates]))
-        masses = await store.masses(look_up)
-        # catalog entries for what can be shown: scored candidates and fallbacks
-        products = await store.get_products(list(dict.fromkeys([*candidates, *fallback_items])))
-        items = recommend(
-            seeds,
-            neighbors,
-            masses,
-            fallback,
+        masses = await store.masses(list(dict.fromkeys([*seeds, *candidates])))
+        stream = ranked(seeds, neighbors, masses, fallback, self.rank)
+        exclude = excluded(profile, now, self.rank)
+        # catalog entries only for what can make the list: the best few of the stream
+        shortlist: dict[str, None] = {}
+        for item, _, _ in stream:
+            if item not in exclude and item not in shortlist:
+                shortlist[item] = None
+                if len(shortlist) >= want:
+                    break
+        products = await store.get_products(list(shortlist))
+        items = pick(
+            (entry for entry in stream if entry[0] in shortlist),
             limit=limit,
-            exclude=excluded(profile, now, self.rank),
+            exclude=exclude,
             settings=self.rank,
             category_of=lambda item: (products.get(item) or {}).get("category"),
             in_stock=lambda item: (products.get(item) or {}).get("in_stock", True),
         )
+        if len(items) < limit:
+            # nothing counted yet (a new shop) or a thin history: what this customer looked at
+            taken = {item["product_id"] for item in items}
+            for item in recent_interest(profile, limit=limit):
+                if len(items) >= limit:
+                    break
+                product = products.get(item["product_id"]) or {}
+                if item["product_id"] not in taken and product.get("in_stock", True):
+                    items.append(item)
         for item in items:
             product = products.get(item["product_id"]) or {}
             for name in _SHOWN:

@@ -21,7 +21,7 @@ class RecsConfig:
     purchase_weight: float = 5.0
     half_life_days: float = 90.0
     pair_half_life_days: float = 60.0
-    history_items: int = 10
+    history_items: int = 5
     history_window_days: float = 365.0
     seed_half_life_days: float = 14.0
     exclude_bought_days: float = 7.0
@@ -31,6 +31,7 @@ class RecsConfig:
     neighbors: int = 50
     keep_neighbors: int = 200
     flush_interval_s: float = 5.0
+    enrich_events: bool = True
 
 
 def co_settings(config: RecsConfig) -> CoSettings:
@@ -69,3 +70,28 @@ def rank_settings(config: RecsConfig) -> RankSettings:
         popularity_blend=config.popularity_blend,
         category_limits=category_limits(config),
     )
+
+
+def check(config: RecsConfig) -> None:
+    """Refuse [recs] settings that cannot work; errors name the key."""
+    positive = (
+        "half_life_days",
+        "pair_half_life_days",
+        "history_window_days",
+        "seed_half_life_days",
+        "flush_interval_s",
+    )
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"recs.{name} must be positive", field=f"recs.{name}")
+    for name in ("view_weight", "add_weight", "purchase_weight", "popularity_blend"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"recs.{name} must be 0 or more", field=f"recs.{name}")
+    for name in ("history_items", "neighbors", "keep_neighbors"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"recs.{name} must be at least 1", field=f"recs.{name}")
+    if config.exclude_bought_days < 0 or config.max_per_category < 0:
+        raise ConfigError(
+            "recs.exclude_bought_days and recs.max_per_category must be 0 or more", field="recs"
+        )
+    category_limits(config)

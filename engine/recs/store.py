@@ -96,7 +96,7 @@ class RecsStore:
         """Add one shard's counts and product descriptions (one pipeline)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             if counts is not None:
-                for item, row in counts.pairs.items():
+                for item, row in counts.adjacency().items():
                     key = co_key(item)
                     for other, w in row.items():
                         pipe.zincrby(key, w, other)
@@ -114,7 +114,7 @@ class RecsStore:
     async def publish_population(self, shard: int, data: dict, shards: int) -> list[dict]:
         """Publish this shard's RFM population; every shard's published ones come back."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(rfm_key(shard), orjson.dumps(data))
+            pipe.set(rfm_key(shard), orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))
             pipe.mget([rfm_key(i) for i in range(shards)])
             _, parts = await pipe.execute()
         return [orjson.loads(p) for p in parts if p is not None]

@@ -33,10 +33,10 @@ def test_a_hand_computed_population() -> None:
     c         day 50       2       80        3  3  2   need_attention
     d         day 10       1       80        2  1  2   hibernating
     e         day 1        1       10        1  1  1   hibernating
-    Each score is 1 + floor(5 * share of buyers strictly below):
-    R: last-order days 1, 10, 50, 90, 100 -> shares 0, .2, .4, .6, .8 -> 1, 2, 3, 4, 5.
-    F: orders 1, 1, 2, 3, 5 -> shares 0, 0, .4, .6, .8 -> 1, 1, 3, 4, 5.
-    M: revenue 10, 80, 80, 200, 500 -> shares 0, .2, .2, .6, .8 -> 1, 2, 2, 4, 5.
+    Each score is ceil(5 * (buyers strictly below + 1) / 5 buyers):
+    R: last-order days 1, 10, 50, 90, 100 -> below 0, 1, 2, 3, 4 -> 1, 2, 3, 4, 5.
+    F: orders 1, 1, 2, 3, 5 -> below 0, 0, 2, 3, 4 -> 1, 1, 3, 4, 5.
+    M: revenue 10, 80, 80, 200, 500 -> below 0, 1, 1, 3, 4 -> 1, 2, 2, 4, 5.
     """
     rows = {
         "a": (100, 5, 500.0),
@@ -120,4 +120,61 @@ def test_the_classic_grid(r: int, f: int, name: str) -> None:
 
 
 def test_quintile_edges() -> None:
-    assert [quintile(x) for x in (0.0, 0.19, 0.2, 0.79, 0.8, 0.99)] == [1, 1, 2, 4, 5, 5]
+    # ten buyers: 0 below -> 1 (top of the first fifth is 2 buyers), 9 below -> 5
+    assert [quintile(b / 10, 10) for b in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert quintile(0.0, 1) == 5  # a lone buyer is the best there is
+    assert quintile(0.0, 0) == 1
+
+
+def test_merging_two_buyers_counts_one_person_once() -> None:
+    partition = Partition(lambda c: True, insight=LiveInsight(co=None))
+    partition.apply(order("ann", T0, 10.0, 1))
+    anon = {**order("anon-1", T0 + 60, 30.0, 2), "userId": None, "anonymousId": "anon-1"}
+    partition.apply(anon)
+    assert len(partition.insight.population) == 2
+    identify = {
+        "type": "identify",
+        "customer": "ann",
+        "userId": "ann",
+        "anonymousId": "anon-1",
+        "messageId": "id-1",
+        "ts": T0 + 120,
+        "receivedAt": T0 + 120,
+        "traits": {},
+    }
+    partition.apply(identify)
+    ann = partition.profiles["ann"]
+    assert "anon-1" not in partition.profiles and ann.orders == 2
+    assert len(partition.insight.population) == 1  # one person, counted once
+    assert ann.rfm["k"] == [T0 + 60, 2.0, 40.0]
+
+
+def test_events_with_only_a_product_id_are_enriched_from_the_catalog() -> None:
+    from engine.recs.cooccur import CoSettings
+
+    insight = LiveInsight(co=CoSettings())
+    insight.catalog = {"p1": {"id": "p1", "category": "Shoes", "name": "Boot", "price": 80.0}}
+    partition = Partition(lambda c: True, insight=insight)
+    view = {**order("ann", T0, 0, 1), "event": "Product Viewed", "properties": {"product_id": "p1"}}
+    partition.apply(view)
+    assert partition.profiles["ann"].recent[-1][3] == "Shoes"  # category from the catalog
+    assert insight.counts.popular["Shoes"] == {"p1": insight.counts.mass["p1"]}
+    other = {**view, "messageId": "v2", "properties": {"product_id": "p2", "name": "Lamp"}}
+    partition.apply(other)
+    assert insight.take_described() == {"p2": {"name": "Lamp"}}  # unknown: what events say
+
+
+def test_restoring_a_checkpoint_from_before_rfm_counts_and_scores_its_buyers() -> None:
+    import orjson
+
+    old = Partition(lambda c: True)  # no insight: profiles without rfm
+    for n, customer in enumerate(["a", "b"]):
+        for k in range(n + 1):
+            old.apply(order(customer, T0 + n * DAY + k, 10.0, n * 10 + k))
+    saved = old.take_changes().profiles
+    assert all(orjson.loads(v)["rfm"] is None for v in saved.values())
+    restored = Partition(lambda c: True, insight=LiveInsight(co=None))
+    restored.restore(saved, {}, set())
+    assert len(restored.insight.population) == 2
+    assert restored.profiles["b"].rfm["score"] == "555"
+    assert restored.profiles["a"].rfm["r"] == 3  # ceil(5 * (0 below + 1) / 2 buyers)

@@ -117,15 +117,20 @@ if = "rfm.segment == 'champions'"
 """
 
 
-def test_rfm_segments_follow_purchases() -> None:
+def test_rfm_segments_follow_purchases_and_the_recheck() -> None:
     part = partition(RFM_SEGMENT)
+    part.rules.recheck_s = DAY
     for n, customer in enumerate(["a", "b", "c", "d", "e"]):
         for k in range(n + 1):
             part.apply(
                 event("Order Completed", T0 + n * DAY + k * 60, customer, revenue=10, products=[])
             )
-    best = part.segment_members("best", 10)["members"]
-    assert best == ["e"]  # most orders, most recent
+    # each buyer was scored against the buyers before them: "a", alone then, was the best
+    assert part.profiles["a"].rfm["score"] == "555"
+    assert part.profiles["e"].rfm["segment"] == "champions"
+    part.tick(T0 + 6 * DAY)  # the daily re-check scores everyone against all five
+    assert part.profiles["a"].rfm["segment"] == "hibernating"
+    assert part.segment_members("best", 10)["members"] == ["e"]
     assert part.segment_members("champions", 10)["members"] == ["e"]  # the RFM name works too
 
 
@@ -156,3 +161,24 @@ def test_model_scores_move_customers_into_segments(tmp_path: Path) -> None:
     assert part.profiles["once"].scores["churn"]["label"] is True
     assert part.profiles["loyal"].scores["churn"]["label"] is False
     assert part.segment_members("churn_risk", 10)["members"] == ["once"]
+
+
+def test_the_simulator_rechecks_time_based_segments_like_a_shard() -> None:
+    from engine.simulate import Simulator
+
+    sim = Simulator(RuleSet.from_toml(LAPSED), start=T0)
+    sim.event(
+        T0,
+        {
+            "type": "track",
+            "userId": "ann",
+            "event": "Order Completed",
+            "messageId": "o1",
+            "properties": {"revenue": 20},
+        },
+    )
+    sim.run_until(T0 + 30 * DAY)
+    assert sim.sends == []
+    sim.run_until(T0 + 32 * DAY)
+    assert [s.template for s in sim.sends] == ["win-back"]
+    assert sim.partition.profiles["ann"].rfm["segment"] == "champions"  # a lone buyer is the best

@@ -32,7 +32,8 @@ def test_counts_and_cosine_by_hand() -> None:
     counts = hand_made()
     # each purchase weighs 5: socks in 3 baskets, shoes in 2, together in 2
     assert counts.mass["socks"] == 15 and counts.mass["shoes"] == 10
-    assert counts.pairs["shoes"]["socks"] == 10 == counts.pairs["socks"]["shoes"]
+    assert counts.pairs[("shoes", "socks")] == 10
+    assert counts.adjacency()["socks"]["shoes"] == 10 == counts.adjacency()["shoes"]["socks"]
     assert counts.neighbors("shoes", 5) == [("socks", 10.0), ("laces", 5.0)]
     profile = {"purchased": [[T - 40 * DAY, "shoes"]], "recent": []}
     seeds = seeds_of(profile, T, FLAT, RankSettings(seed_half_life_s=1e12))
@@ -107,7 +108,7 @@ def test_event_weights_and_pair_recency() -> None:
     history = [(T - DAY, "a", settings.view_weight)]  # a viewed a day before b was added
     counts.observe(["b"], settings.add_weight, T, history)
     # min(view 1, add 3) halved once for the one-day gap
-    assert counts.pairs["b"]["a"] == pytest.approx(0.5)
+    assert counts.pairs[("a", "b")] == pytest.approx(0.5)
     assert counts.mass == {"b": pytest.approx(3.0)}
 
 
@@ -129,3 +130,77 @@ def test_shard_partial_counts_merge_to_the_same_as_one_counter() -> None:
     taken.merge(right)
     assert taken.pairs == whole.pairs and taken.mass == whole.mass
     assert taken.popular == whole.popular
+
+
+def test_the_hot_path_counts_exactly_what_observe_with_history_counts() -> None:
+    from types import SimpleNamespace
+
+    from engine.recs.cooccur import history_of
+
+    settings = CoSettings(history_items=3, pair_half_life_s=DAY)
+    profile = SimpleNamespace(
+        recent=[
+            [T - 5 * DAY, "Product Viewed", "a", None],
+            [T - 3 * DAY, "Product Added", "b", "x"],
+            [T - 2 * DAY, "Page Viewed", None, None],
+            [T - DAY, "Product Viewed", "c", None],
+            [T - 60, "Product Viewed", "b", "x"],
+            [T, "Product Viewed", "z", "cat"],  # the event itself, already in recent
+        ],
+        purchased=[[T - 4 * DAY, "d"], [T - 3 * DAY, "e"]],
+    )
+    fast, slow = CoCounts(settings), CoCounts(settings)
+    fast.observe_one(profile, "z", settings.view_weight, T, "cat")
+    history = history_of(profile, T, settings, ["z"])
+    assert [item for _, item, _ in history] == ["b", "c", "a"]
+    slow.observe(["z"], settings.view_weight, T, history, {"z": "cat"})
+    assert fast.pairs == pytest.approx(slow.pairs)
+    assert fast.mass == slow.mass and fast.popular == slow.popular
+
+
+@pytest.mark.parametrize(
+    ("section", "data", "field"),
+    [
+        ("recs", {"half_life_days": 0}, "recs.half_life_days"),
+        ("recs", {"category_limits": ["Socks"]}, "recs.category_limits[0]"),
+        ("recs", {"history_items": 0}, "recs.history_items"),
+        ("rfm", {"sketch_accuracy": 0.9}, "rfm.sketch_accuracy"),
+        ("models", {"active": ["../etc/passwd"]}, "models.active[0]"),
+        ("models", {"score_interval_ms": 0}, "models"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(section: str, data: dict, field: str) -> None:
+    from engine.config import from_mapping
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        from_mapping({section: data}, {})
+    assert caught.value.field == field
+
+
+def test_category_limits_are_read_from_config() -> None:
+    from engine.config import from_mapping
+    from engine.recs.settings import rank_settings
+
+    config = from_mapping({"recs": {"category_limits": ["Socks=1", "Big Shoes = 2"]}}, {})
+    assert dict(rank_settings(config.recs).category_limits) == {"Socks": 1, "Big Shoes": 2}
+
+
+def test_blended_popularity_keeps_each_item_s_own_reason() -> None:
+    counts = hand_made()
+    profile = {"recent": [[T - 60, "Product Viewed", "shoes", None]], "purchased": []}
+    seeds = seeds_of(profile, T, FLAT, RankSettings())
+    popular = [(item, w, "popular") for item, w in counts.top_popular("", 10)]
+    got = recommend(
+        seeds,
+        {s: counts.neighbors(s, 10) for s in seeds},
+        counts.mass,
+        popular,
+        limit=5,
+        exclude=set(),
+        settings=RankSettings(popularity_blend=2.0),
+    )
+    reasons = {g["product_id"]: g["reason"] for g in got}
+    assert reasons["socks"] == reasons["laces"] == "also_liked"
+    assert reasons["hat"] == "popular"  # ranked by the blend, but nothing pairs it with shoes
+    assert got[0]["product_id"] == "socks"  # co-occurring and popular
