@@ -50,7 +50,9 @@ def insight_settings(config: Any, config_path: str | None = None) -> InsightSett
     Shards run in Ray worker processes whose working directory need not be
     the one `nudge serve` was started from.
     """
-    models = dataclasses.replace(config.models, dir=str(Path(config.models.dir).resolve()))
+    models = dataclasses.replace(
+        config.models, models_dir=str(Path(config.models.models_dir).resolve())
+    )
     path = str(Path(config_path).resolve()) if config_path else None
     return InsightSettings(config.recs, config.rfm, models, path)
 
@@ -63,7 +65,7 @@ class ShardInsight:
         self.shards = shards
         self.settings = settings or InsightSettings()
         models = self.settings.models
-        self.registry = Registry(models.dir, models.active)
+        self.registry = Registry(models.models_dir, models.active_models)
         self.store: RecsStore | None = None
         self.catalog_version = -1
         self.flushes = 0
@@ -84,7 +86,7 @@ class ShardInsight:
             co=co_settings(s.recs) if s.recs.recs_enabled else None,
             rfm=s.rfm.rfm_enabled,
             alpha=s.rfm.sketch_accuracy,
-            models=bool(s.models.active),
+            models=bool(s.models.active_models),
         )
 
     def recheck_s(self) -> float:
@@ -169,9 +171,9 @@ class ShardInsight:
         env = {**os.environ, "NUDGE_SHARDS": str(self.shards)}
         if self.redis_url:  # the Redis this shard uses, whatever the child's config says
             env["NUDGE_REDIS_URL"] = self.redis_url
-        for name in models.active:
+        for name in models.active_models:
             args = [sys.executable, "-m", "engine.insight.train", name, "--from-profiles"]
-            args += ["--out", models.dir]
+            args += ["--out", models.models_dir]
             if self.settings.config_path:
                 args += ["--config", self.settings.config_path]
             process = await asyncio.create_subprocess_exec(
