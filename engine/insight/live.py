@@ -127,12 +127,17 @@ class LiveInsight:
         return True
 
     def scoring_population(self) -> Population:
-        """Every shard's population as of the last merge, else (before one) this shard's own.
+        """Every shard's population as of the last merge, unless this shard's own is better.
 
         The merged one is at most a flush old, and ranking against it is a binary
-        search (its index is built once per merge, not once per order).
+        search (its index is built once per merge, not once per order). Before
+        the first merge, or while the merge knows fewer than half as many buyers
+        as this shard alone (a new shop filling up), the shard's own is used.
         """
-        return self.merged if self.merged is not None else self.population
+        merged = self.merged
+        if merged is not None and len(merged) > 0 and 2 * len(merged) >= len(self.population):
+            return merged
+        return self.population
 
     def refresh(self, profile: Any, now: float) -> bool:
         """Rescore RFM against the current population (the periodic re-check)."""
