@@ -98,10 +98,14 @@ class LiveInsight:
                 if pid not in items:
                     items.append(pid)
                 category = line.get("category")
+                known = self.catalog.get(pid)
+                if known is None:
+                    if pid not in self.described:
+                        self._describe(pid, line)
+                elif category is None:
+                    category = known.get("category")  # order lines are enriched too
                 if category.__class__ is str:
                     categories[pid] = category
-                if pid not in self.catalog and pid not in self.described:
-                    self._describe(pid, line)
         if items:
             history = history_of(profile, ts, self.co, items)
             self.counts.observe(items, self.co.purchase_weight, ts, history, categories)
