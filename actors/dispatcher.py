@@ -165,6 +165,9 @@ class DispatcherActor:
                     self._start_all(claimed)
             except (RedisError, OSError) as exc:
                 log.warning("%s: Redis error (%s); retrying", self.consumer, exc)
+                if "NOGROUP" in str(exc):  # Redis was emptied or restored: start over
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._ledger.ensure_groups()
                 await asyncio.sleep(0.2)
 
     async def _resume_own(self) -> None:

@@ -50,7 +50,9 @@ def insight_settings(config: Any, config_path: str | None = None) -> InsightSett
     Shards run in Ray worker processes whose working directory need not be
     the one `nudge serve` was started from.
     """
-    models = dataclasses.replace(config.models, dir=str(Path(config.models.dir).resolve()))
+    models = dataclasses.replace(
+        config.models, models_dir=str(Path(config.models.models_dir).resolve())
+    )
     path = str(Path(config_path).resolve()) if config_path else None
     return InsightSettings(config.recs, config.rfm, models, path)
 
@@ -63,7 +65,7 @@ class ShardInsight:
         self.shards = shards
         self.settings = settings or InsightSettings()
         models = self.settings.models
-        self.registry = Registry(models.dir, models.active)
+        self.registry = Registry(models.models_dir, models.active_models)
         self.store: RecsStore | None = None
         self.catalog_version = -1
         self.flushes = 0
@@ -84,7 +86,7 @@ class ShardInsight:
             co=co_settings(s.recs) if s.recs.recs_enabled else None,
             rfm=s.rfm.rfm_enabled,
             alpha=s.rfm.sketch_accuracy,
-            models=bool(s.models.active),
+            models=bool(s.models.active_models),
         )
 
     def recheck_s(self) -> float:
@@ -136,11 +138,13 @@ class ShardInsight:
         counts = insight.take_counts()
         described = insight.take_described()
         population = insight.population.to_dict()  # snapshot before any await
+        sent = False
         try:
             if counts is not None or described:
                 await self.store.flush(
                     counts, described, keep_neighbors=self.settings.recs.keep_neighbors
                 )
+            sent = True
             parts = await self.store.publish_population(self.index, population, self.shards)
             merged = None
             for part in parts:
@@ -158,6 +162,8 @@ class ShardInsight:
         except Exception as exc:  # never wedge the shard: keep the counts for the next flush
             self.errors += 1
             log.warning("shard %d: insight flush failed (%s)", self.index, exc)
+            if sent:
+                return  # the counts are in Redis; only the merge or catalog read failed
             if counts is not None and insight.counts is not None:
                 counts.merge(insight.counts)
                 insight.counts = counts
@@ -169,19 +175,26 @@ class ShardInsight:
         env = {**os.environ, "NUDGE_SHARDS": str(self.shards)}
         if self.redis_url:  # the Redis this shard uses, whatever the child's config says
             env["NUDGE_REDIS_URL"] = self.redis_url
-        for name in models.active:
-            args = [sys.executable, "-m", "engine.insight.train", name, "--from-profiles"]
-            args += ["--out", models.dir]
-            if self.settings.config_path:
-                args += ["--config", self.settings.config_path]
-            process = await asyncio.create_subprocess_exec(
-                *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
-            )
-            _, err = await process.communicate()
-            if process.returncode:
-                log.warning("retraining %s failed: %s", name, err.decode(errors="replace")[-500:])
-            else:
-                log.info("retrained %s from live profiles", name)
+        for name in models.active_models:
+            try:
+                await self._retrain_one(name, env)
+            except Exception:  # a retraining that cannot even start must not kill the shard
+                log.exception("retraining %s could not run", name)
+
+    async def _retrain_one(self, name: str, env: dict[str, str]) -> None:
+        models = self.settings.models
+        args = [sys.executable, "-m", "engine.insight.train", name, "--from-profiles"]
+        args += ["--out", models.models_dir]
+        if self.settings.config_path:
+            args += ["--config", self.settings.config_path]
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
+        )
+        _, err = await process.communicate()
+        if process.returncode:
+            log.warning("retraining %s failed: %s", name, err.decode(errors="replace")[-500:])
+        else:
+            log.info("retrained %s from live profiles", name)
 
     def status(self) -> dict:
         """Figures for the shard's status."""

@@ -176,6 +176,7 @@ def test_api_in_another_process_finds_shards_by_name(ray_cluster, redis_url: str
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-        for n in range(4):  # joined clusters keep detached shards; remove ours
+        # Joined clusters keep detached shards and dispatchers; remove ours.
+        for name in [f"shard-{n}" for n in range(4)] + ["dispatcher-0", "dispatcher-1"]:
             with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(f"shard-{n}", namespace=namespace), no_restart=True)
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

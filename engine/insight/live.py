@@ -98,10 +98,14 @@ class LiveInsight:
                 if pid not in items:
                     items.append(pid)
                 category = line.get("category")
+                known = self.catalog.get(pid)
+                if known is None:
+                    if pid not in self.described:
+                        self._describe(pid, line)
+                elif category is None:
+                    category = known.get("category")  # order lines are enriched too
                 if category.__class__ is str:
                     categories[pid] = category
-                if pid not in self.catalog and pid not in self.described:
-                    self._describe(pid, line)
         if items:
             history = history_of(profile, ts, self.co, items)
             self.counts.observe(items, self.co.purchase_weight, ts, history, categories)
@@ -127,12 +131,17 @@ class LiveInsight:
         return True
 
     def scoring_population(self) -> Population:
-        """Every shard's population as of the last merge, else (before one) this shard's own.
+        """Every shard's population as of the last merge, unless this shard's own is better.
 
         The merged one is at most a flush old, and ranking against it is a binary
-        search (its index is built once per merge, not once per order).
+        search (its index is built once per merge, not once per order). Before
+        the first merge, or while the merge knows fewer than half as many buyers
+        as this shard alone (a new shop filling up), the shard's own is used.
         """
-        return self.merged if self.merged is not None else self.population
+        merged = self.merged
+        if merged is not None and len(merged) > 0 and 2 * len(merged) >= len(self.population):
+            return merged
+        return self.population
 
     def refresh(self, profile: Any, now: float) -> bool:
         """Rescore RFM against the current population (the periodic re-check)."""

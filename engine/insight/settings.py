@@ -25,9 +25,9 @@ class RfmConfig:
 class ModelsConfig:
     """Trained models the shards load and score customers with."""
 
-    dir: str = "./models"
-    # model names to load from dir (each NAME.model, written by `nudge train NAME`)
-    active: tuple[str, ...] = ()
+    models_dir: str = "./models"
+    # model names to load from models_dir (each NAME.model, written by `nudge train NAME`)
+    active_models: tuple[str, ...] = ()
     # customers whose features changed are scored in one batch this often
     score_interval_ms: int = 1000
     # how often shards look for a new model file
@@ -44,10 +44,11 @@ def check(rfm: RfmConfig, models: ModelsConfig) -> None:
         )
     if rfm.recheck_hours < 0:
         raise ConfigError("rfm.recheck_hours must be 0 (never) or more", field="rfm.recheck_hours")
-    for n, name in enumerate(models.active):
+    for n, name in enumerate(models.active_models):
         if not _MODEL_NAME.match(name):
             raise ConfigError(
-                f"models.active[{n}] {name!r} is not a model name", field=f"models.active[{n}]"
+                f"models.active_models[{n}] {name!r} is not a model name",
+                field=f"models.active_models[{n}]",
             )
     if models.score_interval_ms < 1 or models.reload_interval_s <= 0:
         raise ConfigError(

@@ -299,7 +299,7 @@ def train(
         echo(f"  {label:34}{m['auc']:>8.3f}{m['pr_auc']:>9.3f}{m['lift_top_decile']:>10.2f}")
     echo(f"  (positive rate {model_metrics['positive_rate']:.3f}; PR-AUC of chance equals it)")
     report = {"model": model_metrics, "baseline": baseline, "folds": folds}
-    path, version = fit_and_save(dataset, name, out or config.models.dir, scores, report)
+    path, version = fit_and_save(dataset, name, out or config.models.models_dir, scores, report)
     echo(f"  wrote {path} version {version} ({len(FEATURES)} features)")
     return {**report, "path": str(path), "version": version, "rows": len(dataset.rows)}
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--from-profiles", action="store_true", help="the live profiles in Redis")
     parser.add_argument("--horizon-days", type=float, default=90.0)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--out", help="models directory (default: [models] dir)")
+    parser.add_argument("--out", help="models directory (default: [models] models_dir)")
     parser.add_argument("--config")
     args = parser.parse_args(argv)
     from engine.config import load

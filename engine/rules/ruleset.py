@@ -308,8 +308,11 @@ class RuleSet:
         if self.recheck_s > 0 and self.timed_segments:
             _schedule_recheck(journey, t + self.recheck_s)
         if members == before:
-            if members != (journey.get("seg") or []):
-                journey["seg"] = members
+            if members != (journey.get("seg") or []):  # a baseline recorded silently
+                if members:
+                    journey["seg"] = members
+                else:
+                    journey.pop("seg", None)
             return (), ()
         if members:
             journey["seg"] = members

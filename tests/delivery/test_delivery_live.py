@@ -413,3 +413,19 @@ async def test_a_profile_read_that_fails_is_retried_then_dead_lettered(
     assert list(hook.accepted) == ["send-once"] and calls["once"] == 2
     [(_, fields)] = sync_redis.xrange(dlq_key(shard_for("never", 4)))
     assert b"shard unreachable" in fields[b"d"] and calls["never"] == 5
+
+
+def test_dispatchers_recreate_their_group_after_redis_is_emptied(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    hook = Hook(secret="k")
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        with engine(redis_url, delivery_config(esp), rules=False) as (client, _, _config):
+            identify(client, "max")
+            client.get("/v1/profiles/max", headers=ADMIN)
+            sync_redis.delete(outbox_key(shard_for("max", 4)))  # the group goes with it
+            time.sleep(0.5)
+            _put(sync_redis, "max", "send-max", "hook")
+            assert wait_for(lambda: hook.accepted)
+    assert list(hook.accepted) == ["send-max"]

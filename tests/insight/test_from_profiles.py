@@ -71,9 +71,13 @@ async def test_scheduled_retraining_writes_a_model_the_shards_pick_up(
     partition = await checkpoint_buyers(redis_url, now)
     models = tmp_path / "models"
     config_file = tmp_path / "config.toml"
-    config_file.write_text('[models]\nactive = ["churn"]\n')  # Redis and dir come from the shard
+    config_file.write_text(
+        '[models]\nactive_models = ["churn"]\n'
+    )  # Redis and dir come from the shard
     settings = InsightSettings(
-        models=ModelsConfig(dir=str(models), active=("churn",), retrain_interval_hours=1e-9),
+        models=ModelsConfig(
+            models_dir=str(models), active_models=("churn",), retrain_interval_hours=1e-9
+        ),
         config_path=str(config_file),
     )
     insight = ShardInsight(0, 1, settings)

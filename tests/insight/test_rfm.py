@@ -178,3 +178,25 @@ def test_restoring_a_checkpoint_from_before_rfm_counts_and_scores_its_buyers() -
     assert len(restored.insight.population) == 2
     assert restored.profiles["b"].rfm["score"] == "555"
     assert restored.profiles["a"].rfm["r"] == 3  # ceil(5 * (0 below + 1) / 2 buyers)
+
+
+def test_an_empty_or_much_smaller_merge_does_not_score_buyers_against_nobody() -> None:
+    partition = Partition(lambda c: True, insight=LiveInsight(co=None))
+    partition.insight.merged = Population()  # a flush before any order
+    partition.apply(order("ann", T0, 10.0, 1))
+    assert partition.profiles["ann"].rfm["score"] == "555"  # against its own shard: the best
+    partition.insight.merged = Population.from_dict(partition.insight.population.to_dict())
+    assert partition.insight.scoring_population() is partition.insight.merged
+
+
+def test_order_lines_take_their_category_from_the_catalog() -> None:
+    from engine.recs.cooccur import CoSettings
+
+    insight = LiveInsight(co=CoSettings())
+    insight.catalog = {"p1": {"id": "p1", "category": "Shoes"}}
+    partition = Partition(lambda c: True, insight=insight)
+    bought = order("ann", T0, 80.0, 1)
+    bought["properties"]["products"] = [{"product_id": "p1"}, {"product_id": "p9", "name": "X"}]
+    partition.apply(bought)
+    assert set(insight.counts.popular["Shoes"]) == {"p1"}
+    assert insight.take_described() == {"p9": {"name": "X"}}

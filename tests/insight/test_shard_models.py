@@ -34,7 +34,10 @@ async def test_shard_scores_customers_and_keeps_the_old_model_on_a_bad_file(
 ) -> None:
     write_model(tmp_path, version=1)
     models = ModelsConfig(
-        dir=str(tmp_path), active=("churn",), score_interval_ms=10, reload_interval_s=0.05
+        models_dir=str(tmp_path),
+        active_models=("churn",),
+        score_interval_ms=10,
+        reload_interval_s=0.05,
     )
     actor = ShardActor(
         0,

@@ -165,7 +165,7 @@ def test_the_hot_path_counts_exactly_what_observe_with_history_counts() -> None:
         ("recs", {"category_limits": ["Socks"]}, "recs.category_limits[0]"),
         ("recs", {"history_items": 0}, "recs.history_items"),
         ("rfm", {"sketch_accuracy": 0.9}, "rfm.sketch_accuracy"),
-        ("models", {"active": ["../etc/passwd"]}, "models.active[0]"),
+        ("models", {"active_models": ["../etc/passwd"]}, "models.active_models[0]"),
         ("models", {"score_interval_ms": 0}, "models"),
     ],
 )
