@@ -39,6 +39,7 @@ from engine.delivery.ledger import Ledger
 from engine.delivery.message import DeliveryError, PermanentError, TransientError
 from engine.delivery.policy import CircuitBreaker, TokenBucket, backoff
 from engine.delivery.templates import TemplateError, TemplateSet
+from engine.metrics.delivery import DeliveryMetrics
 from engine.store import connect
 from engine.tracking import TokenSigner
 
@@ -95,6 +96,7 @@ class DispatcherActor:
         }
         self.adapters: dict[str, Adapter] = {}
         self.stats = {"sent": 0, "suppressed": 0, "holdout": 0, "dead_lettered": 0, "failed": 0}
+        self.meters = DeliveryMetrics()
         self.ready = False
         self._inflight: dict[asyncio.Task, tuple[int, str]] = {}
         self._stopping = False
@@ -294,6 +296,7 @@ class DispatcherActor:
                     detail = await adapter.send(email)
                 except (TransientError, PermanentError) as exc:
                     failure = exc
+                self.meters.esp_request(esp.name, "ok" if failure is None else "error")
                 await marked  # done before any final record, which it must not overwrite
                 if failure is None:
                     breaker.success()
@@ -334,6 +337,7 @@ class DispatcherActor:
             index, entry_id, send, state, attempts=attempts, now=time.time(), detail=detail
         )
         self.stats[state] += 1
+        self.meters.sent(send, state, time.time())
 
     async def _dead(self, index: int, entry_id: str, send: dict, attempts: int, error: str) -> None:
         letter = await self._ledger.dead_letter(
@@ -345,6 +349,10 @@ class DispatcherActor:
         )
 
     # -- calls --------------------------------------------------------------------------
+    async def metrics(self) -> list[dict]:
+        """Event-to-ESP latency and ESP requests as plain snapshots, for /metrics."""
+        return self.meters.snapshot()
+
     async def status(self) -> dict:
         """Readiness, in-flight sends, counters and circuit breakers of this dispatcher."""
         now = time.monotonic()
@@ -391,6 +399,36 @@ def _ray_profiles(config: Config) -> ProfileSource:
 
 
 # -- Ray -----------------------------------------------------------------------------
+class DispatcherMetrics:
+    """The API's /metrics source for the dispatchers: finds them by name, asks each once."""
+
+    def __init__(self, config: Config, *, timeout_s: float = 2.0):
+        self.names = [dispatcher_name(i) for i in range(config.delivery.dispatchers)]
+        self.namespace = config.engine.ray_namespace
+        self.timeout_s = timeout_s
+        self._handles: dict[str, Any] = {}
+
+    async def __call__(self) -> list[list[dict] | None]:
+        """Each dispatcher's snapshot (None for one that is not there or did not answer)."""
+        import ray
+
+        if not self.names or not ray.is_initialized():
+            return []
+
+        async def one(name: str) -> list[dict] | None:
+            try:
+                handle = self._handles.get(name)
+                if handle is None:
+                    handle = self._handles[name] = ray.get_actor(name, namespace=self.namespace)
+                return await asyncio.wait_for(handle.metrics.remote(), self.timeout_s)
+            except Exception as exc:  # gone, restarting, or never started
+                self._handles.pop(name, None)
+                log.debug("metrics: dispatcher %s did not answer: %r", name, exc)
+                return None
+
+        return list(await asyncio.gather(*(one(n) for n in self.names)))
+
+
 def remote_dispatcher_class(max_restarts: int = -1):
     """DispatcherActor as a restartable Ray actor class (ray.remote applied late)."""
     import ray

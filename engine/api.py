@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from actors.client import ShardClient
+from actors.dispatcher import DispatcherMetrics
 from engine import events as ev
 from engine.auth import ADMIN, WRITE, KeyRing
 from engine.config import Config
@@ -332,6 +333,10 @@ def create_app(
         multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
         timeout_s=config.metrics.scrape_timeout_s,
     )
+    # The dispatchers (Ray actors, found by name) report event-to-ESP latency and ESP requests.
+    collector.add_actor_source(
+        DispatcherMetrics(config, timeout_s=config.metrics.scrape_timeout_s)
+    )
     routes += metrics_routes(config.metrics, keys, collector)
     routes += console_routes(config, keys, collector, shards=shards, store=store)
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
@@ -352,6 +357,6 @@ def create_app(
             Exception: internal_error,
         },
     )
-    # Other actors (dispatchers) join /metrics with app.state.metrics.add_actor_source(...).
+    # Other actors join /metrics with app.state.metrics.add_actor_source(...).
     app.state.metrics = collector
     return app
