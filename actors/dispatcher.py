@@ -40,6 +40,7 @@ from engine.delivery.message import DeliveryError, PermanentError, TransientErro
 from engine.delivery.policy import CircuitBreaker, TokenBucket, backoff
 from engine.delivery.templates import TemplateError, TemplateSet
 from engine.metrics.delivery import DeliveryMetrics
+from engine.recs.recommender import CollaborativeRecommender
 from engine.store import connect
 from engine.tracking import TokenSigner
 
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 ProfileSource = Callable[[str], Awaitable[dict | None]]
 _BLOCK_MS = 250
 _MAX_SURPRISES = 5  # unexpected errors (an unreachable shard) before a send is dead-lettered
+
+
+_RECOMMEND_TIMEOUT_S = 0.2
 
 
 def dispatcher_name(index: int) -> str:
@@ -97,6 +101,9 @@ class DispatcherActor:
         self.adapters: dict[str, Adapter] = {}
         self.stats = {"sent": 0, "suppressed": 0, "holdout": 0, "dead_lettered": 0, "failed": 0}
         self.meters = DeliveryMetrics()
+        self.recommender = (
+            CollaborativeRecommender(redis_url, config.recs) if config.recs.recs_enabled else None
+        )
         self.ready = False
         self._inflight: dict[asyncio.Task, tuple[int, str]] = {}
         self._stopping = False
@@ -267,8 +274,11 @@ class DispatcherActor:
             await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
             return
         adapter = self.adapters[esp.name]
+        recommended = await self._recommend(profile) if adapter.renders else None
         try:
-            email = self.composer.compose(send, profile, esp, render=adapter.renders)
+            email = self.composer.compose(
+                send, profile, esp, render=adapter.renders, recommended=recommended
+            )
         except (TemplateError, DeliveryError) as exc:
             await self._dead(index, entry_id, send, attempts, exc.message)
             return
@@ -330,6 +340,19 @@ class DispatcherActor:
             )
             await asyncio.sleep(max(delay, wait))
 
+    async def _recommend(self, profile: dict | None) -> list[dict] | None:
+        # Collaborative filtering (engine.recs) for the email's recommendations block;
+        # on any trouble the template falls back to the customer's own recent interest.
+        if self.recommender is None or profile is None:
+            return None
+        try:
+            return await asyncio.wait_for(
+                self.recommender.recommend(profile, limit=4), _RECOMMEND_TIMEOUT_S
+            )
+        except Exception as exc:
+            log.debug("%s: recommendations unavailable (%r)", self.consumer, exc)
+            return None
+
     async def _finish(
         self, index: int, entry_id: str, send: dict, state: str, attempts: int, detail: str
     ) -> None:
@@ -383,6 +406,8 @@ class DispatcherActor:
             await self._session.close()
         if self._ledger is not None:
             await self._ledger.close()
+        if self.recommender is not None:
+            await self.recommender.close()
         return len(left)
 
 

@@ -47,15 +47,33 @@ class Composer:
         self.templates = templates
         self.shop = {"name": delivery.brand_name, "url": delivery.site_url}
 
-    def context(self, send: Mapping[str, Any], profile: Mapping[str, Any] | None) -> dict:
+    def context(
+        self,
+        send: Mapping[str, Any],
+        profile: Mapping[str, Any] | None,
+        recommended: list[dict] | None = None,
+    ) -> dict:
         """The template context of `send` for `profile`."""
-        return build_context(send, profile, signer=self.signer, links=self.links, shop=self.shop)
+        return build_context(
+            send,
+            profile,
+            signer=self.signer,
+            links=self.links,
+            shop=self.shop,
+            recommended=recommended,
+        )
 
     def compose(
-        self, send: Mapping[str, Any], profile: Mapping[str, Any], esp: EspConfig, *, render: bool
+        self,
+        send: Mapping[str, Any],
+        profile: Mapping[str, Any],
+        esp: EspConfig,
+        *,
+        render: bool,
+        recommended: list[dict] | None = None,
     ) -> Email:
         """The Email for `send`; TemplateError if rendering fails."""
-        context = self.context(send, profile)
+        context = self.context(send, profile, recommended)
         rendered = self.templates.render(send["template"], context) if render else None
         customer = context["customer"]
         return Email(

@@ -38,8 +38,13 @@ def build_context(
     links: Links,
     shop: Mapping[str, str],
     recommendations: int = 4,
+    recommended: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """The template context of `send` for `profile` (None: an unknown customer)."""
+    """The template context of `send` for `profile` (None: an unknown customer).
+
+    `recommended`: products from the engine's recommender (collaborative filtering),
+    best first; without them, the customer's own recent interest fills the block.
+    """
     profile = profile or {"id": send["customer"]}
     traits = profile.get("traits") or {}
     payload = dict(send.get("payload") or {})
@@ -67,10 +72,21 @@ def build_context(
             "email": email_address(profile),
         },
         "cart": cart,
-        "recommendations": [
-            {**item, "url": links.product(item), "name": None, "image_url": None, "price": None}
-            for item in recent_interest(profile, limit=recommendations)
-        ],
+        "recommendations": (
+            [
+                {
+                    **{"name": None, "image_url": None, "price": None},
+                    **item,
+                    "url": item.get("url") or links.product(item),
+                }
+                for item in recommended[:recommendations]
+            ]
+            if recommended
+            else [
+                {**item, "url": links.product(item), "name": None, "image_url": None, "price": None}
+                for item in recent_interest(profile, limit=recommendations)
+            ]
+        ),
         "recent_purchase": (
             {"product_id": purchased[-1][1], "at": purchased[-1][0]} if purchased else None
         ),

@@ -164,3 +164,23 @@ def test_apply_defaults_reaches_into_lists_and_leaves_the_input_alone() -> None:
     filled = apply_defaults(original, (("a.items[].n", "d"), ("b", 1), ("c.d", 2)))
     assert filled == {"a": {"items": [{"n": "d"}, {"n": "x"}]}, "b": 1, "c": {"d": 2}}
     assert original["a"]["items"][0]["n"] is None
+
+
+def test_recommended_products_fill_the_block_and_render() -> None:
+    send = {"send_id": "s1", "customer": "ann", "rule": "r", "variant": None, "payload": {}}
+    picks = [
+        {"product_id": "p7", "name": "Merino <hat>", "price": 25.0, "url": "https://s/p7"},
+        {"product_id": "p8", "name": "Scarf", "price": 19.0},
+    ]
+    links = Links(product_url="https://shop.example/p/{product_id}")
+    ctx = build_context(send, ANN, signer=SIGNER, links=links, shop=SHOP, recommended=picks)
+    assert [(r["product_id"], r["name"], r["url"]) for r in ctx["recommendations"]] == [
+        ("p7", "Merino <hat>", "https://s/p7"),
+        ("p8", "Scarf", "https://shop.example/p/p8"),
+    ]
+    assert ctx["recommendations"][0]["image_url"] is None
+    # Without the recommender's picks, the customer's own recent interest is used.
+    fallback = build_context(send, ANN, signer=SIGNER, links=links, shop=SHOP)
+    assert all(r["product_id"] not in ("p7", "p8") for r in fallback["recommendations"])
+    email = TemplateSet("").render("cross-sell", ctx)
+    assert "Merino &lt;hat&gt;" in email.html and "Merino <hat>" in email.text
