@@ -93,9 +93,10 @@ def tracking_routes(
             token = signer.verify(request.path_params["token"], OPEN)
         except BadToken:
             return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
-        message_id = f"nudge-open:{token.send_id}:{int(now // 60)}"
-        await append([tracking_event(token, "Email Opened", message_id, now)])
-        metered.EMAIL_OPENS.labels(token.rule or "-", token.variant or "-").inc()
+        if request.method == "GET":  # HEAD: a link checker, not a person
+            message_id = f"nudge-open:{token.send_id}:{int(now // 60)}"
+            await append([tracking_event(token, "Email Opened", message_id, now)])
+            metered.EMAIL_OPENS.labels(token.rule or "-", token.variant or "-").inc()
         return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
 
     async def clicked(request: Request) -> Response:
@@ -103,9 +104,10 @@ def tracking_routes(
         token = signer.verify(request.path_params["token"], CLICK)
         url = safe_destination(token.url)
         link = hashlib.blake2b(url.encode(), digest_size=6).hexdigest()
-        message_id = f"nudge-click:{token.send_id}:{link}:{int(now // 60)}"
-        await append([tracking_event(token, "Email Link Clicked", message_id, now)])
-        metered.EMAIL_CLICKS.labels(token.rule or "-", token.variant or "-").inc()
+        if request.method == "GET":  # HEAD: mail scanners probe links; that is no click
+            message_id = f"nudge-click:{token.send_id}:{link}:{int(now // 60)}"
+            await append([tracking_event(token, "Email Link Clicked", message_id, now)])
+            metered.EMAIL_CLICKS.labels(token.rule or "-", token.variant or "-").inc()
         return RedirectResponse(url, status_code=302, headers=_NO_STORE)
 
     async def unsubscribe_page(request: Request) -> Response:
