@@ -12,10 +12,11 @@ import logging
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from engine.coerce import section_values
 from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
@@ -148,42 +149,11 @@ _FOREIGN = frozenset(
 )
 
 
-def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
-    kind = type(default)
-    if kind is tuple:
-        if isinstance(value, str) and from_env:
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{path} must be a list of strings", field=path)
-        return tuple(value)
-    if kind is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false", field=path)
-        return value
-    if kind in (int, float):
-        if isinstance(value, str):
-            try:
-                value = kind(value)
-            except ValueError:
-                raise ConfigError(f"{path} must be a number, got {value!r}", field=path) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number", field=path)
-        if kind is int and not float(value).is_integer():
-            raise ConfigError(f"{path} must be a whole number", field=path)
-        return kind(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{path} must be a string", field=path)
-    return value
-
-
 def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Build a Config from parsed TOML and environment overrides; errors name the key."""
-    env = env or {}
+    env = dict(env or {})
+    if env.get("RAY_ADDRESS") and "NUDGE_RAY_ADDRESS" not in env:
+        env["NUDGE_RAY_ADDRESS"] = env["RAY_ADDRESS"]  # Ray's own variable, below ours
     sections = {}
     for name in data:
         if name not in _SECTIONS and name not in _FOREIGN:
@@ -192,22 +162,7 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         given = data.get(name, {})
         if not isinstance(given, dict):
             raise ConfigError(f"[{name}] must be a table", field=name)
-        known = {f.name: f for f in fields(cls)}
-        for key in given:
-            if key not in known:
-                raise ConfigError(f"unknown setting {name}.{key}", field=f"{name}.{key}")
-        defaults = cls()
-        values = {}
-        for key in known:
-            default = getattr(defaults, key)
-            env_name = "NUDGE_" + key.upper()
-            if env_name in env:
-                values[key] = _coerce(env[env_name], default, env_name, from_env=True)
-            elif key == "ray_address" and env.get("RAY_ADDRESS"):
-                values[key] = env["RAY_ADDRESS"]
-            elif key in given:
-                values[key] = _coerce(given[key], default, f"{name}.{key}")
-        sections[name] = replace(defaults, **values)
+        sections[name] = cls(**section_values(cls, given, name, env, "NUDGE_"))
     config = Config(
         **sections,
         content=content_config_from_mapping(data.get("content"), env),

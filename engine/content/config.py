@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
+from engine.coerce import coerce_setting, section_values
 from engine.content.template import Template, TemplateError, body_fields
 from engine.errors import ConfigError
 
@@ -131,20 +132,12 @@ def content_config_from_mapping(
     env = env or {}
     blocks_raw = data.pop("blocks", {})
     sources_raw = data.pop("source", [])
-    scalar = {f.name: f for f in fields(ContentConfig) if f.name not in ("blocks", "sources")}
-    defaults = ContentConfig()
-    values: dict[str, Any] = {}
-    for key in data:
-        if key not in scalar:
-            raise ConfigError(f"unknown setting content.{key}", field=f"content.{key}")
-    for key in scalar:
-        env_name = "NUDGE_CONTENT_" + key.upper()
-        if env_name in env:
-            values[key] = _coerce(env[env_name], getattr(defaults, key), env_name, from_env=True)
-        elif key in data:
-            values[key] = _coerce(data[key], getattr(defaults, key), f"content.{key}")
-    config = replace(defaults, **values)
-    config = replace(config, blocks=_parse_blocks(blocks_raw), sources=_parse_sources(sources_raw))
+    values = section_values(
+        ContentConfig, data, "content", env, "NUDGE_CONTENT_", skip=("blocks", "sources")
+    )
+    config = ContentConfig(
+        **values, blocks=_parse_blocks(blocks_raw), sources=_parse_sources(sources_raw)
+    )
     _validate(config)
     return config
 
@@ -213,7 +206,7 @@ def _table(cls: type, table: Any, path: str) -> Any:
             values[key] = value.upper()
         else:
             default = getattr(cls(name="x", url="x") if cls is SourceConfig else cls(), key)
-            values[key] = _coerce(value, default, at)
+            values[key] = coerce_setting(value, default, at)
     if "on_failure" in values and values["on_failure"] not in ("fallback", "omit"):
         raise ConfigError(f"{path}.on_failure must be fallback or omit", field=f"{path}.on_failure")
     for key in ("timeout_ms", "limit", "max_inflight", "max_bytes"):
@@ -249,38 +242,6 @@ def _check_template(text: str, path: str) -> None:
         Template(text)
     except TemplateError as exc:
         raise ConfigError(f"{path}: {exc}", field=path) from None
-
-
-def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
-    kind = type(default)
-    if kind is tuple:
-        if isinstance(value, str) and from_env:
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{path} must be a list of strings", field=path)
-        return tuple(value)
-    if kind is bool:
-        if isinstance(value, str) and from_env:
-            lowered = value.lower()
-            if lowered in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return lowered in ("1", "true", "yes", "on")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false", field=path)
-        return value
-    if kind in (int, float):
-        if isinstance(value, str) and from_env:
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{path} must be a number, got {value!r}", field=path) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number", field=path)
-        if kind is int and not float(value).is_integer():
-            raise ConfigError(f"{path} must be a whole number", field=path)
-        return kind(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{path} must be a string", field=path)
-    return value
 
 
 def _validate(config: ContentConfig) -> None:

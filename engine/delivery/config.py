@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
+from engine.coerce import coerce_setting, section_values
 from engine.errors import ConfigError
 
 ESP_KINDS = ("webhook", "smtp", "sendgrid")
@@ -97,19 +98,10 @@ def delivery_config_from_mapping(
         raise ConfigError("[delivery] must be a table", field="delivery")
     env = env or {}
     data = dict(data or {})
-    defaults = DeliveryConfig()
-    scalar = {f.name for f in fields(DeliveryConfig) if f.name != "esps"}
-    for key in data:
-        if key not in scalar:
-            raise ConfigError(f"unknown setting delivery.{key}", field=f"delivery.{key}")
-    values: dict[str, Any] = {}
-    for key in scalar:
-        env_name = "NUDGE_DELIVERY_" + key.upper()
-        if env_name in env:
-            values[key] = _coerce(env[env_name], getattr(defaults, key), env_name, from_env=True)
-        elif key in data:
-            values[key] = _coerce(data[key], getattr(defaults, key), f"delivery.{key}")
-    config = replace(defaults, **values, esps=_parse_esps(esps, env))
+    values = section_values(
+        DeliveryConfig, data, "delivery", env, "NUDGE_DELIVERY_", skip=("esps",)
+    )
+    config = DeliveryConfig(**values, esps=_parse_esps(esps, env))
     _validate(config)
     return config
 
@@ -143,11 +135,11 @@ def _parse_esps(raw: Any, env: Mapping[str, str]) -> tuple[EspConfig, ...]:
             if key not in known:
                 raise ConfigError(f"unknown setting {path}.{key}", field=f"{path}.{key}")
             if key not in ("name", "kind"):
-                values[key] = _coerce(value, getattr(sample, key), f"{path}.{key}")
+                values[key] = coerce_setting(value, getattr(sample, key), f"{path}.{key}")
         prefix = "NUDGE_ESP_" + name.upper().replace("-", "_") + "_"
         for key in known - {"name", "kind"}:
             if prefix + key.upper() in env:
-                values[key] = _coerce(
+                values[key] = coerce_setting(
                     env[prefix + key.upper()],
                     getattr(sample, key),
                     prefix + key.upper(),
@@ -208,27 +200,3 @@ def _validate(config: DeliveryConfig) -> None:
             raise ConfigError(f"delivery.{key} {problem}", field=f"delivery.{key}")
 
 
-def _coerce(value: Any, default: Any, path: str, *, from_env: bool = False) -> Any:
-    kind = type(default)
-    if kind is bool:
-        if isinstance(value, str) and from_env:
-            lowered = value.lower()
-            if lowered in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return lowered in ("1", "true", "yes", "on")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false", field=path)
-        return value
-    if kind in (int, float):
-        if isinstance(value, str) and from_env:
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{path} must be a number, got {value!r}", field=path) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number", field=path)
-        if kind is int and not float(value).is_integer():
-            raise ConfigError(f"{path} must be a whole number", field=path)
-        return kind(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{path} must be a string", field=path)
-    return value
