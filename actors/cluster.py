@@ -62,14 +62,7 @@ def ensure_shards(
     cls = remote_shard_class()
     handles = []
     for index in range(settings.shards):
-        options = {
-            "name": shard_name(index),
-            "namespace": settings.ray_namespace,
-            "get_if_exists": True,
-            "scheduling_strategy": "SPREAD",
-        }
-        if detached:
-            options["lifetime"] = "detached"
+        options = actor_options(shard_name(index), settings.ray_namespace, detached=detached)
         handles.append(
             cls.options(**options).remote(
                 index, settings.shards, settings, redis_url, rules=rules, insight=insight
@@ -95,8 +88,21 @@ def shard_client(settings: EngineConfig):
     return ShardClient(find_shards(settings), resolve=lambda index: find_shard(settings, index))
 
 
-def wait_ready(handles: list, timeout: float = 60.0) -> None:
-    """Block until every shard has loaded its checkpoint and replayed its stream."""
+def actor_options(name: str, namespace: str, *, detached: bool) -> dict:
+    """Ray options of an engine actor: named, found again if it exists, spread over nodes."""
+    options = {
+        "name": name,
+        "namespace": namespace,
+        "get_if_exists": True,
+        "scheduling_strategy": "SPREAD",
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    return options
+
+
+def wait_ready(handles: list, timeout: float = 60.0, *, what: str = "shard") -> None:
+    """Block until every actor's status says ready (shards: checkpoint loaded, stream replayed)."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -107,7 +113,7 @@ def wait_ready(handles: list, timeout: float = 60.0) -> None:
         )
         pending = [h for h, s in zip(pending, statuses, strict=True) if not s["ready"]]
         if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} shard(s) not ready after {timeout:.0f} s")
+            raise TimeoutError(f"{len(pending)} {what}(s) not ready after {timeout:.0f} s")
         if pending:
             time.sleep(0.05)
 

@@ -465,36 +465,23 @@ def remote_dispatcher_class(max_restarts: int = -1):
 
 def ensure_dispatchers(config: Config, redis_url: str, *, detached: bool = False) -> list:
     """Create the dispatcher actors that do not exist yet; handles to all of them."""
+    from actors import cluster
+
     cls = remote_dispatcher_class()
     handles = []
     for index in range(config.delivery.dispatchers):
-        options: dict[str, Any] = {
-            "name": dispatcher_name(index),
-            "namespace": config.engine.ray_namespace,
-            "get_if_exists": True,
-            "scheduling_strategy": "SPREAD",
-        }
-        if detached:
-            options["lifetime"] = "detached"
+        options = cluster.actor_options(
+            dispatcher_name(index), config.engine.ray_namespace, detached=detached
+        )
         handles.append(cls.options(**options).remote(index, config, redis_url))
     return handles
 
 
 def wait_dispatchers(handles: list, timeout: float = 60.0) -> None:
     """Block until every dispatcher has resumed its pending sends and reads."""
-    import ray
+    from actors.cluster import wait_ready
 
-    deadline = time.monotonic() + timeout
-    pending = list(handles)
-    while pending:
-        statuses = ray.get(
-            [h.status.remote() for h in pending], timeout=max(deadline - time.monotonic(), 1)
-        )
-        pending = [h for h, s in zip(pending, statuses, strict=True) if not s["ready"]]
-        if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} dispatcher(s) not ready after {timeout:.0f} s")
-        if pending:
-            time.sleep(0.05)
+    wait_ready(handles, timeout, what="dispatcher")
 
 
 def stop_dispatchers(handles: list, timeout: float = 5.0) -> None:

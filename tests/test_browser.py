@@ -4,10 +4,8 @@ CORS on the ingest endpoints, and the write key carried in the body."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,23 +15,10 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from engine.config import BrowserConfig
+from tests.chromium import chromium as open_chromium
 from tests.conftest import LocalShards, serve_app, test_config
 
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
-
 SHOP_PAGE = """<!doctype html>
 <html><head><title>Trail Runner</title>
 <script>
@@ -72,26 +57,10 @@ def shop_and_api(redis_url: str) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-def chromium(tmp_path: Path) -> Iterator[object]:
+def chromium() -> Iterator[object]:
     """Headless Debian Chromium through chromedriver; fails (not skips) when it is missing."""
-    if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
-        pytest.fail(
-            f"{CHROMIUM} or {CHROMEDRIVER} is missing: run .ci/browser as root "
-            "(apt-get install -y chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    with open_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def wait_for(predicate, timeout: float = 15.0) -> object:

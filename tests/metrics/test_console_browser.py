@@ -3,13 +3,8 @@ a customer, the funnel shows a rule that fired. Needs Debian's chromium and chro
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
@@ -18,54 +13,13 @@ import pytest
 from engine.api import create_app
 from engine.clock import ManualClock
 from engine.config import load
+from tests.chromium import chromium
 from tests.conftest import ROOT, LocalShards, serve_app, test_config
 
-CHROMIUM = os.environ.get("NUDGE_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("NUDGE_CHROMEDRIVER", "/usr/bin/chromedriver")
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1400,1000",
-)
 WRITE = ("dev-write-key", "")
 MORNING = datetime(2026, 11, 18, 10, 0, tzinfo=UTC).timestamp()
 
 pytestmark = pytest.mark.slow
-
-
-@contextlib.contextmanager
-def chromium() -> Iterator[object]:
-    """A headless Chromium driven by chromedriver, with a fresh profile directory."""
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        pytest.fail(
-            f"the console browser test needs Chromium and its driver; missing {missing}. "
-            "Install them with: apt-get install -y chromium chromium-driver "
-            "(or set NUDGE_CHROMIUM / NUDGE_CHROMEDRIVER)",
-            pytrace=False,
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="nudge-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def text_of(driver, element_id: str) -> str:
