@@ -189,7 +189,7 @@ class ShardActor:
         # Sends leave at once rather than with the next checkpoint, so a send's latency
         # does not depend on the checkpoint interval. A crash before that checkpoint
         # replays the events and decides the same sends again under the same
-        # deterministic send_ids; the dispatchers deliver each send_id once.
+        # deterministic send_ids, which append_sends keeps out of the outbox.
         sends = self.partition.take_sends()
         try:
             await self._store.append_sends(self.index, sends)
@@ -205,6 +205,8 @@ class ShardActor:
         pos = self.pos
         started = time.perf_counter()
         try:
+            if changes.sends:  # in the outbox before the checkpoint that covers their events
+                await self._store.append_sends(self.index, changes.sends)
             await self._store.save_checkpoint(self.index, changes, pos)
         except BaseException:
             self._requeue(changes)

@@ -8,9 +8,10 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
   nudge:{sN}:pos       last stream id the checkpoint includes
   nudge:{sN}:fwd       stream of messages for other shards, written with the checkpoint
   nudge:{sN}:outbox    stream of decided sends, field s = JSON send; written as soon as
-                       they are decided (not with the checkpoint). After a crash, replay
-                       decides them again under the same deterministic send_id, so an
-                       entry may repeat: consumers deliver each send_id once.
+                       they are decided (not with the checkpoint)
+  nudge:{sN}:sent:ID   marks send ID as written to the outbox, for a day. After a crash,
+                       replay decides a send again under the same deterministic send_id;
+                       this mark keeps it out of the outbox the second time.
 """
 
 from __future__ import annotations
@@ -39,6 +40,26 @@ def parse_id(stream_id: str | bytes) -> tuple[int, int]:
 
 def _key(index: int, name: str) -> str:
     return f"nudge:{shard_tag(index)}:{name}"
+
+
+def sent_key(index: int, send_id: str) -> str:
+    """The mark that send `send_id` of shard `index` is in its outbox already."""
+    return _key(index, f"sent:{send_id}")
+
+
+# Replays after a crash are seconds to minutes of events: a day of marks covers them.
+_SENT_TTL_S = 86_400
+# KEYS: the outbox, then one mark per send; ARGV: the marks' TTL, then each send's JSON.
+_APPEND_SENDS = """
+local n = 0
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], '*', 's', ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
 
 
 def outbox_key(index: int) -> str:
@@ -135,7 +156,11 @@ class Store:
         return (pos.decode() if pos else "0-0"), profiles, aliases, erased
 
     async def save_checkpoint(self, index: int, changes: Changes, pos: str) -> None:
-        """Write changes, forwards and the stream position in one MULTI/EXEC, then trim."""
+        """Write changes, forwards and the stream position in one MULTI/EXEC, then trim.
+
+        `changes.sends` are not written here: the caller appends them first
+        (`append_sends`), so no checkpoint covers an event whose send is not out.
+        """
         async with self.redis.pipeline(transaction=True) as pipe:
             items = list(changes.profiles.items())
             for start in range(0, len(items), _CHUNK):
@@ -150,8 +175,6 @@ class Store:
                 pipe.sadd(_key(index, "erased"), *changes.erased)
             if changes.forwards:
                 pipe.xadd(_key(index, "fwd"), {"f": orjson.dumps(changes.forwards)})
-            for send in changes.sends:
-                pipe.xadd(outbox_key(index), {"s": orjson.dumps(send)})
             pipe.set(_key(index, "pos"), pos)
             # Entries at or below the checkpoint are applied and no longer needed.
             # Approximate trimming only drops whole stream nodes below MINID: much
@@ -159,12 +182,17 @@ class Store:
             pipe.xtrim(stream_key(index), minid=pos, approximate=True)
             await pipe.execute()
 
-    async def append_sends(self, index: int, sends: list[dict]) -> None:
-        """Append decided sends to shard `index`'s outbox, in order, in one round trip."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for send in sends:
-                pipe.xadd(outbox_key(index), {"s": orjson.dumps(send)})
-            await pipe.execute()
+    async def append_sends(self, index: int, sends: list[dict]) -> int:
+        """Append decided sends to shard `index`'s outbox, in order, in one round trip.
+
+        A send whose id was already written (the replay after a crash decides it
+        again) is left out; returns how many were appended.
+        """
+        if not sends:
+            return 0
+        keys = [outbox_key(index), *(sent_key(index, send["send_id"]) for send in sends)]
+        args = [_SENT_TTL_S, *(orjson.dumps(send) for send in sends)]
+        return int(await self.redis.eval(_APPEND_SENDS, len(keys), *keys, *args))
 
     async def deliver_forwards(self, index: int) -> int:
         """Append pending forwards to their owners' streams; returns how many went out.
