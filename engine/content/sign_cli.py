@@ -10,17 +10,18 @@ import urllib.parse
 from engine.config import load
 from engine.content.signing import signed_url
 from engine.errors import EngineError
+from engine.rules.durations import parse_duration
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-
-def parse_duration(text: str) -> int:
-    """Seconds in "90", "15m", "12h" or "30d"; a clear error for anything else."""
-    unit = text[-1:] if text[-1:] in _UNITS else "s"
-    number = text[:-1] if text[-1:] in _UNITS else text
-    if not number.isdigit() or int(number) <= 0:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 3600, 15m, 12h, 30d)")
-    return int(number) * _UNITS[unit]
+def _expiry(text: str) -> int:
+    """Seconds in "3600", "15m", "12h" or "30d" (the rules' duration syntax)."""
+    try:
+        seconds = parse_duration(text if not text.isdigit() else int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("the expiry must be positive")
+    return int(seconds)
 
 
 def main(argv: list[str]) -> int:
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--blocks", help="comma-separated blocks (default: the configured ones)")
     parser.add_argument("--format", choices=["json", "html"])
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--expires-in", type=parse_duration, default=30 * 86400)
+    parser.add_argument("--expires-in", type=_expiry, default=30 * 86400)
     parser.add_argument("--key", help="a content key (default: the first in the config)")
     parser.add_argument("--base", help="prefix, e.g. https://nudge.example.com")
     parser.add_argument("--config")
