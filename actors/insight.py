@@ -29,7 +29,7 @@ from engine.insight.model import Registry
 from engine.insight.rfm import Population
 from engine.insight.settings import ModelsConfig, RfmConfig
 from engine.recs.settings import RecsConfig, co_settings
-from engine.recs.store import RecsStore
+from engine.recs.store import FlushIncomplete, RecsStore
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class ShardInsight:
         self._next_reload = 0.0
         self._next_retrain = time.monotonic() + models.retrain_interval_hours * 3600.0
         self._retraining: asyncio.Task | None = None
+        self._flushing: asyncio.Task | None = None
         self.redis_url = ""
 
     def live(self) -> LiveInsight:
@@ -101,6 +102,7 @@ class ShardInsight:
     async def close(self) -> None:
         if self._retraining is not None:
             self._retraining.cancel()
+        await self.settle()
         if self.store is not None:
             await self.store.close()
 
@@ -122,9 +124,13 @@ class ShardInsight:
                 self.score_s += time.perf_counter() - started
                 self.scored += n
                 changed = n > 0
-        if mono >= self._next_flush:
+        if mono >= self._next_flush and (self._flushing is None or self._flushing.done()):
             self._next_flush = mono + self.settings.recs.flush_interval_s
-            await self.flush(partition)
+            # In the background: a flush waits tens of ms on Redis, and the shard
+            # keeps applying events meanwhile (its counts start afresh at once).
+            self._flushing = asyncio.get_running_loop().create_task(
+                self._flush(partition, bounded=True)
+            )
         retrain = self.settings.models.retrain_interval_hours
         if retrain > 0 and self.index == 0 and mono >= self._next_retrain:
             self._next_retrain = mono + retrain * 3600.0
@@ -132,19 +138,40 @@ class ShardInsight:
                 self._retraining = asyncio.get_running_loop().create_task(self._retrain())
         return changed
 
+    async def settle(self) -> None:
+        """Wait for a flush running in the background, if any."""
+        if self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+
     async def flush(self, partition: Any) -> None:
-        """Counts and descriptions out; every shard's population and the catalog in."""
+        """All counts and descriptions out; every shard's population and the catalog in."""
+        await self.settle()
+        await self._flush(partition, bounded=False)
+
+    async def _flush(self, partition: Any, *, bounded: bool) -> None:
         insight = partition.insight
-        counts = insight.take_counts()
+        recs = self.settings.recs
+        if bounded and recs.flush_pairs_per_s > 0:
+            budget = max(int(recs.flush_pairs_per_s * recs.flush_interval_s), 1)
+            counts = insight.take_counts(budget, recs.carry_pairs)
+        else:
+            counts = insight.take_counts()
         described = insight.take_described()
         population = insight.population.to_dict()  # snapshot before any await
-        sent = False
         try:
             if counts is not None or described:
                 await self.store.flush(
                     counts, described, keep_neighbors=self.settings.recs.keep_neighbors
                 )
-            sent = True
+        except FlushIncomplete as exc:  # descriptions and part of the counts are in Redis
+            self._failed(exc)
+            self._hand_back(insight, exc.unsent, {})
+            return
+        except Exception as exc:  # never wedge the shard: keep it all for the next flush
+            self._failed(exc)
+            self._hand_back(insight, counts, described)
+            return
+        try:
             parts = await self.store.publish_population(self.index, population, self.shards)
             merged = None
             for part in parts:
@@ -159,15 +186,19 @@ class ShardInsight:
                 insight.catalog = await self.store.load_catalog()
                 self.catalog_version = version
             self.flushes += 1
-        except Exception as exc:  # never wedge the shard: keep the counts for the next flush
-            self.errors += 1
-            log.warning("shard %d: insight flush failed (%s)", self.index, exc)
-            if sent:
-                return  # the counts are in Redis; only the merge or catalog read failed
-            if counts is not None and insight.counts is not None:
-                counts.merge(insight.counts)
-                insight.counts = counts
-            insight.described = {**described, **insight.described}
+        except Exception as exc:  # the counts are in Redis; only the merge or catalog failed
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        log.warning("shard %d: insight flush failed (%s)", self.index, exc)
+
+    @staticmethod
+    def _hand_back(insight: Any, counts: Any, described: dict) -> None:
+        if counts is not None and insight.counts is not None:
+            counts.merge(insight.counts)  # what was counted meanwhile comes on top
+            insight.counts = counts
+        insight.described = {**described, **insight.described}
 
     async def _retrain(self) -> None:
         """Retrain every active model from the live profiles, in a child process."""
@@ -206,3 +237,10 @@ class ShardInsight:
             "models": self.registry.status(),
             "catalog_version": self.catalog_version,
         }
+
+    def carried(self, partition: Any) -> dict:
+        """Co-occurrence pairs waiting for a later flush, and those given up."""
+        counts = partition.insight.counts if partition.insight is not None else None
+        if counts is None:
+            return {"carried": 0, "dropped": 0}
+        return {"carried": len(counts.pairs), "dropped": counts.dropped}

@@ -189,11 +189,16 @@ class LiveInsight:
             profile.rfm = rfm_record(values, self.population, profile.last_seen or values[0])
 
     # -- flush -------------------------------------------------------------------------
-    def take_counts(self) -> CoCounts | None:
-        """Co-occurrence counted since the last call (None when there is none)."""
-        if self.counts is None or not self.counts:
+    def take_counts(
+        self, max_pairs: int | None = None, carry: int | None = None
+    ) -> CoCounts | None:
+        """Co-occurrence counted since the last call (None when there is none).
+
+        `max_pairs` and `carry` as in CoCounts.take: the lightest pairs may wait.
+        """
+        if self.counts is None or not (self.counts or self.counts.pairs):
             return None
-        return self.counts.take()
+        return self.counts.take(max_pairs, carry)
 
     def take_described(self) -> dict[str, dict]:
         """Products described by events since the last call."""

@@ -17,6 +17,7 @@ every list. Deltas are plain sums, so the merge of shards (in Redis, or
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class CoCounts:
     on the hot path; both directions are written out at flush time.
     """
 
-    __slots__ = ("_adjacent", "events", "mass", "pairs", "popular", "settings")
+    __slots__ = ("_adjacent", "dropped", "events", "mass", "pairs", "popular", "settings")
 
     def __init__(self, settings: CoSettings | None = None):
         self.settings = settings or CoSettings()
@@ -68,6 +69,7 @@ class CoCounts:
         self.mass: dict[str, float] = {}
         self.popular: dict[str, dict[str, float]] = {}  # category ("" = all) -> {item: weight}
         self.events = 0
+        self.dropped = 0  # pairs given up because more were carried over than allowed
         self._adjacent: dict[str, dict[str, float]] | None = None
 
     def __bool__(self) -> bool:
@@ -205,18 +207,33 @@ class CoCounts:
             for item, w in table.items():
                 mine[item] = mine.get(item, 0.0) + w
         self.events += other.events
+        self.dropped += other.dropped
         self._adjacent = None
 
-    def take(self) -> CoCounts:
-        """Hand over everything counted so far and start empty (the shard's flush)."""
+    def take(self, max_pairs: int | None = None, carry: int | None = None) -> CoCounts:
+        """Hand over what was counted so far (the shard's flush) and keep the rest.
+
+        With `max_pairs`, only the heaviest `max_pairs` pairs go; the lighter ones
+        stay here and keep adding up for a later flush, so Redis sees a bounded
+        number of pair writes whatever the event rate. Of those carried, at most
+        `carry` (the heaviest) are kept; `dropped` counts the rest. Item mass and
+        popularity, one entry per product, always go whole.
+        """
         taken = CoCounts(self.settings)
-        taken.pairs, taken.mass, taken.popular, taken.events = (
-            self.pairs,
-            self.mass,
-            self.popular,
-            self.events,
-        )
-        self.pairs, self.mass, self.popular, self.events = {}, {}, {}, 0
+        pairs = self.pairs
+        if max_pairs is not None and len(pairs) > max_pairs:
+            heaviest = heapq.nlargest(max_pairs, pairs.items(), key=_weight)
+            taken.pairs = dict(heaviest)
+            for key in taken.pairs:
+                del pairs[key]
+            if carry is not None and len(pairs) > carry:
+                self.dropped += len(pairs) - carry
+                pairs = dict(heapq.nlargest(carry, pairs.items(), key=_weight))
+            self.pairs = pairs
+        else:
+            taken.pairs, self.pairs = pairs, {}
+        taken.mass, taken.popular, taken.events = self.mass, self.popular, self.events
+        self.mass, self.popular, self.events = {}, {}, 0
         self._adjacent = None
         return taken
 
@@ -242,6 +259,10 @@ class CoCounts:
         """The `n` most popular items of `category` ("" for all)."""
         table = self.popular.get(category) or {}
         return sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def _weight(item: tuple[tuple[str, str], float]) -> float:
+    return item[1]
 
 
 def history_of(

@@ -31,6 +31,8 @@ class RecsConfig:
     neighbors: int = 50
     keep_neighbors: int = 200
     flush_interval_s: float = 5.0
+    flush_pairs_per_s: int = 500
+    carry_pairs: int = 200_000
     enrich_events: bool = True
 
 
@@ -87,9 +89,13 @@ def check(config: RecsConfig) -> None:
     for name in ("view_weight", "add_weight", "purchase_weight", "popularity_blend"):
         if getattr(config, name) < 0:
             raise ConfigError(f"recs.{name} must be 0 or more", field=f"recs.{name}")
-    for name in ("history_items", "neighbors", "keep_neighbors"):
+    for name in ("history_items", "neighbors", "keep_neighbors", "carry_pairs"):
         if getattr(config, name) < 1:
             raise ConfigError(f"recs.{name} must be at least 1", field=f"recs.{name}")
+    if config.flush_pairs_per_s < 0:
+        raise ConfigError(
+            "recs.flush_pairs_per_s must be 0 (no limit) or more", field="recs.flush_pairs_per_s"
+        )
     if config.exclude_bought_days < 0 or config.max_per_category < 0:
         raise ConfigError(
             "recs.exclude_bought_days and recs.max_per_category must be 0 or more", field="recs"

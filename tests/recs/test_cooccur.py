@@ -204,3 +204,30 @@ def test_blended_popularity_keeps_each_item_s_own_reason() -> None:
     assert reasons["socks"] == reasons["laces"] == "also_liked"
     assert reasons["hat"] == "popular"  # ranked by the blend, but nothing pairs it with shoes
     assert got[0]["product_id"] == "socks"  # co-occurring and popular
+
+
+def test_a_bounded_take_sends_the_heaviest_pairs_and_keeps_the_rest_adding_up() -> None:
+    counts = CoCounts(FLAT)
+    bought(counts, ["shoes", "socks"])  # 5
+    counts.observe(["hat", "scarf"], 1.0, T, [])  # 1
+    counts.observe(["bag", "belt"], 3.0, T, [])  # 3
+    taken = counts.take(max_pairs=2)
+    assert taken.pairs == {("shoes", "socks"): 5.0, ("bag", "belt"): 3.0}
+    assert set(taken.mass) == {"shoes", "socks", "hat", "scarf", "bag", "belt"}  # mass goes whole
+    assert counts.pairs == {("hat", "scarf"): 1.0} and not counts.mass
+    counts.observe(["hat", "scarf"], 1.0, T, [])
+    assert counts.take(max_pairs=2).pairs == {("hat", "scarf"): 2.0}  # waited and added up
+    assert counts.pairs == {}
+
+
+def test_a_full_carry_drops_the_lightest_pairs_and_counts_them() -> None:
+    counts = CoCounts(FLAT)
+    for n, weight in enumerate([5.0, 4.0, 3.0, 2.0, 1.0]):
+        counts.observe([f"a{n}", f"b{n}"], weight, T, [])
+    taken = counts.take(max_pairs=1, carry=2)
+    assert list(taken.pairs.values()) == [5.0]
+    assert sorted(counts.pairs.values()) == [3.0, 4.0]
+    assert counts.dropped == 2
+    merged = CoCounts(FLAT)
+    merged.merge(counts)
+    assert merged.dropped == 2  # a failed flush handed back keeps the tally

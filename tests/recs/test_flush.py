@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from actors.insight import ShardInsight
+import pytest
+
+import engine.recs.store as recs_store
+from actors.insight import InsightSettings, ShardInsight
 from engine.insight.live import LiveInsight
 from engine.partition import Partition
-from engine.recs.cooccur import CoSettings
-from engine.recs.store import MASS, RecsStore, co_key
+from engine.recs.cooccur import CoCounts, CoSettings
+from engine.recs.settings import RecsConfig
+from engine.recs.store import MASS, FlushIncomplete, RecsStore, co_key, pop_key
 from engine.store import connect
 from tests.recs.ports import closed_port_url
 from tests.rules.harness import T0, event
@@ -47,3 +51,72 @@ async def test_a_failed_flush_keeps_its_counts_for_the_next(redis_url: str, sync
     await shard.flush(partition)
     await shard.close()
     assert sync_redis.zscore(co_key("p1"), "p2") == pair
+
+
+def two_pairs() -> Partition:
+    """p1 with p2 (customer a), p3 with p4 (customer b): two pairs, four items."""
+    partition = Partition(lambda c: True, insight=LiveInsight(co=CoSettings()))
+    for n, (customer, product) in enumerate([("a", "p1"), ("a", "p2"), ("b", "p3"), ("b", "p4")]):
+        partition.apply(event("Product Viewed", T0 + n, customer, product_id=product))
+    return partition
+
+
+async def test_a_flush_failing_part_way_hands_back_exactly_what_did_not_land(
+    redis_url: str, sync_redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recs_store, "_CHUNK_PAIRS", 1)  # one pair per Lua call
+    partition = two_pairs()
+    weights = dict(partition.insight.counts.pairs)
+    masses = dict(partition.insight.counts.mass)
+    sync_redis.set(co_key("p3"), "not a sorted set")  # the second call fails on it
+    shard = ShardInsight(0, 1, None)
+    await shard.start(connect(redis_url))
+    await shard.flush(partition)
+    assert shard.errors == 1
+    assert sync_redis.zscore(co_key("p1"), "p2") == weights[("p1", "p2")]
+    assert partition.insight.counts.pairs == {("p3", "p4"): weights[("p3", "p4")]}
+    sync_redis.delete(co_key("p3"))
+    await shard.flush(partition)
+    await shard.close()
+    assert shard.errors == 1
+    # the pair that landed the first time is not added twice
+    assert sync_redis.zscore(co_key("p1"), "p2") == weights[("p1", "p2")]
+    assert sync_redis.zscore(co_key("p4"), "p3") == weights[("p3", "p4")]
+    assert {k.decode(): v for k, v in sync_redis.zrange(MASS, 0, -1, withscores=True)} == masses
+    assert sync_redis.zscore(pop_key(""), "p4") == masses["p4"]
+
+
+async def test_the_store_names_the_unsent_counts(redis_url: str, sync_redis, monkeypatch) -> None:
+    monkeypatch.setattr(recs_store, "_CHUNK_PAIRS", 1)
+    counts = two_pairs().insight.counts.take()
+    sync_redis.set(co_key("p3"), "x")
+    store = RecsStore(connect(redis_url))
+    with pytest.raises(FlushIncomplete) as failed:
+        await store.flush(counts, {}, keep_neighbors=10)
+    await store.close()
+    assert set(failed.value.unsent.pairs) == {("p3", "p4")}
+    assert isinstance(failed.value.unsent, CoCounts)
+
+
+async def test_a_due_flush_runs_in_the_background_within_its_pair_budget(
+    redis_url: str, sync_redis
+) -> None:
+    partition = two_pairs()
+    partition.apply(event("Product Viewed", T0 + 9, "a", product_id="p2"))
+    partition.apply(event("Product Viewed", T0 + 10, "a", product_id="p1"))  # p1-p2 twice
+    pairs = partition.insight.counts.pairs
+    heavy, light = pairs[("p1", "p2")], pairs[("p3", "p4")]
+    assert heavy > light
+    recs = RecsConfig(flush_interval_s=1.0, flush_pairs_per_s=1)  # one pair per flush
+    shard = ShardInsight(0, 1, InsightSettings(recs=recs))
+    await shard.start(connect(redis_url))
+    await shard.run_due(partition, T0 + 11)
+    assert shard._flushing is not None and not shard._flushing.done()
+    await shard.settle()
+    assert partition.insight.counts.pairs == {("p3", "p4"): light}
+    assert sync_redis.zscore(co_key("p2"), "p1") == heavy
+    assert sync_redis.zscore(co_key("p3"), "p4") is None  # lighter: waits for a later flush
+    await shard.flush(partition)  # a full flush (stop, admin) sends everything
+    await shard.close()
+    assert sync_redis.zscore(co_key("p3"), "p4") is not None
+    assert partition.insight.counts.pairs == {}
