@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from actors.insight import InsightSettings, ShardInsight
 from engine.clock import Clock, SystemClock
 from engine.config import EngineConfig
+from engine.heap import QuietHeap
 from engine.metrics.shard import ShardMetrics
 from engine.partition import APPLIED, Partition
 from engine.profile import Limits
@@ -47,6 +48,7 @@ class ShardActor:
         clock: Clock | None = None,
         autostart: bool = True,
         insight: InsightSettings | None = None,
+        quiet_heap: bool = False,
     ):
         self.index = index
         self.shards = shards
@@ -84,6 +86,8 @@ class ShardActor:
         self._since_checkpoint = 0
         self._stopping = False
         self.meters = ShardMetrics(index)
+        # Only in a process of its own (a Ray worker): see engine.heap and _renice.
+        self.heap = QuietHeap() if quiet_heap else None
         self._advanced = asyncio.Event() if _has_loop() else None
         self._store: Store | None = None
         self._task: asyncio.Task | None = None
@@ -109,6 +113,9 @@ class ShardActor:
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: recovery failed (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.5)
+        if self.heap is not None:
+            self.heap.start()  # the recovered profiles are out of the collector's way
+            _renice(self.settings.shard_niceness)
         self.ready = True
         log.info(
             "shard %d ready at %s with %d profiles",
@@ -138,6 +145,8 @@ class ShardActor:
                     self._since_checkpoint += 1
                 if self.partition._sends:
                     await self._flush_sends()
+                if self.heap is not None:
+                    self.heap.tick()
                 if self._since_checkpoint and (
                     self._since_checkpoint >= self.settings.checkpoint_events
                     or time.monotonic() - self.last_checkpoint_at >= interval
@@ -283,6 +292,8 @@ class ShardActor:
             "index": self.index,
             "ready": self.ready,
             "pid": os.getpid(),
+            "niceness": os.nice(0),
+            "frozen_objects": self.heap.frozen() if self.heap is not None else 0,
             "node": _ray_node_id(),
             "pos": self.pos,
             "checkpoint_pos": self.checkpoint_pos,
@@ -294,7 +305,7 @@ class ShardActor:
             "sends": self.partition.sent,
             "checkpoints": self.checkpoints,
             "last_checkpoint_s": self.last_checkpoint_s,
-            "insight": self.insight.status(),
+            "insight": {**self.insight.status(), **self.insight.carried(self.partition)},
             "rss_bytes": _rss_bytes(),
         }
 
@@ -341,6 +352,16 @@ class ShardActor:
         if self._store is not None:
             await self._store.close()
         return self.checkpoint_pos
+
+
+def _renice(niceness: int) -> None:
+    """Set this process's niceness to `niceness` (never lower it: that needs root)."""
+    try:
+        current = os.nice(0)
+        if niceness > current:
+            os.nice(niceness - current)
+    except OSError as exc:
+        log.warning("could not set shard niceness %d: %s", niceness, exc)
 
 
 def _has_loop() -> bool:

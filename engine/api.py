@@ -6,6 +6,7 @@ shards through a ShardClient. Errors leave as JSON {"error": {...}}.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -33,6 +34,7 @@ from engine.content import ContentService, content_routes
 from engine.delivery.ledger import Ledger
 from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
+from engine.heap import QuietHeap
 from engine.inbound.http import IngestCORS, sdk_routes, webhook_routes
 from engine.metrics import process as metered
 from engine.metrics.collect import MetricsCollector
@@ -116,11 +118,14 @@ def create_app(
     *,
     content: ContentService | None = None,
     clock: Callable[[], float] = time.time,
+    quiet_heap: bool = False,
 ) -> Starlette:
     """The ASGI app; `shards_factory` connects to the shards once the loop runs.
 
     `content` replaces the content service built from `config.content`, and
     `clock` the time tracking hits are stamped with (tests drive both).
+    `quiet_heap` keeps full GC pauses out of this process (engine.heap): for
+    the server's own process, not for one shared with other work.
     """
     keys = KeyRing(config.auth)
     state: dict[str, Any] = {}
@@ -139,13 +144,23 @@ def create_app(
         state["shards"] = await shards_factory()
         state["recs"] = RecsStore(connect(redis_url))
         await content.start()
+        keeper = asyncio.create_task(_keep_heap_quiet()) if quiet_heap else None
         yield
+        if keeper is not None:
+            keeper.cancel()
         await content.close()
         if recommender is not None:
             await recommender.close()
         await state["recs"].close()
         await state["shards"].aclose()
         await state["store"].close()
+
+    async def _keep_heap_quiet() -> None:
+        heap = QuietHeap()
+        heap.start()
+        while True:
+            await asyncio.sleep(heap.refreeze_s)
+            heap.tick()
 
     def store() -> Store:
         return state["store"]
@@ -334,9 +349,7 @@ def create_app(
         timeout_s=config.metrics.scrape_timeout_s,
     )
     # The dispatchers (Ray actors, found by name) report event-to-ESP latency and ESP requests.
-    collector.add_actor_source(
-        DispatcherMetrics(config, timeout_s=config.metrics.scrape_timeout_s)
-    )
+    collector.add_actor_source(DispatcherMetrics(config, timeout_s=config.metrics.scrape_timeout_s))
     routes += metrics_routes(config.metrics, keys, collector)
     routes += console_routes(config, keys, collector, shards=shards, store=store)
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)

@@ -28,9 +28,7 @@ from engine.recs.settings import check as check_recs
 
 log = logging.getLogger(__name__)
 
-DEV_KEYS = frozenset(
-    {"dev-write-key", "dev-content-key", "dev-admin-key", "dev-tracking-secret"}
-)
+DEV_KEYS = frozenset({"dev-write-key", "dev-content-key", "dev-admin-key", "dev-tracking-secret"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,7 @@ class EngineConfig:
     dedupe_max_ids: int = 100
     recent_max: int = 50
     recent_window_days: float = 30.0
+    shard_niceness: int = 10
 
 
 @dataclass(frozen=True)
@@ -144,9 +143,7 @@ _SECTIONS = {
     "browser": BrowserConfig,
 }
 # Sections read by their own modules: trigger rules (engine.rules) and content.
-_FOREIGN = frozenset(
-    {"rules", "rule", "segment", "content", "delivery", "esp", "webhooks"}
-)
+_FOREIGN = frozenset({"rules", "rule", "segment", "content", "delivery", "esp", "webhooks"})
 
 
 def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
@@ -197,6 +194,7 @@ def validate(config: Config) -> None:
         ),
         (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
         (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),
+        (0 <= config.engine.shard_niceness <= 19, "engine.shard_niceness", "must be 0-19"),
         (
             config.metrics.metrics_auth in ("admin", "open"),
             "metrics.metrics_auth",

@@ -37,7 +37,7 @@ def worker_app():
     start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    return create_app(config, config.engine.redis_url, _shards_factory(config))
+    return create_app(config, config.engine.redis_url, _shards_factory(config), quiet_heap=True)
 
 
 class _Stop(Exception):
@@ -107,7 +107,7 @@ def serve(config: Config) -> None:
                 "engine.serve:worker_app", factory=True, workers=config.server.workers, **uv_options
             )
         else:
-            app = create_app(config, redis_url, _shards_factory(config))
+            app = create_app(config, redis_url, _shards_factory(config), quiet_heap=True)
             uvicorn.Server(uvicorn.Config(app, **uv_options)).run()
     except (_Stop, KeyboardInterrupt):
         pass

@@ -50,6 +50,13 @@ def test_shards_spread_over_both_nodes(ray_api) -> None:
     assert len({s["node"] for s in statuses(handles)}) == 2
 
 
+def test_shards_run_niced_with_their_profiles_out_of_the_collectors_way(ray_api) -> None:
+    _, config, handles = ray_api
+    for status in statuses(handles):
+        assert status["niceness"] >= config.engine.shard_niceness == 10
+        assert status["frozen_objects"] > 0
+
+
 def test_kill_9_of_a_shard_mid_stream_loses_nothing_and_doubles_nothing(ray_api) -> None:
     base, _config, handles = ray_api
     customers = [f"k{n}" for n in range(8)]
