@@ -576,6 +576,42 @@ class EngineRun:
     duration: float
     cpu_groups: dict[str, list[int]]
     accepted_total: int = 0
+    redis_url: str = ""
+
+
+async def redis_commandstats(url: str) -> dict[str, tuple[int, int]]:
+    """Redis's own (CPU µs, calls) per command name so far ({} when it cannot be read)."""
+    if not url:
+        return {}
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+    except Exception:
+        return {}
+    finally:
+        await client.aclose()
+    return {k.removeprefix("cmdstat_"): (int(v["usec"]), int(v["calls"])) for k, v in stats.items()}
+
+
+def redis_by_command(before: dict, after: dict, events: int) -> dict[str, dict[str, float]]:
+    """Per command, Redis CPU µs per event and per call between two commandstats readings.
+
+    Per call shows how long one command keeps Redis (single-threaded) from
+    answering the API's XADDs: a long one is a latency spike for ingest.
+    """
+    if not before or not events:
+        return {}
+    used = {
+        k: (v[0] - before.get(k, (0, 0))[0], v[1] - before.get(k, (0, 0))[1])
+        for k, v in after.items()
+    }
+    top = sorted(((v, k) for k, v in used.items() if v[0] > 0), reverse=True)[:5]
+    return {
+        k: {"per_event": round(us / events, 2), "per_call": round(us / max(calls, 1), 1)}
+        for (us, calls), k in top
+    }
 
 
 async def warm_up(run: EngineRun) -> None:
@@ -591,6 +627,7 @@ async def warm_up(run: EngineRun) -> None:
 async def flat_phase(run: EngineRun) -> dict[str, Any]:
     """Flat out for the duration, then wait until everything accepted is applied."""
     tally = Tally()
+    commands = await redis_commandstats(run.redis_url)
     async with connected(run.port, run.connections) as conns:
         cpu_before = CpuSample.take(run.cpu_groups)
         await with_progress(
@@ -604,6 +641,9 @@ async def flat_phase(run: EngineRun) -> dict[str, Any]:
     seen, totals = await wait_processed(run.port, run.accepted_total, max(120.0, run.duration * 6))
     out = summarize(tally, tally.last_done - tally.first_send)
     out["cpu"] = cpu
+    out["redis_commands"] = redis_by_command(
+        commands, await redis_commandstats(run.redis_url), tally.events_ok
+    )
     if seen is None:
         out["applied_events_s"] = None
         out["drain_s"] = None
@@ -620,6 +660,7 @@ async def paced_phase(run: EngineRun, rate_events: float) -> dict[str, Any]:
     rate_rps = max(rate_events / BATCH, 1.0)
     requests = run.source.take(max(int(rate_rps * run.duration), 1))
     tally = Tally()
+    commands = await redis_commandstats(run.redis_url)
     async with connected(run.port, run.connections) as conns:
         cpu_before = CpuSample.take(run.cpu_groups)
         await with_progress(
@@ -634,6 +675,9 @@ async def paced_phase(run: EngineRun, rate_events: float) -> dict[str, Any]:
     out = summarize(tally, tally.last_done - tally.first_send)
     out["target_events_s"] = round(rate_rps * BATCH, 1)
     out["cpu"] = cpu
+    out["redis_commands"] = redis_by_command(
+        commands, await redis_commandstats(run.redis_url), tally.events_ok
+    )
     out["drain_s"] = None if seen is None else round(seen - tally.last_done, 3)
     return out
 
@@ -700,7 +744,9 @@ def bench_engine(
             raise
         startup = time.perf_counter() - started
         log(f"nudge serve healthy on :{port} after {startup:.1f} s ({args.shards} shards)")
+        sock = data_dir / "redis" / "redis.sock"
         run = EngineRun(port, source, args.connections, args.duration, {})
+        run.redis_url = f"unix://{sock}" if sock.exists() else ""
         result = runner.run(engine_phases(run, server, data_dir / "redis" / "redis.pid"))
         result["startup_s"] = round(startup, 2)
     finally:
@@ -999,6 +1045,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         ("  CPU cores used", "", _cores(flat["cpu"]["cores"])),
         ("  CPU µs per event", "", _per_event(flat["cpu"]["cores"], flat["accepted_events_s"])),
         ("  waiting for a CPU, ms per s", "", _waits(flat["cpu"]["runqueue_wait_ms_per_s"])),
+        ("  Redis µs per event (per call), top", "", _commands(flat)),
         (
             "paced rate achieved",
             _fmt(paced["accepted_events_s"], " ev/s"),
@@ -1012,6 +1059,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         ("  CPU cores used", "", _cores(paced["cpu"]["cores"])),
         ("  CPU µs per event", "", _per_event(paced["cpu"]["cores"], paced["accepted_events_s"])),
         ("  waiting for a CPU, ms per s", "", _waits(paced["cpu"]["runqueue_wait_ms_per_s"])),
+        ("  Redis µs per event (per call), top", "", _commands(paced)),
         (
             "applied == accepted",
             f"{promise['applied']:,} == {promise['accepted']:,}",
@@ -1042,6 +1090,14 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         "(CPU: other = whatever else ran on the machine, not Nudge nor the load generator)"
     )
     return lines
+
+
+def _commands(phase: dict[str, Any]) -> str:
+    used = phase.get("redis_commands") or {}
+    return (
+        " ".join(f"{k} {v['per_event']:g} ({v['per_call']:g}/call)" for k, v in used.items())
+        or "n/a"
+    )
 
 
 def _cores(cpu: dict[str, float]) -> str:

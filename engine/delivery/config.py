@@ -198,5 +198,3 @@ def _validate(config: DeliveryConfig) -> None:
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"delivery.{key} {problem}", field=f"delivery.{key}")
-
-

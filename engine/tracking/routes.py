@@ -147,4 +147,3 @@ def tracking_routes(
         Route("/u/{token}", unsubscribe_page, methods=["GET"]),
         Route("/u/{token}", unsubscribe, methods=["POST"]),
     ]
-
