@@ -15,8 +15,14 @@ Run:  python -m benchmarks.delivery [--rate 10000] [--duration 15] [--sends 4000
    webhook send; its payload carries the client's send time, so the receiver
    measures from the HTTP request that carried the event to the webhook that
    reaches the ESP. Measured idle (triggers only), then with background ingest
-   at --rate events/s (100-event batches of Product Viewed). Baseline: a bare
-   POST from this process to the receiver, the floor of any webhook's latency.
+   at --rate events/s in 100-event batches. --workload shoppers (default): the
+   ingest benchmark's shopper mix (views, adds, searches, checkouts, orders
+   over 5,000 shoppers and 2,000 products), with the starter rules evaluated
+   beside the trigger rule (quiet hours off, so the figure does not depend on
+   the time of day). --workload views: Product Viewed of 50 products over
+   1,000 shoppers and the trigger rule alone (this benchmark's first load).
+   Baseline: a bare POST from this process to the receiver, the floor of any
+   webhook's latency.
 
 Every figure is printed beside its baseline from the same run.
 """
@@ -28,6 +34,8 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
+import re
 import sys
 import tempfile
 import time
@@ -232,6 +240,29 @@ def trigger_body(customer: str) -> bytes:
     return orjson.dumps({"batch": batch})
 
 
+def engine_config(port: int, data: Path, hook: int, workload: str) -> str:
+    """The engine's config.toml for the latency part; shoppers adds the starter rules."""
+    text = CONFIG.format(port=port, data=data, hook=hook, secret=SECRET)
+    if workload == "shoppers":
+        from engine.rules.files import STARTER
+
+        starter = STARTER.read_text(encoding="utf-8")
+        text += "\n" + re.sub(r"(?m)^quiet_hours\s*=.*$", "", starter)
+    return text
+
+
+def shopper_bodies(n: int) -> list[bytes]:
+    """`n` request bodies of the ingest benchmark's shopper mix, fresh ids and times."""
+    from benchmarks.ingest import Catalog, RequestSource, make_source
+
+    rng = random.Random(7)
+    source: RequestSource = make_source(rng, Catalog.build(rng, 5000), f"{HOST}:0")
+    bodies = []
+    for request in source.take(n):
+        bodies.append(request.split(b"\r\n\r\n", 1)[1])
+    return bodies
+
+
 def load_body(run: str, seq: int) -> bytes:
     """100 Product Viewed events over 1,000 shoppers, unique messageIds."""
     batch = [
@@ -247,12 +278,15 @@ def load_body(run: str, seq: int) -> bytes:
     return orjson.dumps({"batch": batch})
 
 
-async def paced_load(port: int, rate_events: float, seconds: float, stop: asyncio.Event) -> dict:
+async def paced_load(
+    port: int, rate_events: float, seconds: float, stop: asyncio.Event, workload: str
+) -> dict:
     """Background ingest at `rate_events` events/s in 100-event requests; what was accepted."""
     auth = basic_auth("dev-write-key")
     host = f"{HOST}:{port}"
     run = uuid.uuid4().hex[:8]
     rps = rate_events / 100
+    shoppers = shopper_bodies(int(rps * seconds) + 1) if workload == "shoppers" else None
     conns = [await Connection(HOST, port).open() for _ in range(16)]
     queue: asyncio.Queue = asyncio.Queue(maxsize=64)
     tally = {"ok": 0, "failed": 0, "late": 0}
@@ -270,7 +304,7 @@ async def paced_load(port: int, rate_events: float, seconds: float, stop: asynci
                 "POST",
                 "/v1/batch",
                 host,
-                body=load_body(run, seq),
+                body=shoppers[seq] if shoppers is not None else load_body(run, seq),
                 headers={"Authorization": auth, "Content-Type": "application/json"},
             )
             if queue.full():
@@ -351,12 +385,18 @@ async def bare_latency(hook_port: int, n: int = 300) -> dict:
         return latency_ms((await receiver_stats(session, hook_port))["latencies"], (50, 99))
 
 
-async def latency_phase(api_port: int, hook_port: int, *, rate: float, seconds: float) -> dict:
+async def latency_phase(
+    api_port: int, hook_port: int, *, rate: float, seconds: float, workload: str = "views"
+) -> dict:
     """Trigger latency with background ingest at `rate` events/s (0: idle)."""
     async with aiohttp.ClientSession() as session:
         await receiver_reset(session, hook_port)
         stop = asyncio.Event()
-        load = asyncio.create_task(paced_load(api_port, rate, seconds, stop)) if rate else None
+        load = (
+            asyncio.create_task(paced_load(api_port, rate, seconds, stop, workload))
+            if rate
+            else None
+        )
         fired, rtts = await triggers(api_port, 40, seconds)
         ingest = await load if load else None
         with contextlib.suppress(TimeoutError):
@@ -378,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=10_000, help="background events/s")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per latency phase")
     parser.add_argument("--sends", type=int, default=4000, help="sends per throughput run")
+    parser.add_argument(
+        "--workload",
+        choices=("shoppers", "views"),
+        default="shoppers",
+        help="background ingest: the ingest benchmark's shopper mix, or product views",
+    )
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("receiver", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -388,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.redis_server import EmbeddedRedis
 
-    results: dict[str, Any] = {"cpus": os.cpu_count()}
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "workload": args.workload}
     with tempfile.TemporaryDirectory(prefix="nudge-bench-delivery-") as tmp_name:
         tmp = Path(tmp_name)
         hook_port = free_port()
@@ -424,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
             api_port = free_port()
             (tmp / "config.toml").write_text(
-                CONFIG.format(port=api_port, data=tmp / "data", hook=hook_port, secret=SECRET)
+                engine_config(api_port, tmp / "data", hook_port, args.workload)
             )
             engine = Server(
                 "nudge serve",
@@ -444,7 +490,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 log(f"latency: under {args.rate:,.0f} events/s ingest ...")
                 results["loaded"] = asyncio.run(
-                    latency_phase(api_port, hook_port, rate=args.rate, seconds=args.duration)
+                    latency_phase(
+                        api_port,
+                        hook_port,
+                        rate=args.rate,
+                        seconds=args.duration,
+                        workload=args.workload,
+                    )
                 )
             finally:
                 engine.stop()
@@ -473,6 +525,7 @@ def report(r: dict, rate: float) -> None:
     b = r["bare_latency_ms"]
     print("event-to-ESP latency (HTTP event in -> webhook received), ms")
     print(f"  baseline: direct POST to receiver   p50 {b['p50']:7.1f}  p99 {b['p99']:7.1f}")
+    print(f"  background workload: {r.get('workload', 'views')}")
     for key, label in (("idle", "idle engine"), ("loaded", f"under {rate:,.0f} ev/s ingest")):
         phase = r[key]
         lat = phase["latency_ms"]
