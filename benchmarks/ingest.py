@@ -355,6 +355,10 @@ class CpuSample:
             "runqueue_wait_ms_per_s": {k: round(v) for k, v in waits.items()},
         }
 
+    def used_s(self, later: CpuSample) -> dict[str, float]:
+        """CPU seconds per group between the two samples."""
+        return {k: later.cpu[k] - v for k, v in self.cpu.items()}
+
 
 # -- load generation ---------------------------------------------------------------
 
@@ -641,6 +645,11 @@ async def flat_phase(run: EngineRun) -> dict[str, Any]:
     seen, totals = await wait_processed(run.port, run.accepted_total, max(120.0, run.duration * 6))
     out = summarize(tally, tally.last_done - tally.first_send)
     out["cpu"] = cpu
+    # The shards go on applying through the drain: count their CPU until it ends.
+    drained = cpu_before.used_s(CpuSample.take(run.cpu_groups))
+    out["cpu_us_per_event_drained"] = {
+        k: round(v / max(tally.events_ok, 1) * 1e6, 1) for k, v in drained.items()
+    }
     out["redis_commands"] = redis_by_command(
         commands, await redis_commandstats(run.redis_url), tally.events_ok
     )
@@ -1043,7 +1052,12 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         ("  drain after last ack", _fmt(flat["drain_s"], " s"), ""),
         ("  latency p50 / p99", f"{_fmt(fl['p50'])} / {_fmt(fl['p99'])} ms", ""),
         ("  CPU cores used", "", _cores(flat["cpu"]["cores"])),
-        ("  CPU µs per event", "", _per_event(flat["cpu"]["cores"], flat["accepted_events_s"])),
+        (
+            "  CPU µs per event, load only",
+            "",
+            _per_event(flat["cpu"]["cores"], flat["accepted_events_s"]),
+        ),
+        ("  CPU µs per event, through the drain", "", _drained(flat)),
         ("  waiting for a CPU, ms per s", "", _waits(flat["cpu"]["runqueue_wait_ms_per_s"])),
         ("  Redis µs per event (per call), top", "", _commands(flat)),
         (
@@ -1112,6 +1126,11 @@ def _per_event(cpu: dict[str, float], events_s: float | None) -> str:
         return "n/a"
     names = ("api", "shards", "redis")
     return " ".join(f"{n} {cpu.get(n, 0) / events_s * 1e6:.1f}" for n in names)
+
+
+def _drained(phase: dict[str, Any]) -> str:
+    used = phase.get("cpu_us_per_event_drained") or {}
+    return " ".join(f"{n} {used[n]:.1f}" for n in ("api", "shards", "redis") if n in used) or "n/a"
 
 
 def _waits(waits: dict[str, float]) -> str:
