@@ -80,9 +80,30 @@ def ray_cluster() -> Iterator[object]:
     ray.init(
         address=cluster.address, namespace="nudge-tests", logging_level="ERROR", log_to_driver=False
     )
+    _warm_every_node(ray)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def _warm_every_node(ray: object) -> None:
+    """Run one task on each node, so no node is still starting when shards are placed.
+
+    A node that has registered may not yet start workers; soft node affinity
+    then places its shards elsewhere, and the spread tests would see one node.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    pending = [
+        where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        for node in nodes
+    ]
+    assert sorted(ray.get(pending, timeout=120)) == sorted(nodes)
 
 
 @contextlib.contextmanager
