@@ -7,7 +7,6 @@ import logging
 import os
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.shard import ShardActor
 from engine.config import EngineConfig
@@ -62,16 +61,8 @@ def ensure_shards(
     """Create the shard actors that do not exist yet and return handles to all of them."""
     cls = remote_shard_class()
     handles = []
-    nodes = alive_nodes()
     for index in range(settings.shards):
         options = actor_options(shard_name(index), settings.ray_namespace, detached=detached)
-        if len(nodes) > 1:
-            # SPREAD is best effort for actors that ask for no CPU and often put
-            # them all on one node; deal shards out round-robin instead. Soft,
-            # so a restarted shard may land elsewhere when its node is gone.
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-                nodes[index % len(nodes)], soft=True
-            )
         handles.append(
             cls.options(**options).remote(
                 index,
