@@ -77,11 +77,6 @@ def ensure_shards(
     return handles
 
 
-def alive_nodes() -> list[str]:
-    """Ids of the cluster's alive nodes, in a stable order."""
-    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-
-
 def find_shard(settings: EngineConfig, index: int):
     """A handle to the existing shard actor `index`, looked up by name."""
     return ray.get_actor(shard_name(index), namespace=settings.ray_namespace)

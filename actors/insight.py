@@ -127,7 +127,8 @@ class ShardInsight:
         if mono >= self._next_flush and (self._flushing is None or self._flushing.done()):
             self._next_flush = mono + self.settings.recs.flush_interval_s
             # In the background: a flush waits tens of ms on Redis, and the shard
-            # keeps applying events meanwhile (its counts start afresh at once).
+            # keeps applying events meanwhile (counted into fresh counts once the
+            # task has taken the old ones, at its first step).
             self._flushing = asyncio.get_running_loop().create_task(
                 self._flush(partition, bounded=True)
             )
