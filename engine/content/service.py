@@ -37,12 +37,12 @@ from engine.content.cache import (
 )
 from engine.content.config import BUILTIN_BLOCKS, ContentConfig
 from engine.content.deadline import (
+    TIMEOUT,
     BlockFailure,
     Deadline,
     Job,
     LagMeter,
     Outcome,
-    gather_until,
     start,
 )
 from engine.content.recommend import RecentInterestRecommender, Recommender
@@ -132,7 +132,7 @@ class ContentService:
         }
         self.links = b.Links(config.product_url, config.checkout_url)
         self.stats: Counter[str] = Counter()
-        self._answering: dict[tuple, asyncio.Task] = {}
+        self._answering: dict[tuple, _Fill] = {}
         self.lag = LagMeter()
 
     async def start(self) -> None:
@@ -169,86 +169,29 @@ class ContentService:
         and started no earlier, so the shared answer is ready within its deadline too.
         """
         key = (request.customer_id, request.blocks, request.deadline_ms, _options_key(request))
-        task = self._answering.get(key)
-        if task is not None:
+        fill = self._answering.get(key)
+        if fill is not None:
             self.stats["answers_shared"] += 1
-            return await asyncio.shield(task)
-        task = asyncio.ensure_future(self._answer(read_profile, request))
-        self._answering[key] = task
-        task.add_done_callback(partial(self._answered, key))
-        return await asyncio.shield(task)
-
-    def _answered(self, key: tuple, task: asyncio.Task) -> None:
-        self._answering.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: a 404 whose callers all left is not an asyncio warning
-
-    async def _answer(self, read_profile: ProfileReader, request: ContentRequest) -> Answer:
+            return await fill.join()
         loop = asyncio.get_running_loop()
         # Kept back: the reserve to build and send the answer, plus how late the loop has
         # lately run timers (a busy process would fire the deadline late by that much),
         # but never more than half the deadline.
         total = request.deadline_ms / 1000.0
         reserve = min(self.config.reserve_ms / 1000.0 + self.lag.recent(), total / 2)
-        deadline = Deadline(loop.time() + total - reserve)
-        cid = request.customer_id
-        done: dict[str, BlockResult | Outcome] = {}
-        tasks: list[tuple[str, asyncio.Task]] = []
-        began = loop.time()
-        timings: dict[str, float] = {}
+        fill = _Fill(self, request, Deadline(loop.time() + total - reserve), loop)
+        self._answering[key] = fill
+        fill.on_finish = partial(self._answered, key)
+        waiter = fill.join()
+        fill.begin(read_profile)
+        return await waiter
 
-        def stamp() -> None:  # blocks computed inline or from memory so far
-            elapsed = loop.time() - began
-            for name in done:
-                timings.setdefault(name, elapsed)
+    def _answered(self, key: tuple) -> None:
+        self._answering.pop(key, None)
 
-        for name in request.blocks:  # sources that need no profile start now
-            source = self.sources.get(name)
-            if source is not None and not source.needs_profile:
-                self._start_source(source, cid, None, request, deadline, done, tasks)
-
-        stamp()
-        profile, status = await self._read(read_profile, cid, deadline)
-        if status == UNKNOWN and self.config.unknown_customer == "404":
-            for _, task in tasks:
-                task.cancel()
-            raise NotFound(f"no customer {cid!r}", field="customer_id")
-
-        for name in request.blocks:
-            if name in done or any(n == name for n, _ in tasks):
-                continue
-            if profile is None:
-                done[name] = Outcome(name, failure=status)
-            elif name in BUILTIN_BLOCKS:
-                self._builtin(name, profile, request, deadline, done, tasks)
-            else:
-                self._start_source(self.sources[name], cid, profile, request, deadline, done, tasks)
-
-        stamp()
-        for name, task in tasks:
-            task.add_done_callback(lambda _t, n=name: timings.setdefault(n, loop.time() - began))
-        done.update(await gather_until(tasks, deadline))
-        stamp()
-        results, omitted = [], []
-        for name in request.blocks:
-            result = self._result(name, done[name], cid)
-            if result is None:
-                omitted.append(name)
-            else:
-                results.append(result)
-        self.stats["answers"] += 1
-        pid = profile.get("id") if profile else None
-        return Answer(cid, pid, status, results, omitted, request.deadline_ms, timings)
-
-    async def _read(
-        self, read_profile: ProfileReader, cid: str, deadline: Deadline
-    ) -> tuple[dict | None, str]:
+    async def _read(self, read_profile: ProfileReader, cid: str) -> tuple[dict | None, str]:
         try:
-            async with asyncio.timeout_at(deadline.at):
-                profile = await read_profile(cid)
-        except TimeoutError:
-            self.stats["profile_timeout"] += 1
-            return None, PROFILE_TIMEOUT
+            profile = await read_profile(cid)
         except Exception as exc:  # a shard that cannot answer costs the profile blocks only
             log.warning("content: profile read for %r failed: %r", cid, exc)
             self.stats["profile_unavailable"] += 1
@@ -262,7 +205,7 @@ class ContentService:
         request: ContentRequest,
         deadline: Deadline,
         done: dict,
-        tasks: list,
+        tasks: list[tuple[str, asyncio.Task]],
     ) -> None:
         settings = self.config.block(name)
         limit = request.option(name).get("limit", settings.limit)
@@ -361,6 +304,160 @@ class ContentService:
             fallback=True,
             reason=value.failure,
         )
+
+
+class _Fill:
+    """One answer being filled in; `finish()` assembles it from whatever is there.
+
+    The deadline is a timer that calls `finish()` itself, and so does the last block
+    to complete: the answer is set on every caller's own future in that callback, so
+    each caller resumes in the next loop iteration. (Awaiting a gather, then the task
+    around it, then a shield would cost several more iterations, each as long as a
+    busy loop makes it.) A caller that leaves cancels only its own future.
+    """
+
+    def __init__(
+        self,
+        service: ContentService,
+        request: ContentRequest,
+        deadline: Deadline,
+        loop: asyncio.AbstractEventLoop,
+    ):
+        self.service = service
+        self.request = request
+        self.deadline = deadline
+        self.loop = loop
+        self.on_finish: Callable[[], None] | None = None
+        self._waiters: list[asyncio.Future[Answer]] = []
+        self._outcome: Answer | Exception | None = None
+        self.done: dict[str, BlockResult | Outcome] = {}
+        self.tasks: list[tuple[str, asyncio.Task]] = []
+        self.timings: dict[str, float] = {}
+        self.profile: dict | None = None
+        self.status: str | None = None  # None while the profile read is in flight
+        self.began = loop.time()
+        self._waiting = 0  # block tasks not done yet, once all are started
+        self._timer = loop.call_at(deadline.at, self.finish)
+        self._driver: asyncio.Task | None = None
+
+    def join(self) -> asyncio.Future[Answer]:
+        """A future of this answer for one caller."""
+        waiter = self.loop.create_future()
+        if self._outcome is None:
+            self._waiters.append(waiter)
+        else:
+            _settle(waiter, self._outcome)
+        return waiter
+
+    def begin(self, read_profile: ProfileReader) -> None:
+        """Start the sources that need only the id, then read the profile."""
+        svc, request = self.service, self.request
+        for name in request.blocks:
+            source = svc.sources.get(name)
+            if source is not None and not source.needs_profile:
+                svc._start_source(source, request.customer_id, None, request, self.deadline,
+                                  self.done, self.tasks)  # fmt: skip
+        self._stamp()
+        self._driver = self.loop.create_task(self._drive(read_profile))
+
+    async def _drive(self, read_profile: ProfileReader) -> None:
+        svc, request, cid = self.service, self.request, self.request.customer_id
+        try:
+            self.profile, self.status = await svc._read(read_profile, cid)
+            if self.status == UNKNOWN and svc.config.unknown_customer == "404":
+                self._fail(NotFound(f"no customer {cid!r}", field="customer_id"))
+                return
+            started = {n for n, _ in self.tasks}
+            for name in request.blocks:
+                if name in self.done or name in started:
+                    continue
+                if self.profile is None:
+                    self.done[name] = Outcome(name, failure=self.status)
+                elif name in BUILTIN_BLOCKS:
+                    svc._builtin(name, self.profile, request, self.deadline, self.done,
+                                 self.tasks)  # fmt: skip
+                else:
+                    svc._start_source(svc.sources[name], cid, self.profile, request,
+                                      self.deadline, self.done, self.tasks)  # fmt: skip
+        except Exception as exc:  # a bug here must not keep the answer past the deadline
+            log.warning("content: answering %r failed: %r", cid, exc)
+        self._stamp()
+        self._waiting = sum(1 for _, task in self.tasks if not task.done())
+        if not self._waiting:
+            self.finish()
+            return
+        for name, task in self.tasks:
+            if not task.done():
+                task.add_done_callback(partial(self._block_done, name))
+
+    def _block_done(self, name: str, _task: asyncio.Task) -> None:
+        self.timings.setdefault(name, self.loop.time() - self.began)
+        self._waiting -= 1
+        if self._waiting == 0:
+            self.finish()
+
+    def _stamp(self) -> None:  # blocks computed inline or from memory so far
+        elapsed = self.loop.time() - self.began
+        for name in self.done:
+            self.timings.setdefault(name, elapsed)
+
+    def _stop(self) -> None:
+        self._timer.cancel()
+        if self._driver is not None and self._driver is not asyncio.current_task():
+            self._driver.cancel()
+        for _, task in self.tasks:
+            if not task.done():
+                task.cancel()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._outcome is None:
+            self._stop()
+            self._deliver(exc)
+
+    def _deliver(self, outcome: Answer | Exception) -> None:
+        self._outcome = outcome
+        for waiter in self._waiters:
+            _settle(waiter, outcome)
+        self._waiters.clear()
+        if self.on_finish is not None:
+            self.on_finish()
+
+    def finish(self) -> None:
+        """Set the answer now: each block's value, or its fallback if it is not there."""
+        if self._outcome is not None:
+            return
+        self._stop()
+        svc, request, cid = self.service, self.request, self.request.customer_id
+        if self.status is None:  # the profile read is what ran out of time
+            svc.stats["profile_timeout"] += 1
+        status = self.status or PROFILE_TIMEOUT
+        outcomes = dict(self.done)
+        for name, task in self.tasks:
+            if task.done() and not task.cancelled():
+                outcomes[name] = task.result()
+        results, omitted = [], []
+        for name in request.blocks:
+            value = outcomes.get(name)
+            if value is None:  # still running, or never started for want of a profile
+                started = any(n == name for n, _ in self.tasks)
+                value = Outcome(name, failure=TIMEOUT if started else status)
+            result = svc._result(name, value, cid)
+            if result is None:
+                omitted.append(name)
+            else:
+                results.append(result)
+        svc.stats["answers"] += 1
+        pid = self.profile.get("id") if self.profile else None
+        self._deliver(Answer(cid, pid, status, results, omitted, request.deadline_ms, self.timings))
+
+
+def _settle(waiter: asyncio.Future[Answer], outcome: Answer | Exception) -> None:
+    if waiter.done():  # its caller left
+        return
+    if isinstance(outcome, Exception):
+        waiter.set_exception(outcome)
+    else:
+        waiter.set_result(outcome)
 
 
 def _options_key(request: ContentRequest) -> tuple:

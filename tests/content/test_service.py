@@ -177,3 +177,47 @@ async def test_a_recommender_that_fails_or_does_io_costs_its_block_only() -> Non
         assert time.perf_counter() - started < 0.03 + 0.03
         assert [r.name for r in answer.blocks] == ["cart"]
         assert answer.omitted == ["recommendations"] and svc.stats[f"fallback:{failure}"] == 1
+
+
+async def test_a_busy_loop_delays_the_answer_by_one_iteration_not_several() -> None:
+    # Five tasks each holding the loop 6 ms per step: every iteration lasts ~30 ms.
+    # The deadline's timer runs up to two iterations late (due during one, it runs
+    # after the spinners queued in the next); the caller must resume in the very next
+    # iteration after that. Each further hop would cost another ~30 ms (the old
+    # gather-then-task-then-shield path took about 360 ms here).
+    svc, _, _ = service()
+    spinning = True
+
+    async def anyone(customer: str) -> dict:
+        return {"id": customer}
+
+    async def busy() -> None:
+        while spinning:
+            until = time.perf_counter() + 0.006
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    spinners = [asyncio.create_task(busy()) for _ in range(5)]
+    try:
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        answer = await svc.answer(anyone, ask(svc, "x", "capped", deadline_ms=200))
+        elapsed = time.perf_counter() - started
+    finally:
+        spinning = False
+        await asyncio.gather(*spinners)
+    assert answer.blocks[0].reason == "timeout"
+    assert elapsed < 0.2 + 0.1
+
+
+async def test_a_caller_that_leaves_does_not_cancel_the_answer_it_shared() -> None:
+    svc, _, upstream = service()
+    upstream.tier_delay = 0.02
+    first = asyncio.ensure_future(svc.answer(reader, ask(svc, "ann", "cart,by_tier")))
+    second = asyncio.ensure_future(svc.answer(reader, ask(svc, "ann", "cart,by_tier")))
+    await asyncio.sleep(0)
+    first.cancel()
+    answer = await second
+    assert [(r.name, r.fallback) for r in answer.blocks] == [("cart", False), ("by_tier", False)]
+    assert svc.stats["answers_shared"] == 1 and first.cancelled()
