@@ -8,6 +8,7 @@ with something awaitable.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 from engine.routing import shard_for
@@ -56,6 +57,8 @@ class _Coalescer:
                 positions = [p for _, p, _ in batch if p is not None]
                 min_pos = max(positions, key=_id_key) if positions else None
                 ids = [c for c, _, _ in batch]
+                self.client.stats["profile_calls"] += 1
+                self.client.stats["profile_reads"] += len(ids)
                 try:
                     results = await self.client.call(self.index, "get_profiles", ids, min_pos)
                 except Exception as exc:
@@ -85,6 +88,8 @@ class ShardClient:
         self.shards = len(handles)
         self._coalescers = [_Coalescer(self, i) for i in range(len(handles))]
         self._segment_calls: dict[tuple[str, int], asyncio.Future] = {}
+        # profile_calls and profile_reads: how well concurrent reads are coalesced
+        self.stats: Counter[str] = Counter()
 
     async def call(self, index: int, method: str, *args: Any) -> Any:
         """Call `method` on shard `index`; if its actor is gone for good, find it by name again."""

@@ -183,6 +183,7 @@ def run_server(args: argparse.Namespace) -> None:
     from actors.cluster import ensure_shards, shard_client, start_ray, stop_shards, wait_ready
     from engine.config import AuthConfig, EngineConfig
     from engine.content import ContentService, content_config_from_mapping, content_routes
+    from engine.heap import keep_heap_quiet
     from engine.routing import shard_for
 
     settings = EngineConfig(shards=args.shards, ray_namespace="bench-content")
@@ -200,7 +201,10 @@ def run_server(args: argparse.Namespace) -> None:
     async def lifespan(app: Any) -> Any:
         held["shards"] = shard_client(settings)
         await service.start()
+        # as `nudge serve` runs its API: no full-collection pauses (engine.heap)
+        keeper = asyncio.create_task(keep_heap_quiet())
         yield
+        keeper.cancel()
         await service.close()
 
     async def ray_baseline(request: Any) -> Response:
@@ -222,6 +226,7 @@ def run_server(args: argparse.Namespace) -> None:
         times["max_ms"] = round(ordered[-1] * 1000, 2) if ordered else None
         return Response(orjson.dumps({"applied": total, "stats": dict(service.stats),
                                       "cache": dict(service.cache.stats),
+                                      "reads": dict(held["shards"].stats),
                                       "server_side": times}))  # fmt: skip
 
     def timed(app: Any) -> Any:

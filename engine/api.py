@@ -34,7 +34,7 @@ from engine.content import ContentService, content_routes
 from engine.delivery.ledger import Ledger
 from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
-from engine.heap import QuietHeap
+from engine.heap import keep_heap_quiet
 from engine.inbound.http import IngestCORS, sdk_routes, webhook_routes
 from engine.metrics import process as metered
 from engine.metrics.collect import MetricsCollector
@@ -144,7 +144,7 @@ def create_app(
         state["shards"] = await shards_factory()
         state["recs"] = RecsStore(connect(redis_url))
         await content.start()
-        keeper = asyncio.create_task(_keep_heap_quiet()) if quiet_heap else None
+        keeper = asyncio.create_task(keep_heap_quiet()) if quiet_heap else None
         yield
         if keeper is not None:
             keeper.cancel()
@@ -154,13 +154,6 @@ def create_app(
         await state["recs"].close()
         await state["shards"].aclose()
         await state["store"].close()
-
-    async def _keep_heap_quiet() -> None:
-        heap = QuietHeap()
-        heap.start()
-        while True:
-            await asyncio.sleep(heap.refreeze_s)
-            heap.tick()
 
     def store() -> Store:
         return state["store"]

@@ -16,6 +16,7 @@ everything every `full_s` (default an hour) reclaims those.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 
@@ -60,3 +61,12 @@ class QuietHeap:
     def frozen() -> int:
         """Objects the collector does not walk now."""
         return gc.get_freeze_count()
+
+
+async def keep_heap_quiet(heap: QuietHeap | None = None) -> None:
+    """Run a QuietHeap on the current event loop until cancelled (a server's lifespan task)."""
+    heap = heap or QuietHeap()
+    heap.start()
+    while True:
+        await asyncio.sleep(heap.refreeze_s)
+        heap.tick()
