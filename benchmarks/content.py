@@ -782,6 +782,13 @@ def report(results: dict[str, Any]) -> list[str]:
         f"upstream calls per request (normal phases): {results['upstream_calls_per_request']}"
         f"   fallback blocks while hanging: {hang['fallback_blocks']}"
     )
+    reads = (results.get("server_stats") or {}).get("reads") or {}
+    if reads.get("profile_calls"):
+        lines.append(
+            f"profile reads per shard call (coalescing): "
+            f"{reads['profile_reads'] / reads['profile_calls']:.2f} "
+            f"({reads['profile_calls']:,} calls, whole run)"
+        )
     for key in ("flat", "paced", "hanging"):
         r = results[key]
         lines.append(f"{key}: server-side per answer {r.get('server_side')}")

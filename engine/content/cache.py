@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -32,6 +32,8 @@ class Entry:
 
     data: Any
     fetched_at: float
+    # The value's HTML fragment once rendered: a cached value is rendered once, not per hit.
+    rendered: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,12 +275,15 @@ class ContentService:
         tasks.append((name, start(Job(name, source.timeout_s, run), deadline)))
 
     def _source_result(self, name: str, hit: Hit) -> BlockResult:
-        age = max(self.clock.now() - hit.entry.fetched_at, 0.0)
-        data = hit.entry.data
+        entry = hit.entry
+        age = max(self.clock.now() - entry.fetched_at, 0.0)
+        html = entry.rendered.get(name)
+        if html is None:
+            html = entry.rendered[name] = self._renderers[name].render(entry.data)
         return BlockResult(
             name,
-            data,
-            self._renderers[name].render(data),
+            entry.data,
+            html,
             UPSTREAM if hit.via == UPSTREAM else CACHE,
             age_s=age,
             stale=hit.stale,
