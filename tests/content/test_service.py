@@ -221,3 +221,20 @@ async def test_a_caller_that_leaves_does_not_cancel_the_answer_it_shared() -> No
     answer = await second
     assert [(r.name, r.fallback) for r in answer.blocks] == [("cart", False), ("by_tier", False)]
     assert svc.stats["answers_shared"] == 1 and first.cancelled()
+
+
+async def test_a_cached_source_value_is_rendered_once_not_per_hit() -> None:
+    svc, transport, _ = service()
+    renders = []
+    renderer = svc._renderers["by_id"]
+    original = renderer.render
+
+    def counting(data: object) -> str:
+        renders.append(data)
+        return original(data)
+
+    renderer.render = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        answer = await svc.answer(reader, ask(svc, "ann", "by_id"))
+        assert answer.blocks[0].html == "<p>ann</p>"
+    assert len(transport.calls) == 1 and renders == [{"title": "ann"}]
