@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -32,6 +33,8 @@ from engine.store import Store, connect, parse_id
 log = logging.getLogger(__name__)
 
 _MAX_BLOCK_MS = 250
+# Applying runs in slices of about this long; decided sends go out after each slice.
+APPLY_SLICE_S = 0.01
 
 
 class ShardActor:
@@ -49,6 +52,7 @@ class ShardActor:
         autostart: bool = True,
         insight: InsightSettings | None = None,
         quiet_heap: bool = False,
+        apply_slice_s: float = APPLY_SLICE_S,
     ):
         self.index = index
         self.shards = shards
@@ -88,6 +92,7 @@ class ShardActor:
         self.meters = ShardMetrics(index)
         # Only in a process of its own (a Ray worker): see engine.heap and _renice.
         self.heap = QuietHeap() if quiet_heap else None
+        self.apply_slice_s = apply_slice_s
         self._advanced = asyncio.Event() if _has_loop() else None
         self._store: Store | None = None
         self._task: asyncio.Task | None = None
@@ -136,9 +141,14 @@ class ShardActor:
                 entries = await self._store.read(
                     self.index, self.pos, count=self.settings.read_count, block_ms=block_ms
                 )
-                if entries:
-                    self._apply(entries)
-                    # Let status, reads and waits in between long runs of applying.
+                while entries:
+                    # A slice at a time: a send decided early in a long read (a backlog
+                    # of 200 entries is thousands of events) leaves after its slice,
+                    # not after the whole read.
+                    entries = entries[self._apply(entries, self.apply_slice_s) :]
+                    if self.partition._sends:
+                        await self._flush_sends()
+                    # Let status, reads and waits in between slices.
                     await asyncio.sleep(0)
                 self._tick()
                 if await self.insight.run_due(self.partition, self.clock.now()):
@@ -169,9 +179,12 @@ class ShardActor:
         await self._store.deliver_forwards(self.index)
         self.last_checkpoint_at = time.monotonic()
 
-    def _apply(self, entries: list[tuple[str, list]]) -> None:
+    def _apply(self, entries: list[tuple[str, list]], budget_s: float | None = None) -> int:
+        """Apply entries in order until `budget_s` has passed; how many were applied."""
         apply = self.partition.apply
         watched, funnel = self.meters.watched, self.meters.funnel
+        until = time.perf_counter() + budget_s if budget_s is not None else math.inf
+        applied = 0
         for _sid, events in entries:
             for event in events:
                 try:
@@ -183,9 +196,13 @@ class ShardActor:
                         "shard %d: could not apply event %s", self.index, event.get("messageId")
                     )
             self._since_checkpoint += len(events)
-        self.pos = entries[-1][0]
+            applied += 1
+            if time.perf_counter() >= until:
+                break
+        self.pos = entries[applied - 1][0]
         self._advanced.set()
         self._advanced = asyncio.Event()
+        return applied
 
     def _tick(self) -> None:
         try:

@@ -75,3 +75,39 @@ async def test_a_decided_send_reaches_the_outbox_long_before_the_checkpoint_inte
     finally:
         await shard.stop()
         await store.close()
+
+
+async def test_a_send_decided_early_in_a_long_read_leaves_before_the_rest_is_applied(
+    redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(connect(redis_url), 1)
+    now = time.time()
+    # 50 entries waiting before the shard starts: its first read takes them all.
+    await store.append([normalize(track("ann", "Signed Up"), kind=None, received_at=now)])
+    for i in range(49):
+        viewed = track(f"viewer-{i}", "Product Viewed", product_id="p1")
+        await store.append([normalize(viewed, kind=None, received_at=now)])
+    profiles_at_flush: list[int] = []
+    append_sends = Store.append_sends
+
+    async def recording(self: Store, index: int, sends: list) -> None:
+        profiles_at_flush.append(len(shard.partition.profiles))
+        await append_sends(self, index, sends)
+
+    monkeypatch.setattr(Store, "append_sends", recording)
+    config = test_config(shards=1, checkpoint_interval_ms=5_000)
+    shard = ShardActor(
+        0, 1, config.engine, redis_url, rules=((IMMEDIATE, "t.toml"),), autostart=False,
+        apply_slice_s=0.0,  # a slice per entry
+    )  # fmt: skip
+    await shard.start()
+    try:
+        started = time.monotonic()
+        while len(shard.partition.profiles) < 50 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.005)
+        assert sync_redis.xlen(outbox_key(0)) == 1
+        # Out after the slice that decided it, not after all 50 entries were applied.
+        assert profiles_at_flush[0] == 1
+    finally:
+        await shard.stop()
+        await store.close()
