@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import events as ev
 from engine.errors import NotFound, PayloadTooLarge, ValidationError
-from engine.inbound.webhooks import WebhookSource, map_payload, verify_signature
+from engine.inbound.webhooks import WebhookSource, is_ping, map_payload, verify_signature
 from engine.store import Store
 
 MAX_WEBHOOK_BYTES = ev.MAX_BATCH_BYTES
@@ -47,7 +47,10 @@ async def _raw_body(request: Request, limit: int) -> bytes:
 def webhook_routes(
     sources: tuple[WebhookSource, ...], *, store: Callable[[], Store]
 ) -> list[Route]:
-    """POST /webhooks/{source}: 401 on a bad signature, 404 for an unknown source."""
+    """POST /webhooks/{source}: 401 on a bad signature, 404 for an unknown source.
+
+    WooCommerce's unsigned ping on saving a webhook is answered 200 and stores nothing.
+    """
     by_name = {s.name: s for s in sources}
 
     async def receive(request: Request) -> Response:
@@ -56,6 +59,8 @@ def webhook_routes(
         if source is None:
             raise NotFound(f"no webhook source {name!r}", field="source")
         body = await _raw_body(request, MAX_WEBHOOK_BYTES)
+        if is_ping(source, request.headers, body):
+            return _json({"success": True, "events": 0, "ping": True})
         verify_signature(source, request.headers, body)
         topic = request.headers.get(source.topic_header)
         if not topic:
