@@ -352,6 +352,7 @@ def create_app(
     routes += webhook_routes(config.webhooks, store=store) + sdk_routes()
     middleware = []
     if config.browser.allowed_origins:
+        # Listed origins get CORS; a page of any other origin is refused on ingest.
         middleware.append(Middleware(IngestCORS, origins=config.browser.allowed_origins))
     app = Starlette(
         routes=routes,

@@ -20,6 +20,7 @@ from engine.coerce import section_values
 from engine.content.config import ContentConfig, content_config_from_mapping
 from engine.delivery.config import DeliveryConfig, delivery_config_from_mapping
 from engine.errors import ConfigError
+from engine.inbound.origins import check_origins
 from engine.inbound.webhooks import WebhookSource, webhooks_from_mapping
 from engine.insight.settings import ModelsConfig, RfmConfig
 from engine.insight.settings import check as check_insight
@@ -98,7 +99,8 @@ class MetricsConfig:
 class BrowserConfig:
     """Browsers posting events themselves (/sdk.js): the shop origins allowed by CORS."""
 
-    # e.g. ["https://shop.example"]; "*" allows any origin; empty: no CORS answers.
+    # e.g. ["https://shop.example"]; "*" allows any origin; once listed, pages of other
+    # origins are refused (403). Empty: no CORS answers and no origin check.
     allowed_origins: tuple[str, ...] = ()
 
 
@@ -207,6 +209,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{path} {problem}", field=path)
     check_recs(config.recs)
     check_insight(config.rfm, config.models)
+    check_origins(config.browser.allowed_origins)
     if config.dev_keys_in_use and not _is_loopback(config.server.host):
         raise ConfigError(
             f"refusing to listen on {config.server.host} with the development keys "

@@ -14,7 +14,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from engine.config import BrowserConfig
+from engine.config import BrowserConfig, from_mapping
+from engine.errors import ConfigError
+from engine.inbound.origins import check_origins
 from tests.chromium import chromium as open_chromium
 from tests.conftest import LocalShards, serve_app, test_config
 
@@ -171,3 +173,125 @@ def test_write_key_in_the_body(shop_and_api, body: bytes, status: int) -> None:
     _, api = shop_and_api
     answer = httpx.post(f"{api}/v1/batch", content=body, timeout=10)
     assert answer.status_code == status, answer.text
+
+
+# --- behaviours carried over from the unmerged `edges` branch ------------------------------
+
+EVENT = b'{"writeKey": "dev-write-key", "userId": "u", "event": "E"}'
+
+
+def stream_entries(api: str) -> int:
+    status = httpx.get(f"{api}/v1/status", headers=ADMIN, timeout=10).json()
+    return sum(shard["stream_length"] for shard in status["shards"])
+
+
+def test_a_page_of_a_foreign_origin_is_refused_before_anything_is_stored(shop_and_api) -> None:
+    shop, api = shop_and_api
+    # What a foreign page's sendBeacon or fetch sends: text/plain needs no preflight,
+    # so the server itself must refuse it, not merely leave the answer unreadable.
+    for path in ("/v1/track", "/v1/import"):
+        evil = httpx.post(
+            f"{api}{path}",
+            content=EVENT if path == "/v1/track" else b'{"writeKey": "dev-write-key", "batch": []}',
+            headers={"Origin": "http://evil.example", "Content-Type": "text/plain"},
+            timeout=10,
+        )
+        assert evil.status_code == 403, evil.text
+        assert evil.json()["error"]["code"] == "origin_not_allowed"
+        assert evil.json()["error"]["field"] == "Origin"
+        assert "access-control-allow-origin" not in evil.headers
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    assert httpx.options(f"{api}/v1/batch", headers=preflight, timeout=10).status_code == 403
+    assert stream_entries(api) == 0
+    # Servers' SDKs send no Origin; the shop's own pages are let through.
+    assert httpx.post(f"{api}/v1/track", content=EVENT, timeout=10).status_code == 200
+    ok = httpx.post(f"{api}/v1/track", content=EVENT, headers={"Origin": shop}, timeout=10)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == shop
+
+
+def test_preflight_allows_the_headers_sdks_send_and_admin_reads_get_no_cors(shop_and_api) -> None:
+    shop, api = shop_and_api
+    preflight = httpx.options(
+        f"{api}/v1/batch",
+        headers={
+            "Origin": shop,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == shop
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    admin = httpx.get(f"{api}/v1/profiles/u", headers={**ADMIN, "Origin": shop}, timeout=10)
+    assert "access-control-allow-origin" not in admin.headers
+
+
+def test_with_no_allowed_origins_pages_are_neither_answered_nor_checked(local_api) -> None:
+    # As config.toml says of an empty list: a beacon still arrives, unreadable to the page.
+    base, _ = local_api
+    page = httpx.post(
+        f"{base}/v1/track",
+        content=EVENT,
+        headers={"Origin": "https://shop.example", "Content-Type": "text/plain"},
+        timeout=10,
+    )
+    assert page.status_code == 200 and "access-control-allow-origin" not in page.headers
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "shop.example",
+        "https://shop.example/path",
+        "ftp://shop.example",
+        "https://",
+        "https://user@shop.example",
+        "https://shop.example:99999",
+        "https://shop.example/?x=1",
+    ],
+)
+def test_allowed_origins_must_be_origins(origin: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        from_mapping({"browser": {"allowed_origins": ["https://ok.example", origin]}}, {})
+    assert raised.value.field == "browser.allowed_origins[1]"
+
+
+def test_allowed_origins_are_compared_as_browsers_spell_them() -> None:
+    assert check_origins(
+        ("https://Shop.example:443/", "http://shop.example:8080", "*", "https://shop.example")
+    ) == ("https://shop.example", "http://shop.example:8080", "*")
+    env = {"NUDGE_ALLOWED_ORIGINS": "https://a.example, https://b.example"}
+    assert from_mapping({}, env).browser.allowed_origins == (
+        "https://a.example",
+        "https://b.example",
+    )
+    with pytest.raises(ConfigError, match=r"allowed_origins\[0\]"):
+        from_mapping({}, {"NUDGE_ALLOWED_ORIGINS": "a.example"})
+
+
+def test_a_shop_page_reads_the_answers_and_its_time_zone_reaches_the_profile(
+    shop_and_api, chromium
+) -> None:
+    shop, api = shop_and_api
+    chromium.get(f"{shop}/product")
+    wait_for(lambda: chromium.execute_script("return !!(window.nudge && window.nudge.loaded)"))
+    chromium.execute_script("nudge.flush();")
+
+    def arrived() -> dict | None:
+        answer = httpx.get(f"{api}/v1/profiles/browser-user", headers=ADMIN, timeout=10)
+        return answer.json() if answer.status_code == 200 else None
+
+    profile = wait_for(arrived)
+    zone = chromium.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
+    assert zone and profile["timezone"] == zone  # context.timezone, from the page's Intl
+    # CORS lets the page read the engine's answers, errors included.
+    fetch = """const done = arguments[arguments.length - 1];
+        fetch(arguments[0] + "/v1/batch", {method: "POST", body: JSON.stringify(
+            {batch: [{type: "track", userId: "browser-user", event: "Fetched"}],
+             writeKey: arguments[1]})})
+          .then(r => r.json().then(j => done([r.status, j.success === true, j.error || null])))
+          .catch(e => done(["blocked", String(e)]));"""
+    assert chromium.execute_async_script(fetch, api, "dev-write-key") == [200, True, None]
+    status, _, error = chromium.execute_async_script(fetch, api, "stolen")
+    assert status == 401 and error["code"] == "unauthorized"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 from starlette.applications import Starlette
@@ -13,10 +15,13 @@ from starlette.applications import Starlette
 from engine.api import create_app
 from engine.clock import ManualClock
 from engine.config import load
+from engine.redis_server import EmbeddedRedis
+from engine.routing import shard_for, stream_key
+from engine.rules.gates import HOLDOUT, assign
 from engine.tracking import CLICK, Token, TokenSigner
 from engine.tracking.routes import PIXEL, tracking_routes
 from tests.conftest import ROOT, LocalShards, serve_app, test_config
-from tests.test_triggers_live import MORNING, WRITE, outbox, wait_for
+from tests.test_triggers_live import MORNING, WRITE, at, outbox, wait_for
 
 ADMIN = {"Authorization": "Bearer dev-admin-key"}
 CLICK_RULE = """
@@ -153,3 +158,189 @@ def test_repeated_opens_count_once_a_minute(redis_url: str) -> None:
     assert len(ids) == 4 and len(set(ids)) == 2  # the engine's dedupe keeps two opens
     assert {e["event"] for e in events} == {"Email Opened"}
     assert events[0]["properties"] == {"send_id": "s9"} and events[0]["customer"] == "ann"
+
+
+# --- behaviours carried over from the unmerged `edges` branch ------------------------------
+
+
+def stored_events(r: redis.Redis, shards: int = 4) -> list[dict]:
+    """Every event in the shards' streams, in stream order per shard."""
+    return [
+        event
+        for index in range(shards)
+        for _, fields in r.xrange(stream_key(index))
+        for event in orjson.loads(fields[b"e"])
+    ]
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def test_opens_reach_the_profile_once_a_minute_with_their_labels(
+    tracked, sync_redis: redis.Redis
+) -> None:
+    client, clock, signer = tracked
+    pixel = path_of(signer.open_url("s5", "opal", rule="cart_abandonment", variant="urgency"))
+    for _ in range(3):  # an image proxy, then a reload within the minute
+        assert client.get(pixel).content == PIXEL
+    assert profile(client, "opal")["email"]["opened"] == 1
+    clock.advance(61)
+    assert client.get(pixel).content == PIXEL
+    email = profile(client, "opal")["email"]
+    assert email["opened"] == 2 and email["last_opened"] == MORNING + 61
+    first = stored_events(sync_redis)[0]
+    assert first["event"] == "Email Opened"
+    assert first["properties"] == {
+        "send_id": "s5",
+        "rule": "cart_abandonment",
+        "variant": "urgency",
+    }
+
+
+def test_a_click_records_its_labels_and_encodes_a_non_ascii_destination(
+    tracked, sync_redis: redis.Redis
+) -> None:
+    client, _, signer = tracked
+    dest = "https://shop.example/p/1?utm_source=nudge#reviews"
+    reply = client.get(path_of(signer.click_url("s6", "cyd", dest, rule="cart", variant="B")))
+    assert reply.status_code == 302 and reply.headers["location"] == dest
+    [event] = stored_events(sync_redis)
+    assert (event["event"], event["customer"]) == ("Email Link Clicked", "cyd")
+    assert event["properties"] == {"send_id": "s6", "rule": "cart", "variant": "B", "url": dest}
+    # A non-ASCII path is percent-encoded, not refused: the link in the email must work.
+    reply = client.get(path_of(signer.click_url("s6", "cyd", "https://shop.example/grün")))
+    assert reply.status_code == 302
+    assert reply.headers["location"] == "https://shop.example/gr%C3%BCn"
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "data:text/html,<script>alert(1)</script>",
+        "ftp://files.example/x",
+        "//evil.example/",  # scheme-relative: the scheme check must not pass it
+        "https:///nohost",
+        "/relative/path",
+    ],
+)
+def test_signed_destinations_that_are_not_http_urls_never_redirect(
+    tracked, sync_redis: redis.Redis, destination: str
+) -> None:
+    client, _, signer = tracked
+    reply = client.get(f"/t/c/{signer.token(Token(CLICK, 's7', 'dee', url=destination))}")
+    assert reply.status_code == 400 and "location" not in reply.headers
+    assert reply.json()["error"] == {
+        "code": "bad_destination",
+        "message": "the link's destination is not an http(s) URL",
+        "field": "token",
+    }
+    assert stored_events(sync_redis) == []
+
+
+def test_a_line_break_in_a_destination_cannot_inject_a_header(tracked) -> None:
+    client, _, signer = tracked
+    dest = "https://shop.example/a b\r\nSet-Cookie: owned=1"
+    reply = client.get(f"/t/c/{signer.token(Token(CLICK, 's8', 'eli', url=dest))}")
+    assert reply.status_code == 302 and "set-cookie" not in reply.headers
+    assert reply.headers["location"] == "https://shop.example/a%20b%0D%0ASet-Cookie:%20owned=1"
+
+
+def test_bad_links_store_nothing(tracked, sync_redis: redis.Redis) -> None:
+    client, _, signer = tracked
+    forged = TokenSigner("not-our-secret")
+    assert client.get(forged.open_url("s9", "mal")).content == PIXEL
+    assert client.get(forged.click_url("s9", "mal", "https://shop.example/")).status_code == 400
+    assert client.get(forged.unsubscribe_url("s9", "mal")).status_code == 400
+    assert client.post(forged.unsubscribe_url("s9", "mal"), headers=FORM).status_code == 400
+    # A genuine open token used as an unsubscribe link is no unsubscribe.
+    open_as_unsub = path_of(signer.open_url("s9", "mal")).replace("/t/o/", "/u/")[: -len(".gif")]
+    reply = client.post(open_as_unsub, content=b"List-Unsubscribe=One-Click", headers=FORM)
+    assert reply.status_code == 400
+    assert stored_events(sync_redis) == []
+
+
+def test_one_click_unsubscribe_sent_as_multipart_form_data(tracked) -> None:
+    client, clock, signer = tracked
+    clock.advance(30)
+    url = path_of(signer.unsubscribe_url("s10", "fay"))
+    # RFC 8058 says the POST SHOULD be multipart/form-data: what Gmail and Yahoo send.
+    reply = client.post(url, files={"List-Unsubscribe": (None, "One-Click")})
+    assert reply.status_code == 200, reply.text
+    consent = profile(client, "fay")["consent"]
+    assert consent["unsubscribed"] is True and consent["unsubscribed_at"] == MORNING + 30
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"List-Unsubscribe=Later", FORM),
+        (b"", FORM),
+        (b"", {}),
+        (b"List-Unsubscribe=One-Click", {"Content-Type": "multipart/form-data; boundary=x"}),
+    ],
+)
+def test_an_unsubscribe_post_without_the_one_click_field_is_refused(
+    tracked, sync_redis: redis.Redis, body: bytes, headers: dict
+) -> None:
+    client, _, signer = tracked
+    url = path_of(signer.unsubscribe_url("s11", "gus"))
+    reply = client.post(url, content=body, headers=headers)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["field"] == "List-Unsubscribe"
+    assert stored_events(sync_redis) == []
+
+
+def test_an_unsubscribe_link_stops_the_pending_cart_email(tracked, sync_redis: redis.Redis) -> None:
+    client, clock, signer = tracked
+    # Two customers on one shard, neither in the rule's holdout: the shard decides both
+    # timers in the same pass, so the other's send proves the unsubscriber's was decided.
+    kim, lou = "kim", "lou-2"
+    assert shard_for(kim, 4) == shard_for(lou, 4)
+    for cid in (kim, lou):
+        assert assign("cart-copy-1", cid, (("classic", 50), ("urgency", 50)), 10) != HOLDOUT
+        added = {
+            "userId": cid,
+            "event": "Product Added",
+            "timestamp": at(0),
+            "properties": {"product_id": "p1", "name": "Wool socks", "price": 9.5},
+        }
+        assert client.post("/v1/track", auth=WRITE, json=added).status_code == 200
+    url = path_of(signer.unsubscribe_url("s-earlier", kim))
+    assert client.post(url, content=b"List-Unsubscribe=One-Click", headers=FORM).status_code == 200
+    assert profile(client, kim)["consent"]["unsubscribed"] is True
+    clock.advance(16 * 60)
+    sends = wait_for(lambda: outbox(sync_redis, lou))
+    assert [s["rule"] for s in sends] == ["cart_abandonment"]
+    assert outbox(sync_redis, kim) == []
+
+
+def test_with_redis_down_opens_and_clicks_still_answer_but_an_unsubscribe_says_so(
+    tmp_path: Path,
+) -> None:
+    """Losing an open or a click beats a broken image or link; an unsubscribe must not be lost."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    config = test_config()
+    shards = LocalShards(config, server.url)
+    signer = TokenSigner(config.tracking.tracking_secret)
+    app = create_app(config, server.url, shards.connect, clock=ManualClock(MORNING).now)
+    try:
+        with serve_app(app) as base, httpx.Client(base_url=base, timeout=20) as client:
+            assert client.get(signer.open_url("s12", "mo")).content == PIXEL  # Redis is up
+            server.stop()
+            pixel = client.get(signer.open_url("s13", "mo"))
+            assert pixel.status_code == 200 and pixel.content == PIXEL
+            dest = "https://shop.example/x"
+            click = client.get(signer.click_url("s13", "mo", dest))
+            assert click.status_code == 302 and click.headers["location"] == dest
+            unsub = client.post(
+                signer.unsubscribe_url("s13", "mo"),
+                content=b"List-Unsubscribe=One-Click",
+                headers=FORM,
+            )
+            assert unsub.status_code == 503, unsub.text
+            error = unsub.json()["error"]
+            assert error["code"] == "store_unavailable" and "try again" in error["message"]
+            assert "redis" not in error["message"].lower()  # a public page: no internals
+    finally:
+        server.stop()

@@ -3,8 +3,11 @@ mappings over realistic payloads, and POST /webhooks/{source} into real profiles
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
+import hashlib
+import hmac
 import json
 import re
 import tomllib
@@ -283,3 +286,113 @@ def test_the_commented_examples_in_config_toml_load() -> None:
         ("myshop", "shopify"),
     ]
     assert config.webhooks[2].emits("carts/update")[0].event == "Cart Viewed"
+
+
+# --- behaviours carried over from the unmerged `edges` branch ------------------------------
+
+
+def test_sign_is_the_computation_the_platforms_document() -> None:
+    body = (FIXTURES / "shopify_orders_create.json").read_bytes()
+    documented = base64.b64encode(hmac.new(b"s3cret", body, hashlib.sha256).digest()).decode()
+    assert sign("s3cret", body) == documented
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda p: p["customer"].update(id={"nested": 1}), "customer.id"),
+        (lambda p: p["customer"].update(id=[7012345678901]), "customer.id"),
+        (lambda p: p["customer"].update(id=True), "customer.id"),
+    ],
+)
+def test_an_id_that_is_no_scalar_names_its_field_instead_of_falling_back(
+    sources, mutate, field
+) -> None:
+    # A malformed customer id must not quietly file the order under the cart token.
+    payload = fixture("shopify_orders_create.json")
+    mutate(payload)
+    with pytest.raises(ValidationError) as raised:
+        map_payload(sources["shopify"], "orders/create", payload, delivery_id="x")
+    assert raised.value.field == field and raised.value.status == 400
+
+
+def test_a_mapping_from_a_toml_file(tmp_path: Path) -> None:
+    own = tmp_path / "crm.toml"
+    own.write_text(
+        'signature = "shopify"\ntopic_header = "X-Topic"\n'
+        '[[topic."deal.won"]]\nevent = "Order Completed"\nuser_id = "contact.id"\n'
+        'properties = { revenue = "amount:number" }\n'
+    )
+    [crm] = webhooks_from_mapping({"crm": {"secret": "k", "mapping": str(own)}})
+    assert crm.topic_header == "X-Topic"
+    [message] = map_payload(
+        crm, "deal.won", {"contact": {"id": 9}, "amount": "12.5"}, delivery_id="d"
+    )
+    assert message["userId"] == 9 and message["properties"] == {"revenue": 12.5}
+    broken = tmp_path / "broken.toml"
+    broken.write_text('signature = "shopify"\ntopic_header = \n')
+    for mapping in (str(broken), str(tmp_path / "missing.toml")):
+        with pytest.raises(ConfigError) as raised:
+            webhooks_from_mapping({"crm": {"secret": "k", "mapping": mapping}})
+        assert raised.value.field == "webhooks.crm.mapping"
+
+
+def stored(base: str) -> int:
+    """How many events the API's Redis holds, read through /v1/status."""
+    status = httpx.get(f"{base}/v1/status", headers=ADMIN, timeout=10).json()
+    return sum(shard["stream_length"] for shard in status["shards"])
+
+
+def test_a_request_the_platform_did_not_sign_or_name_is_refused(webhook_api: str) -> None:
+    secret = TABLE["shopify"]["secret"]
+    order = json.dumps(fixture("shopify_orders_create.json")).encode()
+    unsigned = httpx.post(
+        f"{webhook_api}/webhooks/shopify",
+        content=order,
+        headers={"X-Shopify-Topic": "orders/create"},
+        timeout=10,
+    )
+    assert unsigned.status_code == 401
+    assert unsigned.json()["error"]["field"] == "X-Shopify-Hmac-Sha256"
+    no_topic = httpx.post(
+        f"{webhook_api}/webhooks/shopify",
+        content=order,
+        headers={"X-Shopify-Hmac-Sha256": sign(secret, order)},
+        timeout=10,
+    )
+    assert no_topic.status_code == 400
+    assert no_topic.json()["error"]["field"] == "X-Shopify-Topic"
+    not_an_object = post(webhook_api, "shopify", "orders/create", b"[1, 2]", secret=secret)
+    assert not_an_object.status_code == 400
+    assert not_an_object.json()["error"]["field"] == "body"
+    assert stored(webhook_api) == 0
+
+
+def test_woocommerce_ping_is_acknowledged_and_stores_nothing(webhook_api: str) -> None:
+    # Saving a webhook in WooCommerce posts an unsigned `webhook_id=N` and keeps the
+    # hook only if the answer is exactly 200 (WC_Webhook::deliver_ping).
+    ping = httpx.post(
+        f"{webhook_api}/webhooks/woo",
+        content=b"webhook_id=17",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert ping.status_code == 200, ping.text
+    assert ping.json() == {"success": True, "events": 0, "ping": True}
+    # Anything else unsigned is still refused, and Shopify has no such ping.
+    for source, body in (
+        ("woo", b"webhook_id=17&x=1"),
+        ("woo", b"{}"),
+        ("shopify", b"webhook_id=17"),
+    ):
+        refused = httpx.post(f"{webhook_api}/webhooks/{source}", content=body, timeout=10)
+        assert refused.status_code == 401, (source, body)
+    assert stored(webhook_api) == 0
+    # A paid order, then the same order completed later: still one order.
+    secret = TABLE["woo"]["secret"]
+    order = fixture("woocommerce_order_created.json")
+    for n, status in enumerate(("processing", "completed")):
+        paid = dict(order, status=status)
+        answer = post(webhook_api, "woo", "order.updated", paid, secret=secret, delivery=f"p{n}")
+        assert answer.status_code == 200, answer.text
+    assert profile(webhook_api, "grace@example.com")["orders"] == 1

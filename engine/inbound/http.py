@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,13 +21,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import events as ev
-from engine.errors import NotFound, PayloadTooLarge, ValidationError
-from engine.inbound.webhooks import WebhookSource, map_payload, verify_signature
+from engine.errors import ForbiddenError, NotFound, PayloadTooLarge, ValidationError
+from engine.inbound.origins import check_origins
+from engine.inbound.webhooks import WebhookSource, is_ping, map_payload, verify_signature
 from engine.store import Store
 
 MAX_WEBHOOK_BYTES = ev.MAX_BATCH_BYTES
 # The paths a browser on the shop's own domain may post to.
 INGEST_PATHS = frozenset([f"/v1/{kind}" for kind in ev.TYPES] + ["/v1/batch"])
+# Every path that writes events with a write key: a page of a foreign origin may post to none.
+WRITE_PATHS = INGEST_PATHS | {"/v1/import"}
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -47,7 +51,10 @@ async def _raw_body(request: Request, limit: int) -> bytes:
 def webhook_routes(
     sources: tuple[WebhookSource, ...], *, store: Callable[[], Store]
 ) -> list[Route]:
-    """POST /webhooks/{source}: 401 on a bad signature, 404 for an unknown source."""
+    """POST /webhooks/{source}: 401 on a bad signature, 404 for an unknown source.
+
+    WooCommerce's unsigned ping on saving a webhook is answered 200 and stores nothing.
+    """
     by_name = {s.name: s for s in sources}
 
     async def receive(request: Request) -> Response:
@@ -56,6 +63,8 @@ def webhook_routes(
         if source is None:
             raise NotFound(f"no webhook source {name!r}", field="source")
         body = await _raw_body(request, MAX_WEBHOOK_BYTES)
+        if is_ping(source, request.headers, body):
+            return _json({"success": True, "events": 0, "ping": True})
         verify_signature(source, request.headers, body)
         topic = request.headers.get(source.topic_header)
         if not topic:
@@ -99,24 +108,57 @@ def sdk_routes() -> list[Route]:
 
 
 class IngestCORS:
-    """CORS on the ingest endpoints only, for the configured origins ("*": any).
+    """CORS on the ingest endpoints for the configured origins ("*": any); others refused.
 
-    The admin and content endpoints stay same-origin: browsers get no CORS answer there.
+    Installed only when origins are configured (with none, pages are neither answered
+    nor checked: their beacons still arrive).
+
+    /sdk.js posts `text/plain` bodies, a "simple" request a browser sends without a
+    preflight, so leaving the answer unreadable is not enough: a request whose Origin
+    is not allowed is refused (403) before it can store anything. Requests with no
+    Origin (SDKs on servers, curl) pass. The admin and content endpoints stay
+    same-origin: browsers get no CORS answer there.
     """
 
     def __init__(self, app: ASGIApp, *, origins: tuple[str, ...]):
         self.app = app
+        self.origins = frozenset(check_origins(origins))
         self.cors = CORSMiddleware(
             app,
-            allow_origins=list(origins),
+            allow_origins=sorted(self.origins),
             allow_methods=["POST"],
             allow_headers=["Authorization", "Content-Type", "Content-Encoding"],
             max_age=600,
         )
 
+    def allowed(self, origin: str) -> bool:
+        """True if pages of `origin` may post events."""
+        return "*" in self.origins or origin in self.origins
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Route ingest requests through CORS, everything else straight to the app."""
-        if scope["type"] == "http" and scope["path"] in INGEST_PATHS:
+        """Refuse foreign origins on the write paths; answer CORS on the ingest paths."""
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path not in WRITE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        origin = Headers(scope=scope).get("origin")
+        if origin is None:
+            await self.app(scope, receive, send)
+        elif not self.allowed(origin):
+            refused = ForbiddenError(
+                f"pages from {origin[:200]!r} may not post events "
+                "(add the origin to [browser] allowed_origins)",
+                field="Origin",
+                code="origin_not_allowed",
+            )
+            response = Response(
+                orjson.dumps(refused.to_dict()),
+                status_code=refused.status,
+                media_type="application/json",
+                headers={"Vary": "Origin"},
+            )
+            await response(scope, receive, send)
+        elif path in INGEST_PATHS:
             await self.cors(scope, receive, send)
-        else:
+        else:  # /v1/import: bulk history from servers, never answered to browsers
             await self.app(scope, receive, send)

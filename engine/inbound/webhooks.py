@@ -34,6 +34,8 @@ SCHEMES = {
     "shopify": "X-Shopify-Hmac-Sha256",
     "woocommerce": "X-WC-Webhook-Signature",
 }
+# Saving a webhook in WooCommerce posts this, unsigned, and keeps the hook only on a 200.
+_WOO_PING = re.compile(rb"^webhook_id=[0-9]{1,20}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _MAPPING_KEYS = frozenset({"signature", "topic_header", "delivery_header", "topic"})
@@ -235,6 +237,13 @@ def verify_signature(source: WebhookSource, headers: Mapping[str, str], body: by
         raise AuthError(f"{header} does not match the body", field=header)
 
 
+def is_ping(source: WebhookSource, headers: Mapping[str, str], body: bytes) -> bool:
+    """True for WooCommerce's unsigned test ping (body `webhook_id=N`), which stores nothing."""
+    header = SCHEMES[source.signature]
+    signed = headers.get(header) or headers.get(header.lower())
+    return source.signature == "woocommerce" and not signed and bool(_WOO_PING.match(body))
+
+
 # --- mapping ------------------------------------------------------------------------------
 
 
@@ -281,8 +290,14 @@ def _identifier(root: Any, item: Any, paths: tuple[str, ...]) -> Any:
     for spec in paths:
         value = _value(root, item, spec, spec)
         # Platforms say "no customer" with 0 (WooCommerce guests) or an empty string.
-        if value not in (None, "", 0, "0") and not isinstance(value, (dict, list, bool)):
-            return value
+        if value in (None, "", 0, "0"):
+            continue
+        if isinstance(value, (dict, list, bool)):
+            # Malformed, not absent: falling back to the next path would quietly file
+            # the customer's events under another id (an order under its cart token).
+            field = spec.partition(":")[0]
+            raise ValidationError(f"{field} must be a string or a number", field=field)
+        return value
     return None
 
 

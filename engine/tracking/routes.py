@@ -9,25 +9,33 @@ messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
 proxies fetch the pixel several times), one click per send, link and minute,
 and one unsubscribe per send.
+
+With Redis down, an open or a click is logged and lost rather than breaking the
+image or the link; an unsubscribe is answered 503, never a false "done".
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import hashlib
 import html
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from engine import events as ev
-from engine.errors import ValidationError
+from engine.errors import PayloadTooLarge, StoreError, ValidationError
 from engine.metrics import process as metered
 from engine.tracking.tokens import CLICK, OPEN, UNSUBSCRIBE, BadToken, Token, TokenSigner
+
+log = logging.getLogger(__name__)
 
 # The smallest transparent GIF (43 bytes).
 PIXEL = bytes.fromhex(
@@ -37,6 +45,7 @@ _NO_STORE = {
     "Cache-Control": "no-store, no-cache, must-revalidate, max-age=0",
     "Pragma": "no-cache",
 }
+_MAX_FORM = 16_384  # a one-click body is 26 bytes; multipart framing adds a few hundred
 
 
 def tracking_event(token: Token, name: str, message_id: str, received_at: float) -> dict:
@@ -62,8 +71,38 @@ def safe_destination(url: str | None) -> str:
     """The signed click destination, if it is an absolute http(s) URL; else a 400."""
     parts = urlsplit(url or "")
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValidationError("the link's destination is not an http(s) URL", field="token")
+        raise ValidationError(
+            "the link's destination is not an http(s) URL", field="token", code="bad_destination"
+        )
     return url  # type: ignore[return-value]
+
+
+def form_fields(body: bytes, content_type: str) -> dict[str, str]:
+    """The text fields of a multipart/form-data or (any other type) urlencoded body."""
+    if content_type.lower().startswith("multipart/form-data"):
+        # The stdlib's MIME parser reads form-data (RFC 7578): no multipart dependency.
+        head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        fields = {}
+        for part in message.iter_parts() if message.is_multipart() else ():
+            name = part.get_param("name", header="content-disposition")
+            value = part.get_content()
+            if isinstance(name, str) and isinstance(value, str):
+                fields[name] = value.strip()
+        return fields
+    # Urlencoded, or a sender that set no type: parsed alike, RFC 8058's own example body.
+    text = body.decode("utf-8", "replace")
+    return {k: v[0].strip() for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+
+async def _read_form(request: Request) -> dict[str, str]:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_FORM:
+            raise PayloadTooLarge(f"body is larger than {_MAX_FORM} bytes")
+        chunks.append(chunk)
+    return form_fields(b"".join(chunks), request.headers.get("content-type", ""))
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
@@ -86,6 +125,16 @@ def tracking_routes(
 ) -> list[Route]:
     """The /t/o, /t/c and /u routes; `append(events)` is the durable ingest path."""
 
+    async def record_or_lose(event: dict) -> bool:
+        # An open or a click is worth less than the image or the link it rides on:
+        # with Redis down the reader still gets them, and the event is logged as lost.
+        try:
+            await append([event])
+        except StoreError as exc:
+            log.warning("%s %s not stored: %s", event["event"], event["messageId"], exc)
+            return False
+        return True
+
     async def opened(request: Request) -> Response:
         # A pixel always answers with the image: a broken one shows in the email.
         now = clock()
@@ -95,8 +144,8 @@ def tracking_routes(
             return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
         if request.method == "GET":  # HEAD: a link checker, not a person
             message_id = f"nudge-open:{token.send_id}:{int(now // 60)}"
-            await append([tracking_event(token, "Email Opened", message_id, now)])
-            metered.EMAIL_OPENS.labels(token.rule or "-", token.variant or "-").inc()
+            if await record_or_lose(tracking_event(token, "Email Opened", message_id, now)):
+                metered.EMAIL_OPENS.labels(token.rule or "-", token.variant or "-").inc()
         return Response(PIXEL, media_type="image/gif", headers=_NO_STORE)
 
     async def clicked(request: Request) -> Response:
@@ -106,8 +155,8 @@ def tracking_routes(
         link = hashlib.blake2b(url.encode(), digest_size=6).hexdigest()
         if request.method == "GET":  # HEAD: mail scanners probe links; that is no click
             message_id = f"nudge-click:{token.send_id}:{link}:{int(now // 60)}"
-            await append([tracking_event(token, "Email Link Clicked", message_id, now)])
-            metered.EMAIL_CLICKS.labels(token.rule or "-", token.variant or "-").inc()
+            if await record_or_lose(tracking_event(token, "Email Link Clicked", message_id, now)):
+                metered.EMAIL_CLICKS.labels(token.rule or "-", token.variant or "-").inc()
         return RedirectResponse(url, status_code=302, headers=_NO_STORE)
 
     async def unsubscribe_page(request: Request) -> Response:
@@ -127,14 +176,30 @@ def tracking_routes(
     async def unsubscribe(request: Request) -> Response:
         # RFC 8058: a POST with List-Unsubscribe=One-Click unsubscribes at once, no
         # confirmation step (the confirmation page's own form posts the same body).
+        # Mailbox providers send it as multipart/form-data or urlencoded; without the
+        # field it is some other POST, and it unsubscribes nobody.
         raw = request.path_params["token"]
         try:
             token = signer.verify(raw, UNSUBSCRIBE)
         except BadToken:
             return _page("Link not valid", "<h1>This link is not valid</h1>", status=400)
+        if (await _read_form(request)).get("List-Unsubscribe", "").lower() != "one-click":
+            raise ValidationError(
+                "the body must be List-Unsubscribe=One-Click (RFC 8058)",
+                field="List-Unsubscribe",
+                code="not_one_click",
+            )
         now = clock()
         event = tracking_event(token, "Unsubscribed", f"nudge-unsub:{token.send_id}", now)
-        await append([event])
+        try:
+            await append([event])
+        except StoreError as exc:
+            # Saying "unsubscribed" without a durable event would be a lie: a 503 the
+            # mailbox provider retries, with no Redis internals for the public to read.
+            log.warning("Unsubscribed %s not stored: %s", event["messageId"], exc)
+            raise StoreError(
+                "the unsubscribe could not be recorded just now; please try again shortly"
+            ) from exc
         metered.UNSUBSCRIBES.inc()
         return _page(
             "Unsubscribed",

@@ -1,0 +1,47 @@
+"""Which web origins may post events from a browser: checked once, when the config loads.
+
+Pure: `check_origins(("https://Shop.example:443/",))` -> `("https://shop.example",)`,
+the form a browser sends in its Origin header, so the comparison is a plain lookup.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from engine.errors import ConfigError
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def check_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+    """The origins as browsers spell them; ConfigError naming one that is not scheme://host[:port]."""
+    out: list[str] = []
+    for i, origin in enumerate(origins):
+        where = f"browser.allowed_origins[{i}]"
+        if origin == "*":
+            out.append(origin)
+            continue
+        parts = urlsplit(origin.strip()) if isinstance(origin, str) else None
+        try:
+            port = parts.port if parts else None
+        except ValueError:  # a port that is not a number, or out of range
+            parts = None
+        if (
+            parts is None
+            or parts.scheme.lower() not in _DEFAULT_PORTS
+            or not parts.hostname
+            or parts.path.strip("/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+        ):
+            raise ConfigError(
+                f"{where} must be an origin such as https://shop.example, got {origin!r}",
+                field=where,
+            )
+        scheme = parts.scheme.lower()
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        if port is not None and port != _DEFAULT_PORTS[scheme]:
+            host += f":{port}"
+        out.append(f"{scheme}://{host}")
+    return tuple(dict.fromkeys(out))
