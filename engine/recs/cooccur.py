@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 EPOCH = 1_600_000_000.0  # 2020-09-13: forward decay is relative to it
@@ -280,7 +281,7 @@ class CoCounts:
         taken = CoCounts(self.settings)
         held = self.pair_count()
         if max_pairs is not None and held > max_pairs:
-            heaviest = heapq.nlargest(max_pairs, self._weighted())
+            heaviest = self._heaviest(max_pairs)
             taken.pairs = {(a, b): w for w, a, b in heaviest}
             rows = self._rows
             for _, a, b in heaviest:
@@ -291,8 +292,7 @@ class CoCounts:
             held -= max_pairs
             if carry is not None and held > carry:
                 self.dropped += held - carry
-                kept = heapq.nlargest(carry, self._weighted())
-                self.pairs = {(a, b): w for w, a, b in kept}
+                self.pairs = {(a, b): w for w, a, b in self._heaviest(carry)}
         else:
             taken._rows, self._rows = self._rows, {}
         taken.mass, taken.popular, taken.events = self.mass, self.popular, self.events
@@ -300,11 +300,28 @@ class CoCounts:
         self._adjacent = None
         return taken
 
-    def _weighted(self) -> Iterator[tuple[float, str, str]]:
-        """(weight, a, b) of every pair: ordered by weight, then by the pair."""
-        for a, row in self._rows.items():
+    def _heaviest(self, n: int) -> list[tuple[float, str, str]]:
+        """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair.
+
+        As heapq.nlargest over every (weight, a, b), in cheaper passes: the n-th
+        greatest weight from the bare floats, then the pairs at or above it.
+        """
+        rows = self._rows
+        cut = _nth_largest(list(chain.from_iterable(map(dict.values, rows.values()))), n)
+        if cut is None:
+            return []
+        above: list[tuple[float, str, str]] = []
+        at_cut: list[tuple[float, str, str]] = []
+        for a, row in rows.items():
+            if max(row.values()) < cut:  # most rows: nothing this heavy, checked in C
+                continue
             for b, w in row.items():
-                yield w, a, b
+                if w >= cut:
+                    (above if w > cut else at_cut).append((w, a, b))
+        at_cut.sort(reverse=True)
+        above.extend(at_cut[: n - len(above)])
+        above.sort(reverse=True)
+        return above
 
     # -- reading (in memory: evaluation, tests; and the flush, both directions) ----------
     def adjacency(self) -> dict[str, dict[str, float]]:
@@ -329,6 +346,24 @@ class CoCounts:
         """The `n` most popular items of `category` ("" for all)."""
         table = self.popular.get(category) or {}
         return sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def _nth_largest(values: list[float], n: int) -> float | None:
+    """The `n`-th greatest of `values` (the least when there are fewer); None when empty.
+
+    A flush picks a few thousand of up to 200,000 carried weights. A strided
+    sample gives a bound that all but the heaviest few times n lie below; only
+    those are ranked exactly (heapq.nlargest's Python loop over all of them
+    was most of a flush's CPU). A bound too high, which leaves fewer than n,
+    falls back to ranking everything.
+    """
+    if len(values) <= n:
+        return min(values, default=None)
+    step = max(len(values) // 4096, 1)
+    sample = sorted(values[::step], reverse=True)
+    bound = sample[min(2 * (n // step) + 1, len(sample) - 1)]
+    heavy = [w for w in values if w >= bound]
+    return heapq.nlargest(n, heavy if len(heavy) >= n else values)[-1]
 
 
 def history_of(

@@ -303,3 +303,39 @@ def test_pairs_held_per_item_equal_one_flat_table_through_takes_and_merges(seed:
     adjacency = counts.adjacency()
     for (a, b), w in counts.pairs.items():
         assert adjacency[a][b] == adjacency[b][a] == w
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_the_heaviest_pairs_are_what_nlargest_picks_ties_included(seed: int, n: int) -> None:
+    import heapq
+    import random
+
+    rng = random.Random(seed)
+    counts = CoCounts(FLAT)
+    # few distinct weights, so ties straddle the cut; skewed, as real weights are
+    weights = [rng.choice([0.5, 1.0, 3.0]) * rng.choice([1, 1, 1, 2, 40]) for _ in range(50)]
+    items = [f"p{i:03d}" for i in range(150)]
+    flat = {}
+    for _ in range(8000):
+        a, b = sorted(rng.sample(items, 2))
+        flat[(a, b)] = rng.choice(weights)
+    counts.pairs = flat
+    expected = heapq.nlargest(n, ((w, a, b) for (a, b), w in flat.items()))
+    assert counts._heaviest(n) == expected
+
+
+def test_the_nth_largest_weight_whatever_the_sample_suggests() -> None:
+    from engine.recs.cooccur import _nth_largest
+
+    assert _nth_largest([], 3) is None
+    assert _nth_largest([2.0, 1.0], 3) == 1.0
+    # the sample (every 24th value here) sees only heavy ones: its bound is too high,
+    # fewer than n values reach it, and ranking falls back to every value
+    values = [9.0 if i % 24 == 0 else 1.0 for i in range(100_000)]
+    assert _nth_largest(values, 10) == 9.0
+    assert _nth_largest(values, 5000) == 1.0
+    # and the sample sees none of the heavy ones
+    values = [9.0 if i % 24 == 1 else 1.0 for i in range(100_000)]
+    assert _nth_largest(values, 4000) == 9.0 and _nth_largest(values, 4200) == 1.0
+    assert _nth_largest(list(range(100_000)), 2500) == 97_500
