@@ -243,19 +243,28 @@ def share_strings(event: dict) -> None:
         event["event"] = _intern(name)
     props = event.get("properties")
     if props:
-        _share(props)
-        lines = props.get("products")
-        if lines.__class__ is list:  # an order's lines
-            for line in lines:
-                if line.__class__ is dict:
-                    _share(line)
-
-
-def _share(props: dict) -> None:
-    for field in _SHARED_PROPS:
-        value = props.get(field)
+        value = props.get("product_id")
         if value.__class__ is str:
-            props[field] = _intern(value)
+            props["product_id"] = _intern(value)
+        value = props.get("category")
+        if value.__class__ is str:
+            props["category"] = _intern(value)
+        if "sku" in props or "products" in props:
+            _share_rest(props)
+
+
+def _share_rest(props: dict) -> None:
+    value = props.get("sku")
+    if value.__class__ is str:
+        props["sku"] = _intern(value)
+    lines = props.get("products")
+    if lines.__class__ is list:  # an order's lines
+        for line in lines:
+            if line.__class__ is dict:
+                for field in _SHARED_PROPS:
+                    value = line.get(field)
+                    if value.__class__ is str:
+                        line[field] = _intern(value)
 
 
 def apply_event(profile: Profile, event: dict, limits: Limits) -> None:
