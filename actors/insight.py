@@ -244,4 +244,4 @@ class ShardInsight:
         counts = partition.insight.counts if partition.insight is not None else None
         if counts is None:
             return {"carried": 0, "dropped": 0}
-        return {"carried": len(counts.pairs), "dropped": counts.dropped}
+        return {"carried": counts.pair_count(), "dropped": counts.dropped}

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from engine.profile import Limits, Profile, apply_event, merge_profiles
+from engine.profile import Limits, Profile, apply_event, merge_profiles, share_strings
 from engine.rules import RuleSet, TimerIndex, merge_journey
 
 APPLIED, DUPLICATE, DROPPED, FORWARDED = "applied", "duplicate", "dropped", "forwarded"
@@ -125,6 +125,7 @@ class Partition:
             self._deleted.discard(customer)
         if profile.is_duplicate(event["messageId"], event["receivedAt"], self.limits):
             return DUPLICATE
+        share_strings(event)
         insight = self.insight
         if insight is not None:
             if insight.catalog:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from sys import intern as _intern
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -24,6 +25,7 @@ _CART_FIELDS = (
     "url",
     "image_url",
 )
+_SHARED_PROPS = ("product_id", "sku", "category")
 _OPT_OUT_TRAITS = ("unsubscribed", "email_opt_out", "opted_out")
 _TRUE_WORDS = frozenset(("true", "yes", "y", "1", "on"))
 _FALSE_WORDS = frozenset(("false", "no", "n", "0", "off", ""))
@@ -226,6 +228,43 @@ class Profile:
                     break
                 del seen[oldest]
         return False
+
+
+def share_strings(event: dict) -> None:
+    """Swap the event's name, product and category for the one shared copy of each string.
+
+    Profiles keep these in `recent`, carts, rule state and co-occurrence keys. Decoded
+    afresh per event, every entry would hold its own copies scattered over the heap, and
+    walking or encoding a profile would miss the cache at each one; shared copies stay hot,
+    and equal ones compare by identity.
+    """
+    name = event.get("event")
+    if name.__class__ is str:
+        event["event"] = _intern(name)
+    props = event.get("properties")
+    if props:
+        value = props.get("product_id")
+        if value.__class__ is str:
+            props["product_id"] = _intern(value)
+        value = props.get("category")
+        if value.__class__ is str:
+            props["category"] = _intern(value)
+        if "sku" in props or "products" in props:
+            _share_rest(props)
+
+
+def _share_rest(props: dict) -> None:
+    value = props.get("sku")
+    if value.__class__ is str:
+        props["sku"] = _intern(value)
+    lines = props.get("products")
+    if lines.__class__ is list:  # an order's lines
+        for line in lines:
+            if line.__class__ is dict:
+                for field in _SHARED_PROPS:
+                    value = line.get(field)
+                    if value.__class__ is str:
+                        line[field] = _intern(value)
 
 
 def apply_event(profile: Profile, event: dict, limits: Limits) -> None:

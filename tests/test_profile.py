@@ -15,6 +15,7 @@ from engine.profile import (
     apply_event,
     merge_profiles,
     product_key,
+    share_strings,
 )
 
 DAY = 86400.0
@@ -610,3 +611,41 @@ def test_merge_keeps_the_newest_seen_ids_oldest_first() -> None:
     assert list(user.seen.items()) == [("a1", 20.0), ("u1", 30.0), ("a2", 40.0)]
     assert user.is_duplicate("a1", 50.0, LIMITS)
     assert not user.is_duplicate("u0", 50.0, LIMITS)
+
+
+def test_shared_strings_make_equal_names_products_and_categories_one_object() -> None:
+    # Two events decoded separately hold separate copies of equal strings.
+    first, second = (
+        orjson.loads(
+            orjson.dumps(
+                track(
+                    "Order Completed",
+                    T0 + n,
+                    product_id="p-1",
+                    category="Shoes",
+                    products=[{"product_id": "p-2", "sku": "s-2", "category": "Bags"}],
+                )
+            )
+        )
+        for n in range(2)
+    )
+    assert first["event"] is not second["event"]
+    before = orjson.dumps(first), orjson.dumps(second)
+    for ev in (first, second):
+        share_strings(ev)
+    assert (orjson.dumps(first), orjson.dumps(second)) == before  # values unchanged
+    assert first["event"] is second["event"]
+    a, b = first["properties"], second["properties"]
+    assert a["product_id"] is b["product_id"] and a["category"] is b["category"]
+    line_a, line_b = a["products"][0], b["products"][0]
+    assert all(line_a[k] is line_b[k] for k in ("product_id", "sku", "category"))
+    profile = build(first, second)
+    assert profile.recent[0][1] is profile.recent[1][1] is second["event"]
+    assert profile.purchased[0][1] is profile.purchased[1][1]
+
+
+def test_sharing_leaves_other_types_and_fields_alone() -> None:
+    ev = track("Product Viewed", T0, product_id=12, category=None, name="Shoe")
+    props = dict(ev["properties"])
+    share_strings(ev)
+    assert ev["properties"] == props and ev["properties"]["product_id"] == 12

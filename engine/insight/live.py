@@ -196,7 +196,7 @@ class LiveInsight:
 
         `max_pairs` and `carry` as in CoCounts.take: the lightest pairs may wait.
         """
-        if self.counts is None or not (self.counts or self.counts.pairs):
+        if self.counts is None or not (self.counts or self.counts.pair_count()):
             return None
         return self.counts.take(max_pairs, carry)
 

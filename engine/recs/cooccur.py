@@ -21,6 +21,7 @@ import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 EPOCH = 1_600_000_000.0  # 2020-09-13: forward decay is relative to it
@@ -57,15 +58,22 @@ class CoSettings:
 class CoCounts:
     """Co-occurrence, item mass and popularity per category: sums, mergeable.
 
-    `pairs` is keyed by the ordered pair (a, b) with a < b: one update per pair
-    on the hot path; both directions are written out at flush time.
+    A pair is the ordered pair (a, b) with a < b: one update per pair on the hot
+    path; both directions are written out at flush time. It is held at
+    `_rows[a][b]`: a small dict per item, keyed by the product ids themselves
+    (shared strings, see engine.profile.share_strings), rather than one dict of
+    all pairs keyed by tuples. With tens of thousands of pairs carried between
+    flushes, each update then costs a lookup in a row that stays in the cache
+    instead of a miss in one large table and a tuple built and compared
+    (measured: about three times cheaper per pair). `pairs` gives them as one
+    dict keyed by (a, b), for flushes and tests.
     """
 
-    __slots__ = ("_adjacent", "dropped", "events", "mass", "pairs", "popular", "settings")
+    __slots__ = ("_adjacent", "_rows", "dropped", "events", "mass", "popular", "settings")
 
     def __init__(self, settings: CoSettings | None = None):
         self.settings = settings or CoSettings()
-        self.pairs: dict[tuple[str, str], float] = {}
+        self._rows: dict[str, dict[str, float]] = {}
         self.mass: dict[str, float] = {}
         self.popular: dict[str, dict[str, float]] = {}  # category ("" = all) -> {item: weight}
         self.events = 0
@@ -74,6 +82,26 @@ class CoCounts:
 
     def __bool__(self) -> bool:
         return bool(self.mass)
+
+    @property
+    def pairs(self) -> dict[tuple[str, str], float]:
+        """Every pair's weight by (a, b), a < b: a new dict, so build it once per use."""
+        return {(a, b): w for a, row in self._rows.items() for b, w in row.items()}
+
+    @pairs.setter
+    def pairs(self, pairs: dict[tuple[str, str], float]) -> None:
+        rows: dict[str, dict[str, float]] = {}
+        for (a, b), w in pairs.items():
+            row = rows.get(a)
+            if row is None:
+                row = rows[a] = {}
+            row[b] = w
+        self._rows = rows
+        self._adjacent = None
+
+    def pair_count(self) -> int:
+        """How many pairs are held (without building `pairs`)."""
+        return sum(map(len, self._rows.values()))
 
     def observe(
         self,
@@ -93,7 +121,7 @@ class CoCounts:
         s = self.settings
         scale = math.exp2((ts - EPOCH) / s.half_life_s)
         w = weight * scale
-        mass, pairs, popular = self.mass, self.pairs, self.popular
+        mass, rows, popular = self.mass, self._rows, self.popular
         everyone = popular.get("")
         if everyone is None:
             everyone = popular[""] = {}
@@ -113,16 +141,22 @@ class CoCounts:
                     table[item] = table.get(item, 0.0) + w
             for other in items[:i]:
                 if other != item:
-                    key = (item, other) if item < other else (other, item)
-                    pairs[key] = pairs.get(key, 0.0) + w
+                    a, b = (item, other) if item < other else (other, item)
+                    row = rows.get(a)
+                    if row is None:
+                        row = rows[a] = {}
+                    row[b] = row.get(b, 0.0) + w
             for then, other, other_weight in history:
                 if other == item:
                     continue
                 pw = (weight if weight < other_weight else other_weight) * scale
                 if ts > then:
                     pw *= exp2((then - ts) / pair_half)
-                key = (item, other) if item < other else (other, item)
-                pairs[key] = pairs.get(key, 0.0) + pw
+                a, b = (item, other) if item < other else (other, item)
+                row = rows.get(a)
+                if row is None:
+                    row = rows[a] = {}
+                row[b] = row.get(b, 0.0) + pw
 
     def observe_one(
         self, profile: Any, item: str, weight: float, ts: float, category: Any = None
@@ -136,7 +170,7 @@ class CoCounts:
         s = self.settings
         scale = math.exp2((ts - EPOCH) / s.half_life_s)
         w = weight * scale
-        mass, pairs, popular = self.mass, self.pairs, self.popular
+        mass, rows, popular = self.mass, self._rows, self.popular
         mass[item] = mass.get(item, 0.0) + w
         everyone = popular.get("")
         if everyone is None:
@@ -156,6 +190,7 @@ class CoCounts:
         seen = {item}
         found = 0
         exp2 = math.exp2
+        mine = None  # item's own row: where its pairs with greater items go
         for entry in reversed(profile.recent):
             then = entry[0]
             if then < horizon:
@@ -174,8 +209,17 @@ class CoCounts:
             pw = (weight if weight < ow else ow) * scale
             if ts > then:
                 pw *= exp2((then - ts) / pair_half)
-            key = (item, other) if item < other else (other, item)
-            pairs[key] = pairs.get(key, 0.0) + pw
+            if item < other:
+                if mine is None:
+                    mine = rows.get(item)
+                    if mine is None:
+                        mine = rows[item] = {}
+                mine[other] = mine.get(other, 0.0) + pw
+            else:
+                row = rows.get(other)
+                if row is None:
+                    row = rows[other] = {}
+                row[item] = row.get(item, 0.0) + pw
             found += 1
             if found >= limit:
                 return
@@ -189,17 +233,31 @@ class CoCounts:
             pw = (weight if weight < bought else bought) * scale
             if ts > then:
                 pw *= exp2((then - ts) / pair_half)
-            key = (item, other) if item < other else (other, item)
-            pairs[key] = pairs.get(key, 0.0) + pw
+            if item < other:
+                if mine is None:
+                    mine = rows.get(item)
+                    if mine is None:
+                        mine = rows[item] = {}
+                mine[other] = mine.get(other, 0.0) + pw
+            else:
+                row = rows.get(other)
+                if row is None:
+                    row = rows[other] = {}
+                row[item] = row.get(item, 0.0) + pw
             found += 1
             if found >= limit:
                 return
 
     def merge(self, other: CoCounts) -> None:
         """Add another shard's (or flush's) counts into these."""
-        pairs = self.pairs
-        for key, w in other.pairs.items():
-            pairs[key] = pairs.get(key, 0.0) + w
+        rows = self._rows
+        for a, theirs in other._rows.items():
+            row = rows.get(a)
+            if row is None:
+                rows[a] = dict(theirs)
+                continue
+            for b, w in theirs.items():
+                row[b] = row.get(b, 0.0) + w
         for item, w in other.mass.items():
             self.mass[item] = self.mass.get(item, 0.0) + w
         for category, table in other.popular.items():
@@ -217,34 +275,63 @@ class CoCounts:
         stay here and keep adding up for a later flush, so Redis sees a bounded
         number of pair writes whatever the event rate. Of those carried, at most
         `carry` (the heaviest) are kept; `dropped` counts the rest. Item mass and
-        popularity, one entry per product, always go whole.
+        popularity, one entry per product, always go whole. Among pairs of equal
+        weight at the cut, the greater (a, b) goes first.
         """
         taken = CoCounts(self.settings)
-        pairs = self.pairs
-        if max_pairs is not None and len(pairs) > max_pairs:
-            heaviest = heapq.nlargest(max_pairs, pairs.items(), key=_weight)
-            taken.pairs = dict(heaviest)
-            for key in taken.pairs:
-                del pairs[key]
-            if carry is not None and len(pairs) > carry:
-                self.dropped += len(pairs) - carry
-                pairs = dict(heapq.nlargest(carry, pairs.items(), key=_weight))
-            self.pairs = pairs
+        held = self.pair_count()
+        if max_pairs is not None and held > max_pairs:
+            heaviest = self._heaviest(max_pairs)
+            taken.pairs = {(a, b): w for w, a, b in heaviest}
+            rows = self._rows
+            for _, a, b in heaviest:
+                row = rows[a]
+                del row[b]
+                if not row:
+                    del rows[a]
+            held -= max_pairs
+            if carry is not None and held > carry:
+                self.dropped += held - carry
+                self.pairs = {(a, b): w for w, a, b in self._heaviest(carry)}
         else:
-            taken.pairs, self.pairs = pairs, {}
+            taken._rows, self._rows = self._rows, {}
         taken.mass, taken.popular, taken.events = self.mass, self.popular, self.events
         self.mass, self.popular, self.events = {}, {}, 0
         self._adjacent = None
         return taken
+
+    def _heaviest(self, n: int) -> list[tuple[float, str, str]]:
+        """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair.
+
+        As heapq.nlargest over every (weight, a, b), in cheaper passes: the n-th
+        greatest weight from the bare floats, then the pairs at or above it.
+        """
+        rows = self._rows
+        cut = _nth_largest(list(chain.from_iterable(map(dict.values, rows.values()))), n)
+        if cut is None:
+            return []
+        above: list[tuple[float, str, str]] = []
+        at_cut: list[tuple[float, str, str]] = []
+        for a, row in rows.items():
+            if max(row.values()) < cut:  # most rows: nothing this heavy, checked in C
+                continue
+            for b, w in row.items():
+                if w >= cut:
+                    (above if w > cut else at_cut).append((w, a, b))
+        at_cut.sort(reverse=True)
+        above.extend(at_cut[: n - len(above)])
+        above.sort(reverse=True)
+        return above
 
     # -- reading (in memory: evaluation, tests; and the flush, both directions) ----------
     def adjacency(self) -> dict[str, dict[str, float]]:
         """item -> {neighbour: weight}, both directions (built once per change)."""
         if self._adjacent is None:
             adjacent: dict[str, dict[str, float]] = {}
-            for (a, b), w in self.pairs.items():
-                adjacent.setdefault(a, {})[b] = w
-                adjacent.setdefault(b, {})[a] = w
+            for a, row in self._rows.items():
+                for b, w in row.items():
+                    adjacent.setdefault(a, {})[b] = w
+                    adjacent.setdefault(b, {})[a] = w
             self._adjacent = adjacent
         return self._adjacent
 
@@ -261,8 +348,22 @@ class CoCounts:
         return sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
-def _weight(item: tuple[tuple[str, str], float]) -> float:
-    return item[1]
+def _nth_largest(values: list[float], n: int) -> float | None:
+    """The `n`-th greatest of `values` (the least when there are fewer); None when empty.
+
+    A flush picks a few thousand of up to 200,000 carried weights. A strided
+    sample gives a bound that all but the heaviest few times n lie below; only
+    those are ranked exactly (heapq.nlargest's Python loop over all of them
+    was most of a flush's CPU). A bound too high, which leaves fewer than n,
+    falls back to ranking everything.
+    """
+    if len(values) <= n:
+        return min(values, default=None)
+    step = max(len(values) // 4096, 1)
+    sample = sorted(values[::step], reverse=True)
+    bound = sample[min(2 * (n // step) + 1, len(sample) - 1)]
+    heavy = [w for w in values if w >= bound]
+    return heapq.nlargest(n, heavy if len(heavy) >= n else values)[-1]
 
 
 def history_of(

@@ -12,13 +12,16 @@ The index is a cache of `recent`, brought up to date when asked, never a
 second source of truth, and never checkpointed (Profile.to_dict leaves it out):
 
 * `n` is `profile.counts[name]` when the index was last brought up to date.
-  Every applied event bumps that count. One event more, found last in
-  `recent`, not older than `newest` (the newest time indexed) and not the
-  very entry indexed last (`last`, kept by identity), is added; anything else
-  (a late event, a profile merge) rebuilds the index from `recent`. Ties are
-  common (a batch sent without timestamps shares one receivedAt), so they
-  must not force rebuilds: equal times are appended in order, which is why
-  the entry after `last` at an equal time can only be the new one.
+  Every applied event bumps that count. When it moved by k, and exactly k
+  entries called `name` follow the very entry indexed last (`last`, kept by
+  identity) in `recent`, those are the new ones and are added (every event
+  makes one entry, a merge brings at most its count of them); anything else
+  (a late event placed earlier, `last` dropped from `recent`, a merge that
+  brought older entries) rebuilds the index from `recent`. Ties are common
+  (a batch sent without timestamps shares one receivedAt), so they must not
+  force rebuilds: equal times are appended in order, after `last`.
+* Each product's (or category's) times are in time order, as `recent` is, so
+  a window is counted with two binary searches.
 * `recent` keeps a time-ordered suffix of the events: every indexed time after
   `recent[0]`'s is in it, every earlier one has been dropped. A time equal to
   `recent[0]`'s is ambiguous (a twin may have been dropped), so those are
@@ -31,6 +34,7 @@ So a count from the index equals a scan of `recent`, whatever happened.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 PRODUCT, CATEGORY = 2, 3  # count()'s fields: their position in a `recent` entry
@@ -57,47 +61,63 @@ def count(
     ix = journey.get("ix")
     entry = ix.get(key) if ix is not None else None
     seen = profile.counts.get(name, 0)
-    if entry is None or entry[0] != seen:
-        last = recent[-1]
-        if (
-            entry is not None
-            and entry[0] == seen - 1
-            and last[1] == name
-            and last is not entry[4]
-            and ((newest := entry[2]) is None or last[0] >= newest)
-            and entry[1] < len(recent) + _SLACK
-        ):
-            # exactly one event more, and it is this one (nothing indexed comes after it)
-            ts = entry[2] = last[0]
-            entry[4] = last
-            entry[0] = seen
-            entry[1] += 1
-            value = last[at]
-            if value is not None:
-                times = entry[3].get(value)
-                if times is None:
-                    entry[3][value] = [ts]
-                else:
-                    times.append(ts)
-        else:
-            if ix is None:
-                ix = journey["ix"] = {}
-            ix[key] = entry = build(recent, name, at, seen)
+    if entry is None or (entry[0] != seen and not _catch_up(entry, recent, name, at, seen)):
+        if ix is None:
+            ix = journey["ix"] = {}
+        ix[key] = entry = build(recent, name, at, seen)
     times = entry[3].get(want)
     if not times:
         return 0
+    # `times` is in time order: those in (lo, now] and after the edge, by binary search
     edge = recent[0][0]
-    total = 0
-    tie = False
-    for ts in times:
-        if lo < ts <= now:
-            if ts > edge:
-                total += 1
-            elif ts == edge:
-                tie = True
-    if tie:
-        total += _at_edge(recent, name, at, want)
+    total = bisect_right(times, now) - bisect_right(times, lo if lo > edge else edge)
+    if total < 0:
+        total = 0
+    if lo < edge <= now:
+        at_edge = bisect_left(times, edge)
+        if at_edge < len(times) and times[at_edge] == edge:
+            total += _at_edge(recent, name, at, want)
     return total
+
+
+def _catch_up(entry: list, recent: list, name: str, at: int, seen: int) -> bool:
+    """Add the events of `name` that follow the last one indexed; False if a rebuild is needed.
+
+    The `seen - n` events counted since the index was brought up to date must all
+    come after `last` in `recent` (they are then the only new ones); a late event
+    placed before it, an entry dropped from `recent`, or a merge that brought
+    older entries breaks that and asks for a rebuild.
+    """
+    missing = seen - entry[0]
+    last = entry[4]
+    if missing <= 0 or last is None or entry[1] + missing > len(recent) + _SLACK:
+        return False
+    found = []
+    for item in reversed(recent):
+        if item is last:
+            break
+        if item[1] == name:
+            found.append(item)
+            if len(found) > missing:
+                return False
+    else:
+        return False  # `last` left `recent`
+    if len(found) != missing:
+        return False
+    table = entry[3]
+    for item in reversed(found):  # oldest first, so each `times` stays in time order
+        value = item[at]
+        if value is not None:
+            times = table.get(value)
+            if times is None:
+                table[value] = [item[0]]
+            else:
+                times.append(item[0])
+    entry[0] = seen
+    entry[1] += missing
+    entry[2] = found[0][0]
+    entry[4] = found[0]
+    return True
 
 
 def index_key(name: str, at: int) -> str:

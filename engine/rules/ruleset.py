@@ -244,6 +244,9 @@ class RuleSet:
         key = state.key_of(rule, ctx)
         if key is None:
             return False
+        running = profile.journey.get("i")
+        if running is not None and key in running.get(rule.name, _EMPTY):
+            return False  # as start() would answer, before copying the trigger's properties
         return state.start(profile.journey, rule, key, t, state.kept(props, rule.keep))
 
     def _cancel(self, profile: Any, rule: Rule, cancel: Any, ctx: Ctx, t: float) -> bool:

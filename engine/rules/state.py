@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import cache
 from typing import Any
 
 from engine.rules.functions import _ident
@@ -162,10 +163,10 @@ def start(journey: dict, rule: Any, key: str, t: float, trigger: dict) -> bool:
     running = journey.get("i", {}).get(rule.name)
     if running is not None and key in running:
         return False
-    instance = f"{key}@{t!r}"
     previous = journey.get("done", {}).get(rule.name, {}).get(key)
     if previous is not None:
-        if previous[0] == instance or previous[1] <= t <= previous[-1]:
+        # the time test first: most refusals are decided without spelling out an instance id
+        if previous[1] <= t <= previous[-1] or previous[0] == f"{key}@{t!r}":
             # the same entry again, or one from while that instance ran (it was merged into
             # it then): a replay or a late duplicate
             return False
@@ -178,7 +179,7 @@ def start(journey: dict, rule: Any, key: str, t: float, trigger: dict) -> bool:
         oldest = min(running, key=lambda k: running[k]["s"])
         end(journey, rule, oldest, t, "evicted", f"more than {rule.max_instances} instances")
         running = journey.setdefault("i", {}).setdefault(rule.name, {})
-    running[key] = {"id": instance, "s": t, "n": 0, "d": t + rule.steps[0].wait, "t": trigger}
+    running[key] = {"id": f"{key}@{t!r}", "s": t, "n": 0, "d": t + rule.steps[0].wait, "t": trigger}
     outcome(journey, rule, t, "entered", key)
     return True
 
@@ -324,6 +325,7 @@ def merge_journey(into: dict, other: dict) -> None:
     refresh_due(into)
 
 
+@cache  # one text per rule's reentry: spelled out on every refused re-entry
 def _span(seconds: float) -> str:
     from engine.rules.durations import format_duration
 

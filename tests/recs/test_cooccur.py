@@ -231,3 +231,111 @@ def test_a_full_carry_drops_the_lightest_pairs_and_counts_them() -> None:
     merged = CoCounts(FLAT)
     merged.merge(counts)
     assert merged.dropped == 2  # a failed flush handed back keeps the tally
+
+
+class _FlatCounts:
+    """The plain reference: every pair in one dict keyed by (a, b), a < b."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[tuple[str, str], float] = {}
+
+    def add(self, a: str, b: str, w: float) -> None:
+        key = (a, b) if a < b else (b, a)
+        self.pairs[key] = self.pairs.get(key, 0.0) + w
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_pairs_held_per_item_equal_one_flat_table_through_takes_and_merges(seed: int) -> None:
+    import random
+    from types import SimpleNamespace
+
+    from engine.recs.cooccur import history_of
+
+    rng = random.Random(seed)
+    settings = CoSettings(history_items=3, pair_half_life_s=DAY)
+    counts, flat = CoCounts(settings), _FlatCounts()
+    items = [f"p{i}" for i in range(12)]
+    profile = SimpleNamespace(recent=[], purchased=[])
+    t = T
+    for _ in range(300):
+        t += rng.choice([1.0, 60.0, 3600.0])
+        step = rng.random()
+        if step < 0.6:  # a view or an add, on the hot path, checked against history_of
+            item = rng.choice(items)
+            name = rng.choice(["Product Viewed", "Product Added"])
+            weight = settings.view_weight if name == "Product Viewed" else settings.add_weight
+            history = history_of(profile, t, settings, [item])
+            counts.observe_one(profile, item, weight, t, None)
+            scale = settings.scale(t)
+            for then, other, w in history:
+                flat.add(item, other, min(weight, w) * scale * math.exp2((then - t) / DAY))
+            profile.recent.append([t, name, item, None])
+        elif step < 0.8:  # an order of a few lines
+            lines = rng.sample(items, rng.randint(1, 3))
+            history = history_of(profile, t, settings, lines)
+            counts.observe(lines, settings.purchase_weight, t, history)
+            scale = settings.scale(t)
+            w = settings.purchase_weight * scale
+            for i, item in enumerate(lines):
+                for other in lines[:i]:
+                    flat.add(item, other, w)
+                for then, other, ow in history:
+                    if other != item:
+                        pw = min(settings.purchase_weight, ow) * scale
+                        flat.add(item, other, pw * math.exp2((then - t) / DAY))
+            profile.purchased.extend([t, item] for item in lines)
+        elif step < 0.9:  # a bounded flush: the heaviest go, ties by the greater pair
+            limit = rng.randint(1, 6)
+            taken = counts.take(max_pairs=limit)
+            expected = sorted(((w, a, b) for (a, b), w in flat.pairs.items()), reverse=True)
+            if len(expected) > limit:
+                gone = {(a, b) for _, a, b in expected[:limit]}
+                assert set(taken.pairs) == gone
+                flat.pairs = {k: w for k, w in flat.pairs.items() if k not in gone}
+            else:
+                assert set(taken.pairs) == set(expected and [(a, b) for _, a, b in expected])
+                flat.pairs = {}
+        else:  # a failed flush handed back: merged into what was counted meanwhile
+            handed = counts.take()
+            counts.merge(handed)
+        assert counts.pairs == pytest.approx(flat.pairs, rel=1e-12)
+        assert counts.pair_count() == len(flat.pairs)
+    adjacency = counts.adjacency()
+    for (a, b), w in counts.pairs.items():
+        assert adjacency[a][b] == adjacency[b][a] == w
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("n", [1, 7, 300, 5000])
+def test_the_heaviest_pairs_are_what_nlargest_picks_ties_included(seed: int, n: int) -> None:
+    import heapq
+    import random
+
+    rng = random.Random(seed)
+    counts = CoCounts(FLAT)
+    # few distinct weights, so ties straddle the cut; skewed, as real weights are
+    weights = [rng.choice([0.5, 1.0, 3.0]) * rng.choice([1, 1, 1, 2, 40]) for _ in range(50)]
+    items = [f"p{i:03d}" for i in range(150)]
+    flat = {}
+    for _ in range(8000):
+        a, b = sorted(rng.sample(items, 2))
+        flat[(a, b)] = rng.choice(weights)
+    counts.pairs = flat
+    expected = heapq.nlargest(n, ((w, a, b) for (a, b), w in flat.items()))
+    assert counts._heaviest(n) == expected
+
+
+def test_the_nth_largest_weight_whatever_the_sample_suggests() -> None:
+    from engine.recs.cooccur import _nth_largest
+
+    assert _nth_largest([], 3) is None
+    assert _nth_largest([2.0, 1.0], 3) == 1.0
+    # the sample (every 24th value here) sees only heavy ones: its bound is too high,
+    # fewer than n values reach it, and ranking falls back to every value
+    values = [9.0 if i % 24 == 0 else 1.0 for i in range(100_000)]
+    assert _nth_largest(values, 10) == 9.0
+    assert _nth_largest(values, 5000) == 1.0
+    # and the sample sees none of the heavy ones
+    values = [9.0 if i % 24 == 1 else 1.0 for i in range(100_000)]
+    assert _nth_largest(values, 4000) == 9.0 and _nth_largest(values, 4200) == 1.0
+    assert _nth_largest(list(range(100_000)), 2500) == 97_500
