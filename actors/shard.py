@@ -11,6 +11,7 @@ stream after it, so every acknowledged event is applied exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 _MAX_BLOCK_MS = 250
 # Applying runs in slices of about this long; decided sends go out after each slice.
 APPLY_SLICE_S = 0.01
+# A checkpoint encodes its profiles in slices of about this long, applying in between.
+ENCODE_SLICE_S = 0.005
 
 
 class ShardActor:
@@ -88,6 +91,7 @@ class ShardActor:
         self.last_checkpoint_s = 0.0
         self.last_checkpoint_at = 0.0
         self._since_checkpoint = 0
+        self._checkpointing: asyncio.Task | None = None
         self._stopping = False
         self.meters = ShardMetrics(index)
         # Only in a process of its own (a Ray worker): see engine.heap and _renice.
@@ -157,11 +161,18 @@ class ShardActor:
                     await self._flush_sends()
                 if self.heap is not None:
                     self.heap.tick()
-                if self._since_checkpoint and (
-                    self._since_checkpoint >= self.settings.checkpoint_events
-                    or time.monotonic() - self.last_checkpoint_at >= interval
+                self._reap_checkpoint()
+                if (
+                    self._checkpointing is None
+                    and self._since_checkpoint
+                    and (
+                        self._since_checkpoint >= self.settings.checkpoint_events
+                        or time.monotonic() - self.last_checkpoint_at >= interval
+                    )
                 ):
-                    await self._checkpoint()
+                    # In the background: profiles are encoded a slice at a time while
+                    # this loop goes on applying (see Partition.begin_changes).
+                    self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint())
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: Redis error (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.2)
@@ -225,12 +236,30 @@ class ShardActor:
         self.sends_flushed += len(sends)
         self.meters.on_sends(sends, self.clock.now())
 
+    def _reap_checkpoint(self) -> None:
+        task = self._checkpointing
+        if task is None or not task.done():
+            return
+        self._checkpointing = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("shard %d: checkpoint failed (%r); retrying", self.index, task.exception())
+
+    async def _settle_checkpoint(self) -> None:
+        """Wait for a checkpoint running in the background, if any."""
+        if self._checkpointing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._checkpointing)
+            self._reap_checkpoint()
+
     async def _checkpoint(self) -> None:
-        # Snapshot synchronously, before any await, so it matches self.pos exactly.
-        changes = self.partition.take_changes()
-        pos = self.pos
+        # Begun synchronously, before any await, so it matches self.pos exactly; the
+        # partition keeps each profile as it was here until it is encoded.
+        changes = self.partition.begin_changes()
+        pos, since = self.pos, self._since_checkpoint
         started = time.perf_counter()
         try:
+            while not self.partition.encode_pending(ENCODE_SLICE_S):
+                await asyncio.sleep(0)  # let the loop apply events in between
             if changes.sends:  # in the outbox before the checkpoint that covers their events
                 await self._store.append_sends(self.index, changes.sends)
             await self._store.save_checkpoint(self.index, changes, pos)
@@ -238,7 +267,7 @@ class ShardActor:
             self._requeue(changes)
             raise
         self.checkpoint_pos = pos
-        self._since_checkpoint = 0
+        self._since_checkpoint -= since  # events applied meanwhile still count
         self.checkpoints += 1
         self.last_checkpoint_at = time.monotonic()
         self.last_checkpoint_s = time.perf_counter() - started
@@ -250,7 +279,9 @@ class ShardActor:
         # The write failed: mark everything dirty again so the next try carries it.
         part = self.partition
         part._dirty.update(cid for cid in changes.profiles if cid in part.profiles)
-        part._deleted.update(changes.deleted)
+        part._dirty.update(cid for cid in part._pending if cid in part.profiles)
+        part._pending = {}  # stopped part way through encoding
+        part._deleted.update(c for c in changes.deleted if c not in part.profiles)
         part._dirty_aliases.update(a for a in changes.aliases if a in part.aliases)
         part._unaliased.update(changes.unaliased)
         part._new_erased = changes.erased + part._new_erased
@@ -345,6 +376,7 @@ class ShardActor:
 
     async def checkpoint_now(self) -> str:
         """Checkpoint at once; returns the checkpointed position."""
+        await self._settle_checkpoint()
         if self.ready and self._since_checkpoint:
             await self._checkpoint()
         return self.checkpoint_pos
@@ -361,6 +393,7 @@ class ShardActor:
                 self._task.cancel()
             except Exception:
                 log.exception("shard %d: loop failed while stopping", self.index)
+        await self._settle_checkpoint()
         if self.ready and self._since_checkpoint:
             await self._checkpoint()
         if self.ready:

@@ -1,7 +1,10 @@
 """One shard's state: its customers' profiles, aliases and erasures (pure, no I/O).
 
 The shard actor feeds events in stream order with `apply`, reads profiles with
-`lookup`, and calls `take_changes` to learn what to checkpoint. Messages for
+`lookup`, and calls `take_changes` to learn what to checkpoint (or
+`begin_changes` and then `encode_pending` in slices, applying events in between:
+a profile still to be encoded is encoded just before it next changes, so each
+is checkpointed exactly as it was when the checkpoint began). Messages for
 customers owned by other shards come back as forwards; the actor writes them
 to the owners' streams (at least once: every receiver here is idempotent).
 
@@ -20,6 +23,7 @@ state that decided them, so a replay after a crash never sends twice.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +95,9 @@ class Partition:
         self._new_erased: list[str] = []
         self._forwards: list[tuple[str, dict]] = []
         self._sends: list[dict] = []
+        # A checkpoint being taken: profiles still to encode, and where the encoded go.
+        self._pending: dict[str, Profile] = {}
+        self._encoded: dict[str, bytes] = {}
 
     # -- reading -------------------------------------------------------------
     def lookup(self, customer_id: str) -> Profile | str | None:
@@ -123,6 +130,8 @@ class Partition:
         if profile is None:
             profile = self.profiles[customer] = Profile(customer, anonymous=event["userId"] is None)
             self._deleted.discard(customer)
+        elif self._pending:
+            self._before_change(customer)
         if profile.is_duplicate(event["messageId"], event["receivedAt"], self.limits):
             return DUPLICATE
         share_strings(event)
@@ -157,6 +166,8 @@ class Partition:
             if erased_key(customer) in self.erased:
                 return DROPPED  # an erased id is never linked to anyone again
             target = event["userId"]
+            if self._pending:
+                self._before_change(customer)
             profile = self.profiles.pop(customer, None)
             if profile is not None:
                 self._mark_deleted(customer)
@@ -184,6 +195,8 @@ class Partition:
                 target = self.aliases[customer]
                 return self._forward(target, {**event, "customer": target})
             source = event["from"]
+            if self._pending:
+                self._before_change(customer)
             profile = self.profiles.get(customer)
             if profile is None:
                 profile = self.profiles[customer] = Profile(customer)
@@ -208,6 +221,8 @@ class Partition:
             if key not in self.erased:
                 self.erased.add(key)
                 self._new_erased.append(key)
+            if self._pending:
+                self._before_change(customer)
             profile = self.profiles.pop(customer, None)
             self.timers.discard(customer)
             if profile is not None:
@@ -251,6 +266,8 @@ class Partition:
             profile = self.profiles.get(customer)
             if profile is None:
                 continue
+            if self._pending:
+                self._before_change(customer)
             if insight is not None:
                 insight.refresh(profile, now)  # RFM recency, before segments are re-checked
             self._decided(profile, self.rules.on_due(profile, now))
@@ -261,6 +278,7 @@ class Partition:
         """Score the customers whose features changed; segments follow. Returns how many."""
         if self.insight is None:
             return 0
+        self.encode_pending()  # scoring may change any profile
         changed = self.insight.score(self.profiles, models, now)
         for profile in changed:
             self._dirty.add(profile.id)
@@ -334,9 +352,23 @@ class Partition:
 
     def take_changes(self) -> Changes:
         """Encode and hand over everything changed since the last call."""
+        changes = self.begin_changes()
+        self.encode_pending()
+        return changes
+
+    def begin_changes(self) -> Changes:
+        """Hand over everything changed since the last call; its profiles are encoded
+        into `changes.profiles` by `encode_pending`, or just before they next change.
+
+        Until `encode_pending` has returned True, no other checkpoint may begin.
+        """
+        if self._pending:
+            raise RuntimeError("a checkpoint is still being encoded")
         profiles = self.profiles
+        self._pending = {cid: profiles[cid] for cid in self._dirty}
+        self._encoded = {}
         changes = Changes(
-            profiles={cid: orjson.dumps(profiles[cid].to_dict()) for cid in self._dirty},
+            profiles=self._encoded,
             deleted=list(self._deleted),
             aliases={old: self.aliases[old] for old in self._dirty_aliases},
             unaliased=list(self._unaliased),
@@ -352,6 +384,24 @@ class Partition:
         self._forwards = []
         self._sends = []
         return changes
+
+    def encode_pending(self, budget_s: float | None = None) -> bool:
+        """Encode the begun checkpoint's profiles, for about `budget_s` (None: all);
+        True once none is left."""
+        pending, encoded = self._pending, self._encoded
+        until = time.perf_counter() + budget_s if budget_s is not None else None
+        while pending:
+            cid, profile = pending.popitem()
+            encoded[cid] = orjson.dumps(profile.to_dict())
+            if until is not None and time.perf_counter() >= until:
+                break
+        return not pending
+
+    def _before_change(self, customer: str) -> None:
+        # The checkpoint being taken must hold this profile as it is now.
+        profile = self._pending.pop(customer, None)
+        if profile is not None:
+            self._encoded[customer] = orjson.dumps(profile.to_dict())
 
     def restore(self, profiles: dict[bytes | str, bytes], aliases: dict, erased: set) -> None:
         """Load a checkpoint (as read back from the store) into an empty partition."""

@@ -577,3 +577,58 @@ def test_a_crash_and_restore_anywhere_is_invisible(events: list[dict], data: st.
     for index in range(SHARDS):
         restored.crash(index)
     assert restored.state() == straight.state()
+
+
+# -- checkpoints encoded a slice at a time, events applied in between ---------------------
+
+_STARTER_RULES = None
+
+
+def _starter_rules():  # compiled once: every example shares them (they hold no state)
+    global _STARTER_RULES
+    if _STARTER_RULES is None:
+        from engine.config import load
+        from engine.rules import RuleSet
+        from tests.conftest import ROOT
+
+        _STARTER_RULES = RuleSet.from_sources(load(ROOT / "config.toml", env={}).rules)
+    return _STARTER_RULES
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=messages(tidy=False), data=st.data())
+def test_a_checkpoint_encoded_in_slices_holds_each_profile_as_it_was_when_it_began(
+    events: list[dict], data: st.DataObject
+) -> None:
+    part = Partition(lambda customer: True, rules=_starter_rules())
+    ops = [("apply", n) for n in range(len(events))]
+    kinds = st.sampled_from(["begin", "encode", "encode", "tick", "erase"])
+    for _ in range(data.draw(st.integers(1, 3 * len(events)))):
+        ops.insert(data.draw(st.integers(0, len(ops))), (data.draw(kinds), 0))
+    now, begun, expected, checked = T0, None, {}, 0
+
+    def finish() -> None:
+        nonlocal begun, checked
+        while not part.encode_pending(0.0):
+            pass
+        assert begun.profiles == expected
+        begun, checked = None, checked + 1
+
+    for op, n in ops:
+        if op == "apply":
+            part.apply({**events[n], "receivedAt": max(events[n]["receivedAt"], now)})
+        elif op == "begin" and begun is None:
+            # What encoding every changed profile right now (the old way) would give.
+            expected = {cid: orjson.dumps(part.profiles[cid].to_dict()) for cid in part._dirty}
+            begun = part.begin_changes()
+        elif op == "encode" and begun is not None and part.encode_pending(0.0):
+            finish()  # budget 0: one profile per call
+        elif op == "tick":
+            now += 3600.0  # past the starter rules' waits: timers fire and change profiles
+            part.tick(now)
+        elif op == "erase" and part.profiles:
+            victim = data.draw(st.sampled_from(sorted(part.profiles)))
+            part.apply(erase(victim, at=now))
+    if begun is not None:
+        finish()
+    assert checked or not any(op == "begin" for op, _ in ops)

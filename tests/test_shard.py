@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import pytest
@@ -34,6 +35,10 @@ async def crash(actor: ShardActor) -> None:
     """Abandon the shard without a final checkpoint: what Redis holds is all that survives."""
     actor._stopping = True  # the loop leaves at its next turn; only stop() checkpoints
     await actor._task
+    if actor._checkpointing is not None:  # one being written dies with the process
+        actor._checkpointing.cancel()
+        with contextlib.suppress(BaseException):
+            await actor._checkpointing
     await actor._store.close()
 
 
