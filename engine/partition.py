@@ -15,9 +15,11 @@ Internal event types, written by the engine and never accepted from clients:
   _unalias    drop an alias to an erased customer
 
 With a RuleSet, every applied event is also offered to the trigger rules and
-`tick(now)` fires due timers; decided sends leave through `take_changes`,
-to be written to the outbox atomically with the checkpoint that holds the
-state that decided them, so a replay after a crash never sends twice.
+`tick(now)` fires due timers; decided sends leave through `take_sends` as soon
+as they are decided (and any left over with the checkpoint's changes), always
+before the checkpoint that holds the state that decided them. Send ids are
+deterministic, so a replay after a crash decides the same ids again and the
+outbox keeps them out (engine.store.append_sends).
 """
 
 from __future__ import annotations
