@@ -1,7 +1,7 @@
 """Answer one content request: profile read, fan-out of blocks, fallbacks, all by a deadline.
 
 The path of a request:
-0. One deadline: now + deadline_ms - reserve_ms - how late the loop runs timers lately.
+0. One deadline: now + deadline_ms - reserve_ms - twice how late the loop runs timers lately.
 1. Sources that need only the customer id start at once (cache first).
 2. The live profile is read from its shard (coalesced per shard by ShardClient).
    It is never cached, so profile-derived blocks are as fresh as the shard.
@@ -174,11 +174,12 @@ class ContentService:
             self.stats["answers_shared"] += 1
             return await fill.join()
         loop = asyncio.get_running_loop()
-        # Kept back: the reserve to build and send the answer, plus how late the loop has
-        # lately run timers (a busy process would fire the deadline late by that much),
-        # but never more than half the deadline.
+        # Kept back: the reserve to build and send the answer, plus twice how late the
+        # loop has lately run timers (about one iteration of a busy loop): the deadline's
+        # timer fires that late, and the caller resumes one iteration after it. Never
+        # more than half the deadline.
         total = request.deadline_ms / 1000.0
-        reserve = min(self.config.reserve_ms / 1000.0 + self.lag.recent(), total / 2)
+        reserve = min(self.config.reserve_ms / 1000.0 + 2 * self.lag.recent(), total / 2)
         fill = _Fill(self, request, Deadline(loop.time() + total - reserve), loop)
         self._answering[key] = fill
         fill.on_finish = partial(self._answered, key)
