@@ -412,6 +412,32 @@ async def latency_phase(
     }
 
 
+def start_engine(tmp: Path, hook_port: int, workload: str, attempts: int = 3) -> tuple[Server, int]:
+    """`nudge serve` on a free port, ready; (server, port).
+
+    The port is free when picked, but Ray starts dozens of processes before the
+    API binds it, and one of them may take it first: then it tries another port.
+    """
+    for attempt in range(1, attempts + 1):
+        api_port = free_port()
+        (tmp / "config.toml").write_text(engine_config(api_port, tmp / "data", hook_port, workload))
+        engine = Server(
+            "nudge serve",
+            [sys.executable, "-m", "engine", "serve", "--config", str(tmp / "config.toml")],
+            cwd=tmp,
+            log_path=tmp / f"engine-{attempt}.log",
+        ).start()
+        try:
+            asyncio.run(wait_http(HOST, api_port, "/readyz", timeout=120, alive=engine.alive))
+            return engine, api_port
+        except RuntimeError:
+            engine.stop()
+            if attempt == attempts or "address already in use" not in engine.log_tail():
+                raise
+            log(f"port {api_port} was taken before nudge serve bound it; trying another")
+    raise AssertionError("unreachable")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both parts and print the figures beside their baselines."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.delivery")
@@ -468,18 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             redis.stop()
 
-            api_port = free_port()
-            (tmp / "config.toml").write_text(
-                engine_config(api_port, tmp / "data", hook_port, args.workload)
-            )
-            engine = Server(
-                "nudge serve",
-                [sys.executable, "-m", "engine", "serve", "--config", str(tmp / "config.toml")],
-                cwd=tmp,
-                log_path=tmp / "engine.log",
-            ).start()
+            engine, api_port = start_engine(tmp, hook_port, args.workload)
             try:
-                asyncio.run(wait_http(HOST, api_port, "/readyz", timeout=120, alive=engine.alive))
                 log("latency: warm-up ...")
                 asyncio.run(latency_phase(api_port, hook_port, rate=0, seconds=3))
                 log("latency: bare POST baseline ...")
