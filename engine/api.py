@@ -28,6 +28,7 @@ from actors.client import ShardClient
 from actors.dispatcher import DispatcherMetrics
 from engine import events as ev
 from engine.auth import ADMIN, WRITE, KeyRing
+from engine.bodies import read_limited
 from engine.config import Config
 from engine.console.routes import console_routes
 from engine.content import ContentService, content_routes
@@ -66,16 +67,8 @@ def _error(exc: EngineError) -> JSONResponse:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, gunzipped if needed, refusing anything over `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit * 4:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit * 4:  # even compressed, this cannot fit
-            raise PayloadTooLarge(f"body is larger than {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    # Past four times the limit, even a compressed body cannot fit.
+    body = await read_limited(request, limit * 4, stated=limit)
     encoding = request.headers.get("content-encoding", "").lower().strip()
     if encoding in ("gzip", "x-gzip"):
         inflater = zlib.decompressobj(wbits=31)

@@ -18,12 +18,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.auth import CONTENT, KeyRing
+from engine.bodies import read_limited
 from engine.config import AuthConfig
 from engine.content import request as req
 from engine.content import signing
 from engine.content.config import ContentConfig
 from engine.content.service import Answer, ContentService
-from engine.errors import AuthError, EngineError, PayloadTooLarge, ValidationError
+from engine.errors import AuthError, EngineError, ValidationError
 
 MAX_BODY_BYTES = 65_536
 _JSON = "application/json"
@@ -139,7 +140,7 @@ def content_routes(
         try:
             body = b""
             if request.method == "POST":
-                body = await _read_body(request)
+                body = await read_limited(request, MAX_BODY_BYTES)
             await authorize(request, body)
             customer = request.path_params["customer_id"]
             pairs = request.query_params.multi_items()
@@ -166,13 +167,3 @@ def content_routes(
 
     path = "/v1/content/{customer_id:path}"
     return [Route(path, endpoint, methods=["GET", "POST"], name="content")]
-
-
-async def _read_body(request: Request) -> bytes:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

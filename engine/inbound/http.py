@@ -21,7 +21,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import events as ev
-from engine.errors import ForbiddenError, NotFound, PayloadTooLarge, ValidationError
+from engine.bodies import read_limited
+from engine.errors import ForbiddenError, NotFound, ValidationError
 from engine.inbound.origins import check_origins
 from engine.inbound.webhooks import WebhookSource, is_ping, map_payload, verify_signature
 from engine.store import Store
@@ -35,17 +36,6 @@ WRITE_PATHS = INGEST_PATHS | {"/v1/import"}
 
 def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-async def _raw_body(request: Request, limit: int) -> bytes:
-    # Signatures cover the bytes as sent: no decoding of any kind before verifying.
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def webhook_routes(
@@ -62,7 +52,8 @@ def webhook_routes(
         source = by_name.get(name)
         if source is None:
             raise NotFound(f"no webhook source {name!r}", field="source")
-        body = await _raw_body(request, MAX_WEBHOOK_BYTES)
+        # Signatures cover the bytes as sent: no decoding of any kind before verifying.
+        body = await read_limited(request, MAX_WEBHOOK_BYTES)
         if is_ping(source, request.headers, body):
             return _json({"success": True, "events": 0, "ping": True})
         verify_signature(source, request.headers, body)

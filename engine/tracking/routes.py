@@ -31,7 +31,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from engine import events as ev
-from engine.errors import PayloadTooLarge, StoreError, ValidationError
+from engine.bodies import read_limited
+from engine.errors import StoreError, ValidationError
 from engine.metrics import process as metered
 from engine.tracking.tokens import CLICK, OPEN, UNSUBSCRIBE, BadToken, Token, TokenSigner
 
@@ -96,13 +97,8 @@ def form_fields(body: bytes, content_type: str) -> dict[str, str]:
 
 
 async def _read_form(request: Request) -> dict[str, str]:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > _MAX_FORM:
-            raise PayloadTooLarge(f"body is larger than {_MAX_FORM} bytes")
-        chunks.append(chunk)
-    return form_fields(b"".join(chunks), request.headers.get("content-type", ""))
+    body = await read_limited(request, _MAX_FORM)
+    return form_fields(body, request.headers.get("content-type", ""))
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
