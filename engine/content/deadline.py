@@ -1,8 +1,9 @@
-"""One absolute deadline per request, and a fan-out that never waits past it.
+"""One absolute deadline per request, and the jobs a request fans out to.
 
-Each job gets `min(its own budget, what remains)`; a job still running at its
-due time is cancelled and reported as timed out, never awaited. A job that
-raises is reported with its reason, so one bad block costs only itself.
+Each job runs with `min(its own budget, what remains)` as its timeout and ends
+with an Outcome: its value, a timeout, or the reason it raised, so one bad block
+costs only itself. The answer itself never waits for a job past the deadline
+(engine.content.service assembles it in the deadline's own callback).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +34,6 @@ class Deadline:
     """An absolute point on the event loop's clock (seconds)."""
 
     at: float
-
-    @classmethod
-    def after(cls, seconds: float, *, now: float | None = None) -> Deadline:
-        """The deadline `seconds` from now (the running loop's time unless given)."""
-        start = asyncio.get_running_loop().time() if now is None else now
-        return cls(start + seconds)
-
-    def remaining(self) -> float:
-        """Seconds left, never negative."""
-        return max(self.at - asyncio.get_running_loop().time(), 0.0)
 
     def due(self, budget_s: float | None) -> float:
         """The earlier of this deadline and `budget_s` from now."""
@@ -86,30 +77,6 @@ async def _guarded(job: Job, due: float) -> Outcome:
 def start(job: Job, deadline: Deadline) -> asyncio.Task:
     """Run `job` now, bounded by its budget and the deadline."""
     return asyncio.get_running_loop().create_task(_guarded(job, deadline.due(job.budget_s)))
-
-
-async def gather_until(
-    tasks: Sequence[tuple[str, asyncio.Task]], deadline: Deadline
-) -> dict[str, Outcome]:
-    """Outcomes of started jobs by name; any still running at the deadline is cancelled."""
-    if not tasks:
-        return {}
-    pending = [task for _, task in tasks if not task.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=deadline.remaining())
-    out: dict[str, Outcome] = {}
-    for name, task in tasks:
-        if task.done():
-            out[name] = task.result()
-        else:  # only when the loop is too busy to run the job's own timeout in time
-            task.cancel()
-            out[name] = Outcome(name, failure=TIMEOUT)
-    return out
-
-
-async def fan_out(jobs: Sequence[Job], deadline: Deadline) -> dict[str, Outcome]:
-    """Run every job in parallel and return their outcomes by name by the deadline."""
-    return await gather_until([(job.name, start(job, deadline)) for job in jobs], deadline)
 
 
 class LagMeter:

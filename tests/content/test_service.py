@@ -243,3 +243,19 @@ async def test_a_cached_source_value_is_rendered_once_not_per_hit() -> None:
         answer = await svc.answer(reader, ask(svc, "ann", "by_id"))
         assert answer.blocks[0].html == "<p>ann</p>"
     assert len(transport.calls) == 1 and renders == [{"title": "ann"}]
+
+
+async def test_a_source_that_swallows_cancellation_is_still_cut_at_the_deadline() -> None:
+    async def stubborn(request: UpstreamRequest) -> tuple[int, bytes]:
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:  # ignores its cancellation (a buggy client)
+            await asyncio.sleep(0.3)
+        return 200, b"{}"
+
+    config = content_config_from_mapping(table())
+    svc = ContentService(config, transport=FakeTransport(stubborn), clock=ManualClock())
+    started = time.perf_counter()
+    answer = await svc.answer(reader, ask(svc, "ann", "cart,capped", deadline_ms=50))
+    assert time.perf_counter() - started < 0.05 + 0.03  # not awaited past the deadline
+    assert [(r.name, r.reason) for r in answer.blocks] == [("cart", None), ("capped", "timeout")]
