@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 ProfileSource = Callable[[str], Awaitable[dict | None]]
 _BLOCK_MS = 250
 _MAX_SURPRISES = 5  # unexpected errors (an unreachable shard) before a send is dead-lettered
+# What a shard attaches to a send (ShardActor._with_profiles).
+SNAPSHOT_FIELDS = ("profile", "profile_at")
 
 
 _RECOMMEND_TIMEOUT_S = 0.2
@@ -248,10 +250,14 @@ class DispatcherActor:
                 await asyncio.sleep(0.2 * surprises)
 
     async def _deliver_once(self, ledger: Ledger, index: int, entry_id: str, send: dict) -> None:
-        # The record and the profile in parallel: a final record (rare) wastes one read.
-        record, profile = await asyncio.gather(
-            ledger.record(index, send["send_id"]), self._profiles(send["customer"])
-        )
+        snapshot = self._snapshot(send)
+        if snapshot is not None:
+            record, profile = await ledger.record(index, send["send_id"]), snapshot
+        else:
+            # The record and the profile in parallel: a final record (rare) wastes one read.
+            record, profile = await asyncio.gather(
+                ledger.record(index, send["send_id"]), self._profiles(send["customer"])
+            )
         if record is not None and record["state"] in lg.FINAL:
             await ledger.ack(index, entry_id)  # already done: never twice
             return
@@ -340,6 +346,16 @@ class DispatcherActor:
             )
             await asyncio.sleep(max(delay, wait))
 
+    def _snapshot(self, send: dict) -> dict | None:
+        # The profile the shard attached when the send left it, if recent enough to
+        # stand for the live one (delivery.snapshot_max_age_ms); else None: read it.
+        profile, taken = send.get("profile"), send.get("profile_at")
+        if not isinstance(profile, dict) or not isinstance(taken, (int, float)):
+            return None
+        max_age = self.delivery.snapshot_max_age_ms / 1000.0
+        # Both ends allow for clocks of two hosts that disagree by a little.
+        return profile if -max_age <= time.time() - taken <= max_age else None
+
     async def _recommend(self, profile: dict | None) -> list[dict] | None:
         # Collaborative filtering (engine.recs) for the email's recommendations block;
         # on any trouble the template falls back to the customer's own recent interest.
@@ -363,6 +379,8 @@ class DispatcherActor:
         self.meters.sent(send, state, time.time())
 
     async def _dead(self, index: int, entry_id: str, send: dict, attempts: int, error: str) -> None:
+        # A replay is later by definition: it reads the live profile, so the copy goes.
+        send = {k: v for k, v in send.items() if k not in SNAPSHOT_FIELDS}
         letter = await self._ledger.dead_letter(
             index, entry_id, send, error=error, attempts=attempts, now=time.time()
         )

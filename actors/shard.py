@@ -26,7 +26,7 @@ from engine.config import EngineConfig
 from engine.heap import QuietHeap
 from engine.metrics.shard import ShardMetrics
 from engine.partition import APPLIED, Partition
-from engine.profile import Limits
+from engine.profile import Limits, Profile
 from engine.routing import shard_for
 from engine.rules import RuleSet
 from engine.store import Store, connect, parse_id
@@ -229,12 +229,27 @@ class ShardActor:
         # deterministic send_ids, which append_sends keeps out of the outbox.
         sends = self.partition.take_sends()
         try:
-            await self._store.append_sends(self.index, sends)
+            await self._store.append_sends(self.index, self._with_profiles(sends))
         except BaseException:
             self.partition._sends = sends + self.partition._sends
             raise
         self.sends_flushed += len(sends)
         self.meters.on_sends(sends, self.clock.now())
+
+    def _with_profiles(self, sends: list[dict]) -> list[dict]:
+        # Each send takes its customer's profile as it is now, so the dispatcher need
+        # not call back into this (busy) shard for it; `profile_at` lets the dispatcher
+        # read the live profile instead once the copy is old. Copies, not the sends
+        # themselves: a failed append requeues the sends, and a later try takes a
+        # later profile.
+        now = time.time()
+        out = []
+        for send in sends:
+            found = self.partition.lookup(send["customer"])
+            if isinstance(found, Profile):
+                send = {**send, "profile": found.public(), "profile_at": now}
+            out.append(send)
+        return out
 
     def _reap_checkpoint(self) -> None:
         task = self._checkpointing
@@ -261,7 +276,7 @@ class ShardActor:
             while not self.partition.encode_pending(ENCODE_SLICE_S):
                 await asyncio.sleep(0)  # let the loop apply events in between
             if changes.sends:  # in the outbox before the checkpoint that covers their events
-                await self._store.append_sends(self.index, changes.sends)
+                await self._store.append_sends(self.index, self._with_profiles(changes.sends))
             await self._store.save_checkpoint(self.index, changes, pos)
         except BaseException:
             self._requeue(changes)

@@ -72,6 +72,10 @@ class DeliveryConfig:
     claim_idle_ms: int = 60_000
     # How long each send's delivery record (what makes a replay a no-op) is kept.
     ledger_days: float = 30.0
+    # A send carries its customer's profile as the shard had it when the send left;
+    # younger than this, the dispatcher uses it instead of asking the shard again
+    # (0: always ask). Older sends (a backlog, a retry, a claim) read the live profile.
+    snapshot_max_age_ms: int = 250
     # Templates: a directory with templates.toml, or empty for the packaged set.
     templates_dir: str = ""
     from_email: str = "hello@example.com"
@@ -194,6 +198,7 @@ def _validate(config: DeliveryConfig) -> None:
         (config.breaker_reset_s > 0, "breaker_reset_s", "must be positive"),
         (config.claim_idle_ms >= 100, "claim_idle_ms", "must be at least 100"),
         (config.ledger_days > 0, "ledger_days", "must be positive"),
+        (config.snapshot_max_age_ms >= 0, "snapshot_max_age_ms", "must be zero or more"),
     ]
     for ok, key, problem in checks:
         if not ok:

@@ -72,6 +72,13 @@ async def test_a_decided_send_reaches_the_outbox_long_before_the_checkpoint_inte
         elapsed = time.monotonic() - started
         assert sync_redis.xlen(outbox_key(0)) == 1
         assert elapsed < 2.0  # the 5 s checkpoint interval did not hold it back
+        # It carries ann's profile as it was, so a dispatcher need not ask the shard.
+        [(_, fields)] = sync_redis.xrange(outbox_key(0))
+        send = orjson.loads(fields[b"s"])
+        assert send["customer"] == "ann" and send["profile"]["id"] == "ann"
+        assert send["profile"]["counts"] == {"Signed Up": 1}
+        assert "seen" not in send["profile"]  # the public view, as a shard read gives
+        assert abs(send["profile_at"] - time.time()) < 60
     finally:
         await shard.stop()
         await store.close()

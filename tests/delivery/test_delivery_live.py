@@ -208,6 +208,31 @@ def test_unsubscribed_after_the_decision_is_suppressed_at_send_time(
     assert record["detail"] == "unsubscribed"
 
 
+def test_a_recent_profile_copy_on_the_send_stands_in_for_the_live_profile(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    hook = Hook(secret="k")
+    copy = {"id": "ivy", "traits": {"email": "copy@example.com"}, "consent": {}}
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k", render=True)
+        delivery = delivery_config(esp, snapshot_max_age_ms=60_000)
+        with engine(redis_url, delivery, rules=False) as (client, _, _config):
+            identify(client, "ivy")  # live: ivy@example.com
+            client.get("/v1/profiles/ivy", headers=ADMIN)
+            now = time.time()
+            _put(sync_redis, "ivy", "send-fresh", "hook", profile=copy, profile_at=now)
+            _put(sync_redis, "ivy", "send-old", "hook", profile=copy, profile_at=now - 120)
+            _put(sync_redis, "ivy", "send-dead", "nowhere", profile=copy, profile_at=now)
+            assert wait_for(lambda: len(hook.accepted) == 2)
+            assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("ivy", 4))))
+            [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
+    # Young: the copy is used, no shard call. Old: the live profile is read.
+    assert hook.accepted["send-fresh"]["to"]["email"] == "copy@example.com"
+    assert hook.accepted["send-old"]["to"]["email"] == "ivy@example.com"
+    # A dead letter keeps no copy: its replay is late by definition, so it reads live.
+    assert "profile" not in letter["send"] and "profile_at" not in letter["send"]
+
+
 def test_esp_down_for_good_dead_letters_then_dlq_replay_delivers(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
