@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from engine.insight.features import FEATURE_EVENTS, features
@@ -199,6 +200,14 @@ class LiveInsight:
         if self.counts is None or not (self.counts or self.counts.pair_count()):
             return None
         return self.counts.take(max_pairs, carry)
+
+    def take_counts_steps(
+        self, max_pairs: int | None = None, carry: int | None = None
+    ) -> Generator[None, None, CoCounts | None]:
+        """`take_counts` a piece at a time (CoCounts.take_steps); yields between pieces."""
+        if self.counts is None or not (self.counts or self.counts.pair_count()):
+            return None
+        return (yield from self.counts.take_steps(max_pairs, carry))
 
     def take_described(self) -> dict[str, dict]:
         """Products described by events since the last call."""

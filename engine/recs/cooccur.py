@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -278,10 +278,51 @@ class CoCounts:
         popularity, one entry per product, always go whole. Among pairs of equal
         weight at the cut, the greater (a, b) goes first.
         """
+        return _drain(self._take(max_pairs, carry, None))
+
+    def take_steps(
+        self, max_pairs: int | None = None, carry: int | None = None, *, step: int = 5000
+    ) -> Generator[None, None, CoCounts]:
+        """`take`, a piece of about `step` pairs' work at a time; returns the taken counts.
+
+        For the shard's loop: with 200,000 pairs carried one take is 50-150 ms,
+        a stall for every event waiting behind it. Everything held is set aside
+        at the first step, so what is counted between pieces goes into fresh
+        rows, and the pairs carried are added back to those at the end.
+        """
+        aside = CoCounts(self.settings)
+        aside._rows, aside.mass, aside.popular, aside.events = (
+            self._rows,
+            self.mass,
+            self.popular,
+            self.events,
+        )
+        self._rows, self.mass, self.popular, self.events = {}, {}, {}, 0
+        self._adjacent = None
+        taken = yield from aside._take(max_pairs, carry, step)
+        rows, done = self._rows, 0
+        for a, carried in aside._rows.items():
+            row = rows.get(a)
+            if row is None:
+                rows[a] = carried
+            else:
+                for b, w in carried.items():
+                    row[b] = row.get(b, 0.0) + w
+            done += len(carried)
+            if done >= step:
+                done = 0
+                yield
+        self.dropped += aside.dropped
+        self._adjacent = None
+        return taken
+
+    def _take(
+        self, max_pairs: int | None, carry: int | None, step: int | None
+    ) -> Generator[None, None, CoCounts]:
         taken = CoCounts(self.settings)
         held = self.pair_count()
         if max_pairs is not None and held > max_pairs:
-            heaviest = self._heaviest(max_pairs)
+            heaviest = yield from self._heaviest_steps(max_pairs, step)
             taken.pairs = {(a, b): w for w, a, b in heaviest}
             rows = self._rows
             for _, a, b in heaviest:
@@ -291,8 +332,7 @@ class CoCounts:
                     del rows[a]
             held -= max_pairs
             if carry is not None and held > carry:
-                self.dropped += held - carry
-                self.pairs = {(a, b): w for w, a, b in self._heaviest(carry)}
+                yield from self._drop_lightest_steps(held - carry, step)
         else:
             taken._rows, self._rows = self._rows, {}
         taken.mass, taken.popular, taken.events = self.mass, self.popular, self.events
@@ -301,18 +341,32 @@ class CoCounts:
         return taken
 
     def _heaviest(self, n: int) -> list[tuple[float, str, str]]:
+        """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair."""
+        return _drain(self._heaviest_steps(n))
+
+    def _heaviest_steps(
+        self, n: int, step: int | None = None
+    ) -> Generator[None, None, list[tuple[float, str, str]]]:
         """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair.
 
         As heapq.nlargest over every (weight, a, b), in cheaper passes: the n-th
         greatest weight from the bare floats, then the pairs at or above it.
+        With `step`, yields after about every `step` pairs looked at.
         """
         rows = self._rows
-        cut = _nth_largest(list(chain.from_iterable(map(dict.values, rows.values()))), n)
+        values = yield from _weights(rows, step)
+        cut = yield from _nth_steps(values, n, largest=True, step=step)
         if cut is None:
             return []
         above: list[tuple[float, str, str]] = []
         at_cut: list[tuple[float, str, str]] = []
+        done = 0
         for a, row in rows.items():
+            if step is not None:
+                done += len(row)
+                if done >= step:
+                    done = 0
+                    yield
             if max(row.values()) < cut:  # most rows: nothing this heavy, checked in C
                 continue
             for b, w in row.items():
@@ -322,6 +376,44 @@ class CoCounts:
         above.extend(at_cut[: n - len(above)])
         above.sort(reverse=True)
         return above
+
+    def _drop_lightest_steps(self, n: int, step: int | None = None) -> Generator[None, None, None]:
+        """Drop the `n` lightest pairs, ties by the lesser (a, b): all but the heaviest stay.
+
+        Keeping the heaviest `carry` by rebuilding every row took about a second
+        per flush at 200,000 pairs; the few lightest are found and deleted in
+        place instead. With `step`, yields after about every `step` pairs looked at.
+        """
+        rows = self._rows
+        values = yield from _weights(rows, step)
+        cut = yield from _nth_steps(values, n, largest=False, step=step)
+        if cut is None:
+            return
+        below: list[tuple[float, str, str]] = []
+        at_cut: list[tuple[float, str, str]] = []
+        done = 0
+        for a, row in rows.items():
+            if step is not None:
+                done += len(row)
+                if done >= step:
+                    done = 0
+                    yield
+            if min(row.values()) > cut:  # most rows: nothing this light, checked in C
+                continue
+            for b, w in row.items():
+                if w <= cut:
+                    (below if w < cut else at_cut).append((w, a, b))
+        at_cut.sort()
+        below.extend(at_cut[: n - len(below)])
+        for i, (_, a, b) in enumerate(below, 1):
+            row = rows[a]
+            del row[b]
+            if not row:
+                del rows[a]
+            if step is not None and i % step == 0:
+                yield
+        self.dropped += len(below)
+        self._adjacent = None
 
     # -- reading (in memory: evaluation, tests; and the flush, both directions) ----------
     def adjacency(self) -> dict[str, dict[str, float]]:
@@ -349,21 +441,65 @@ class CoCounts:
 
 
 def _nth_largest(values: list[float], n: int) -> float | None:
-    """The `n`-th greatest of `values` (the least when there are fewer); None when empty.
+    """The `n`-th greatest of `values` (the least when there are fewer); None when empty."""
+    return _drain(_nth_steps(values, n, largest=True))
+
+
+def _nth_smallest(values: list[float], n: int) -> float | None:
+    """The `n`-th least of `values` (the greatest when there are fewer); None when empty."""
+    return _drain(_nth_steps(values, n, largest=False))
+
+
+def _nth_steps(
+    values: list[float], n: int, *, largest: bool, step: int | None = None
+) -> Generator[None, None, float | None]:
+    """The `n`-th greatest (or least) of `values`; with `step`, yields every `step` values.
 
     A flush picks a few thousand of up to 200,000 carried weights. A strided
-    sample gives a bound that all but the heaviest few times n lie below; only
+    sample gives a bound that all but the extreme few times n lie beyond; only
     those are ranked exactly (heapq.nlargest's Python loop over all of them
-    was most of a flush's CPU). A bound too high, which leaves fewer than n,
-    falls back to ranking everything.
+    was most of a flush's CPU). A bound that leaves fewer than n falls back to
+    ranking everything.
     """
     if len(values) <= n:
-        return min(values, default=None)
-    step = max(len(values) // 4096, 1)
-    sample = sorted(values[::step], reverse=True)
-    bound = sample[min(2 * (n // step) + 1, len(sample) - 1)]
-    heavy = [w for w in values if w >= bound]
-    return heapq.nlargest(n, heavy if len(heavy) >= n else values)[-1]
+        return (min if largest else max)(values, default=None)
+    stride = max(len(values) // 4096, 1)
+    sample = sorted(values[::stride], reverse=largest)
+    bound = sample[min(2 * (n // stride) + 1, len(sample) - 1)]
+    near: list[float] = []
+    chunk = step or len(values)
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk]
+        near.extend([w for w in part if w >= bound] if largest else [w for w in part if w <= bound])
+        if step is not None:
+            yield
+    if len(near) < n:
+        near = values
+    return heapq.nlargest(n, near)[-1] if largest else sorted(near)[n - 1]
+
+
+def _weights(rows: dict[str, dict[str, float]], step: int | None) -> Generator[None, None, list]:
+    """Every pair's weight; with `step`, yields after about every `step` of them."""
+    if step is None:
+        return list(chain.from_iterable(map(dict.values, rows.values())))
+    values: list[float] = []
+    done = 0
+    for row in rows.values():
+        values.extend(row.values())
+        done += len(row)
+        if done >= step:
+            done = 0
+            yield
+    return values
+
+
+def _drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a stepwise computation to its end; its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def history_of(

@@ -233,6 +233,71 @@ def test_a_full_carry_drops_the_lightest_pairs_and_counts_them() -> None:
     assert merged.dropped == 2  # a failed flush handed back keeps the tally
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_a_full_carry_keeps_exactly_the_heaviest_ties_by_the_greater_pair(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    items = [f"p{i:02d}" for i in range(25)]
+    weights = [1.0, 2.0, 3.0, rng.random(), rng.random()]  # many ties
+    pairs = {}
+    for _ in range(rng.randint(1, 250)):
+        a, b = sorted(rng.sample(items, 2))
+        pairs[(a, b)] = rng.choice(weights)
+    counts = CoCounts(FLAT)
+    counts.pairs = dict(pairs)
+    max_pairs, carry = rng.randint(1, 20), rng.randint(0, 150)
+    taken = counts.take(max_pairs=max_pairs, carry=carry)
+    ranked = [
+        (a, b) for w, a, b in sorted(((w, a, b) for (a, b), w in pairs.items()), reverse=True)
+    ]
+    if len(ranked) <= max_pairs:
+        assert set(taken.pairs) == set(ranked) and counts.pairs == {}
+        return
+    assert set(taken.pairs) == set(ranked[:max_pairs])
+    kept = ranked[max_pairs : max_pairs + carry]
+    assert counts.pairs == {key: pairs[key] for key in kept}
+    assert counts.dropped == len(ranked) - max_pairs - len(kept)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_take_in_steps_equals_one_take_and_keeps_what_is_counted_meanwhile(seed: int) -> None:
+    import random
+
+    from engine.recs.cooccur import _drain
+
+    rng = random.Random(seed)
+    items = [f"p{i:02d}" for i in range(40)]
+    pairs = {}
+    for _ in range(rng.randint(1, 400)):
+        a, b = sorted(rng.sample(items, 2))
+        pairs[(a, b)] = rng.choice([1.0, 2.0, rng.random()])
+    max_pairs, carry = rng.randint(1, 30), rng.randint(0, 300)
+    whole, stepped = CoCounts(FLAT), CoCounts(FLAT)
+    whole.pairs, stepped.pairs = dict(pairs), dict(pairs)
+    expected = whole.take(max_pairs=max_pairs, carry=carry)
+    steps = stepped.take_steps(max_pairs, carry, step=7)
+    pieces, meanwhile = 0, CoCounts(FLAT)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            taken = done.value
+            break
+        pieces += 1
+        a, b = sorted(rng.sample(items, 2))  # counted between two pieces
+        stepped.observe([a, b], 1.0, T, [])
+        meanwhile.observe([a, b], 1.0, T, [])
+    assert taken.pairs == expected.pairs
+    assert stepped.dropped == whole.dropped
+    # What was carried plus what came meanwhile: nothing lost, nothing in twice.
+    whole.merge(meanwhile)
+    assert stepped.pairs == pytest.approx(whole.pairs)
+    assert stepped.mass == pytest.approx(meanwhile.mass)
+    assert len(pairs) <= max_pairs or len(pairs) < 7 or pieces > 0  # it did go in pieces
+    assert _drain(CoCounts(FLAT).take_steps(1, 1)).pairs == {}
+
+
 class _FlatCounts:
     """The plain reference: every pair in one dict keyed by (a, b), a < b."""
 
