@@ -397,7 +397,13 @@ class Partition:
             encoded[cid] = orjson.dumps(profile.to_dict())
             if until is not None and time.perf_counter() >= until:
                 break
-        return not pending
+        if pending:
+            return False
+        # Done: the checkpoint's Changes holds the encoded profiles until they are
+        # written; the partition keeping them too would hold a whole checkpoint
+        # in memory until the next one begins.
+        self._encoded = {}
+        return True
 
     def _before_change(self, customer: str) -> None:
         # The checkpoint being taken must hold this profile as it is now.
