@@ -322,7 +322,7 @@ class CoCounts:
         taken = CoCounts(self.settings)
         held = self.pair_count()
         if max_pairs is not None and held > max_pairs:
-            heaviest = yield from self._heaviest_steps(max_pairs, step)
+            heaviest = yield from self._extreme_steps(max_pairs, heaviest=True, step=step)
             taken.pairs = {(a, b): w for w, a, b in heaviest}
             rows = self._rows
             for _, a, b in heaviest:
@@ -342,23 +342,24 @@ class CoCounts:
 
     def _heaviest(self, n: int) -> list[tuple[float, str, str]]:
         """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair."""
-        return _drain(self._heaviest_steps(n))
+        return _drain(self._extreme_steps(n, heaviest=True))
 
-    def _heaviest_steps(
-        self, n: int, step: int | None = None
+    def _extreme_steps(
+        self, n: int, *, heaviest: bool, step: int | None = None
     ) -> Generator[None, None, list[tuple[float, str, str]]]:
-        """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair.
+        """(weight, a, b) of the `n` heaviest pairs (heaviest first, ties by the greater
+        pair), or of the `n` lightest (in no order, ties by the lesser pair).
 
-        As heapq.nlargest over every (weight, a, b), in cheaper passes: the n-th
-        greatest weight from the bare floats, then the pairs at or above it.
+        As heapq.nlargest (nsmallest) over every (weight, a, b), in cheaper passes:
+        the n-th weight from the bare floats, then the pairs at or beyond it.
         With `step`, yields after about every `step` pairs looked at.
         """
         rows = self._rows
         values = yield from _weights(rows, step)
-        cut = yield from _nth_steps(values, n, largest=True, step=step)
+        cut = yield from _nth_steps(values, n, largest=heaviest, step=step)
         if cut is None:
             return []
-        above: list[tuple[float, str, str]] = []
+        beyond: list[tuple[float, str, str]] = []
         at_cut: list[tuple[float, str, str]] = []
         done = 0
         for a, row in rows.items():
@@ -367,52 +368,42 @@ class CoCounts:
                 if done >= step:
                     done = 0
                     yield
-            if max(row.values()) < cut:  # most rows: nothing this heavy, checked in C
-                continue
-            for b, w in row.items():
-                if w >= cut:
-                    (above if w > cut else at_cut).append((w, a, b))
-        at_cut.sort(reverse=True)
-        above.extend(at_cut[: n - len(above)])
-        above.sort(reverse=True)
-        return above
+            # Most rows hold nothing that far out, which max/min tell in C.
+            if heaviest:
+                if max(row.values()) < cut:
+                    continue
+                for b, w in row.items():
+                    if w >= cut:
+                        (beyond if w > cut else at_cut).append((w, a, b))
+            else:
+                if min(row.values()) > cut:
+                    continue
+                for b, w in row.items():
+                    if w <= cut:
+                        (beyond if w < cut else at_cut).append((w, a, b))
+        at_cut.sort(reverse=heaviest)
+        beyond.extend(at_cut[: n - len(beyond)])
+        if heaviest:  # the lightest are only deleted: their order does not matter
+            beyond.sort(reverse=True)
+        return beyond
 
     def _drop_lightest_steps(self, n: int, step: int | None = None) -> Generator[None, None, None]:
         """Drop the `n` lightest pairs, ties by the lesser (a, b): all but the heaviest stay.
 
         Keeping the heaviest `carry` by rebuilding every row took about a second
         per flush at 200,000 pairs; the few lightest are found and deleted in
-        place instead. With `step`, yields after about every `step` pairs looked at.
+        place instead. With `step`, yields after about every `step` pairs.
         """
+        lightest = yield from self._extreme_steps(n, heaviest=False, step=step)
         rows = self._rows
-        values = yield from _weights(rows, step)
-        cut = yield from _nth_steps(values, n, largest=False, step=step)
-        if cut is None:
-            return
-        below: list[tuple[float, str, str]] = []
-        at_cut: list[tuple[float, str, str]] = []
-        done = 0
-        for a, row in rows.items():
-            if step is not None:
-                done += len(row)
-                if done >= step:
-                    done = 0
-                    yield
-            if min(row.values()) > cut:  # most rows: nothing this light, checked in C
-                continue
-            for b, w in row.items():
-                if w <= cut:
-                    (below if w < cut else at_cut).append((w, a, b))
-        at_cut.sort()
-        below.extend(at_cut[: n - len(below)])
-        for i, (_, a, b) in enumerate(below, 1):
+        for i, (_, a, b) in enumerate(lightest, 1):
             row = rows[a]
             del row[b]
             if not row:
                 del rows[a]
             if step is not None and i % step == 0:
                 yield
-        self.dropped += len(below)
+        self.dropped += len(lightest)
         self._adjacent = None
 
     # -- reading (in memory: evaluation, tests; and the flush, both directions) ----------
