@@ -34,7 +34,7 @@ from engine.config import Config
 from engine.content.blocks import Links
 from engine.delivery import ledger as lg
 from engine.delivery.adapters import Adapter, make_adapter
-from engine.delivery.compose import Composer, suppression
+from engine.delivery.compose import Composer, suppression, withdrawn
 from engine.delivery.ledger import Ledger
 from engine.delivery.message import DeliveryError, PermanentError, TransientError
 from engine.delivery.policy import CircuitBreaker, TokenBucket, backoff
@@ -250,13 +250,17 @@ class DispatcherActor:
                 await asyncio.sleep(0.2 * surprises)
 
     async def _deliver_once(self, ledger: Ledger, index: int, entry_id: str, send: dict) -> None:
+        customer = send["customer"]
         snapshot = self._snapshot(send)
         if snapshot is not None:
-            record, profile = await ledger.record(index, send["send_id"]), snapshot
+            record, change = await ledger.record_and_consent(index, send["send_id"], customer)
+            # An opt-in stored since may postdate the copy: only the shard knows.
+            profile = snapshot if change is None else await self._profiles(customer)
         else:
             # The record and the profile in parallel: a final record (rare) wastes one read.
-            record, profile = await asyncio.gather(
-                ledger.record(index, send["send_id"]), self._profiles(send["customer"])
+            (record, change), profile = await asyncio.gather(
+                ledger.record_and_consent(index, send["send_id"], customer),
+                self._profiles(customer),
             )
         if record is not None and record["state"] in lg.FINAL:
             await ledger.ack(index, entry_id)  # already done: never twice
@@ -275,7 +279,7 @@ class DispatcherActor:
                 f"no ESP named {send.get('esp')!r} is configured ([[esp]] in config.toml)",
             )
             return
-        reason = suppression(profile)
+        reason = withdrawn(change) or suppression(profile)
         if reason is not None:
             await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
             return
@@ -345,6 +349,11 @@ class DispatcherActor:
                 rand=self._rand,
             )
             await asyncio.sleep(max(delay, wait))
+            # Consent may have been withdrawn while this send waited to be retried.
+            reason = withdrawn(await ledger.consent(index, customer))
+            if reason is not None:
+                await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
+                return
 
     def _snapshot(self, send: dict) -> dict | None:
         # The profile the shard attached when the send left it, if recent enough to

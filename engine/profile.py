@@ -27,6 +27,7 @@ _CART_FIELDS = (
 )
 _SHARED_PROPS = ("product_id", "sku", "category")
 _OPT_OUT_TRAITS = ("unsubscribed", "email_opt_out", "opted_out")
+_CONSENT_TRAITS = frozenset((*_OPT_OUT_TRAITS, "email_opt_in"))
 _TRUE_WORDS = frozenset(("true", "yes", "y", "1", "on"))
 _FALSE_WORDS = frozenset(("false", "no", "n", "0", "off", ""))
 # Amounts past this are treated as garbage: they could only reach inf (which
@@ -325,19 +326,61 @@ def _remember(profile: Profile, entry: list, limits: Limits) -> None:
         del recent[:drop]
 
 
-def _apply_traits(
-    profile: Profile, traits: dict, ts: float, *, may_resubscribe: bool = True
-) -> None:
-    profile.traits.update(traits)
+def _opts_out(traits: dict) -> bool | None:
+    """True when `traits` withdraw email consent, False when they give it, None: silent."""
+    if _CONSENT_TRAITS.isdisjoint(traits):
+        return None  # nearly always: a cheap answer for every event's context traits
     # Each consent trait votes; unclear values (null, "maybe") abstain, and
     # the stricter answer wins when traits disagree.
     votes = [_flag(traits[name]) for name in _OPT_OUT_TRAITS if name in traits]
     if "email_opt_in" in traits and (opt_in := _flag(traits["email_opt_in"])) is not None:
         votes.append(not opt_in)
     if True in votes:
+        return True
+    if False in votes:
+        return False
+    return None
+
+
+def _apply_traits(
+    profile: Profile, traits: dict, ts: float, *, may_resubscribe: bool = True
+) -> None:
+    profile.traits.update(traits)
+    opts_out = _opts_out(traits)
+    if opts_out:
         _set_unsubscribed(profile, True, ts)
-    elif False in votes and may_resubscribe:
+    elif opts_out is False and may_resubscribe:
         _set_unsubscribed(profile, False, ts)
+
+
+UNSUBSCRIBES, RESUBSCRIBES, ERASES = "unsubscribed", "resubscribed", "erased"
+
+
+def consent_change(event: dict) -> str | None:
+    """What applying a normalized event does to email consent (UNSUBSCRIBES, ...) or None.
+
+    The same decisions `apply_event` and the erasure make, taken from the event
+    alone, so the API can note them in Redis when it stores the event
+    (engine.store), before any shard has applied it.
+    """
+    kind = event.get("type")
+    if kind == "_erase":
+        return ERASES
+    if kind == "track" and event.get("event") == "Unsubscribed":
+        return UNSUBSCRIBES
+    if kind == "identify":
+        traits = event.get("traits")
+        if isinstance(traits, dict) and traits:
+            # Applied after the context's traits, at the same time: these decide.
+            opts_out = _opts_out(traits)
+            if opts_out is not None:
+                return UNSUBSCRIBES if opts_out else RESUBSCRIBES
+    context = event.get("context")
+    if context:
+        traits = context.get("traits")
+        if isinstance(traits, dict) and traits and _opts_out(traits):
+            return UNSUBSCRIBES  # context traits tighten consent only (apply_event)
+    return None
 
 
 def _set_unsubscribed(profile: Profile, value: bool, ts: float) -> None:

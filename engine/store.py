@@ -12,11 +12,15 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
   nudge:{sN}:sent:ID   marks send ID as written to the outbox, for a day. After a crash,
                        replay decides a send again under the same deterministic send_id;
                        this mark keeps it out of the outbox the second time.
+  nudge:{sN}:consent:C customer C's latest consent change as stored, before any shard
+                       applied it ("unsubscribed", "resubscribed" or "erased"), for an
+                       hour: dispatchers check it before every attempt (promise 6).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -25,6 +29,7 @@ from redis.exceptions import RedisError
 
 from engine.errors import StoreError
 from engine.partition import Changes
+from engine.profile import consent_change
 from engine.routing import shard_for, shard_tag, stream_key
 
 _CHUNK = 1000  # profiles per HSET: the measured sweet spot (DESIGN.md)
@@ -60,6 +65,27 @@ for i = 2, #KEYS do
 end
 return n
 """
+
+
+def consent_key(index: int, customer: str) -> str:
+    """Where the latest consent change of `customer` (of shard `index`) is noted."""
+    return _key(index, f"consent:{customer}")
+
+
+# Covers a send decided before the change and delivered after it: the profile copy
+# a send carries (a fraction of a second), a shard behind its stream, a replay
+# after a crash. Past it the shard has applied the change and the live read sees it.
+CONSENT_MARK_TTL_S = 3600
+
+
+def consent_marks(targets: Iterable[tuple[str, dict]]) -> dict[str, str]:
+    """Each customer's consent change (the last one wins) from (customer, event) pairs."""
+    marks: dict[str, str] = {}
+    for customer, event in targets:
+        change = consent_change(event)
+        if change is not None:
+            marks[customer] = change
+    return marks
 
 
 def outbox_key(index: int) -> str:
@@ -102,18 +128,25 @@ class Store:
         shards = self.shards
         for event in events:
             groups[shard_for(event["customer"], shards)].append(event)
-        return await self.append_groups(groups)
+        marks = consent_marks((event["customer"], event) for event in events)
+        return await self.append_groups(groups, marks)
 
-    async def append_groups(self, groups: dict[int, list[dict]]) -> dict[int, str]:
-        """XADD each shard's events as one entry (in MULTI/EXEC when several)."""
+    async def append_groups(
+        self, groups: dict[int, list[dict]], marks: dict[str, str] | None = None
+    ) -> dict[int, str]:
+        """XADD each shard's events as one entry and note consent `marks`, all or nothing."""
+        order = list(groups)
         try:
-            async with self.redis.pipeline(transaction=len(groups) > 1) as pipe:
-                order = list(groups)
+            async with self.redis.pipeline(transaction=len(groups) > 1 or bool(marks)) as pipe:
                 for index in order:
                     pipe.xadd(stream_key(index), {"e": orjson.dumps(groups[index])})
-                ids = await pipe.execute()
+                for customer, change in (marks or {}).items():
+                    key = consent_key(shard_for(customer, self.shards), customer)
+                    pipe.set(key, change, ex=CONSENT_MARK_TTL_S)
+                replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"could not store events: {exc}") from exc
+        ids = replies[: len(order)]  # the marks' replies follow
         return {index: sid.decode() for index, sid in zip(order, ids, strict=True)}
 
     async def tail(self, index: int) -> str:
@@ -204,10 +237,12 @@ class Store:
         if not entries:
             return 0
         groups: dict[int, list[dict]] = defaultdict(list)
+        targets: list[tuple[str, dict]] = []
         for _, fields in entries:
             for target, event in orjson.loads(fields[b"f"]):
                 groups[shard_for(target, self.shards)].append(event)
-        await self.append_groups(groups)
+                targets.append((target, event))
+        await self.append_groups(groups, consent_marks(targets))
         await self.redis.xdel(_key(index, "fwd"), *[sid for sid, _ in entries])
         return sum(len(group) for group in groups.values())
 

@@ -9,10 +9,14 @@ import pytest
 
 from engine.events import normalize
 from engine.profile import (
+    ERASES,
     FORMAT_VERSION,
+    RESUBSCRIBES,
+    UNSUBSCRIBES,
     Limits,
     Profile,
     apply_event,
+    consent_change,
     merge_profiles,
     product_key,
     share_strings,
@@ -450,6 +454,48 @@ def test_context_traits_can_opt_out_but_never_back_in() -> None:
         event({"userId": "ann", "event": "Product Viewed", "context": opted_out}, T0, "track")
     )
     assert other.suppressed and other.timezone == "Europe/Oslo"
+
+
+@pytest.mark.parametrize(
+    "context",
+    [None, {"traits": {"email_opt_in": True}}, {"traits": {"unsubscribed": True}}],
+)
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"event": "Unsubscribed"},
+        {"event": "Product Viewed"},
+        {"traits": {"unsubscribed": True}},
+        {"traits": {"email_opt_in": "no"}},
+        {"traits": {"email_opt_in": True}},
+        {"traits": {"unsubscribed": "false", "name": "Ann"}},
+        {"traits": {"email_opt_in": "maybe"}},
+        {"traits": {"email_opt_in": True, "opted_out": 1}},
+        {"traits": {"name": "Ann"}},
+    ],
+)
+@pytest.mark.parametrize("before", [False, True])
+def test_consent_change_says_what_applying_the_event_does(
+    before: bool, msg: dict, context: dict | None
+) -> None:
+    # The API notes consent_change(event) before a shard applies the event; the
+    # dispatcher trusts that note, so it must agree with apply_event exactly.
+    kind = "identify" if "traits" in msg else "track"
+    ev = event({"userId": "ann", **msg, **({"context": context} if context else {})}, T0, kind)
+    profile = build(*([track("Unsubscribed", T0 - 60)] if before else []))
+    apply_event(profile, ev, LIMITS)
+    change = consent_change(ev)
+    if change == UNSUBSCRIBES:
+        assert profile.suppressed
+    elif change == RESUBSCRIBES:
+        assert not profile.suppressed
+    else:
+        assert change is None and profile.suppressed is before
+
+
+def test_consent_change_of_an_erasure() -> None:
+    erase = {"type": "_erase", "customer": "ann", "messageId": "erase-1", "ts": T0}
+    assert consent_change(erase) == ERASES
 
 
 # -- snapshot ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import redis
 
 from engine.partition import Changes
 from engine.routing import shard_for, stream_key
-from engine.store import Store, connect, parse_id
+from engine.store import CONSENT_MARK_TTL_S, Store, connect, consent_key, parse_id
 from tests.factories import normalized, track
 
 pytestmark = pytest.mark.asyncio
@@ -32,6 +32,23 @@ async def test_append_writes_one_entry_per_shard(store: Store, sync_redis: redis
         assert all(shard_for(e["customer"], 4) == index for e in batch)
         stored += len(batch)
     assert stored == 40
+
+
+async def test_consent_changes_are_noted_with_the_events(
+    store: Store, sync_redis: redis.Redis
+) -> None:
+    unsub = normalized(track("cy", "Unsubscribed"))
+    views = [normalized(track(f"user-{i}")) for i in range(5)]
+    ident = {"type": "identify", "userId": "di"}
+    back = normalized({**ident, "messageId": "m-in", "traits": {"email_opt_in": True}})
+    out = normalized({**ident, "messageId": "m-out", "traits": {"email_opt_in": False}})
+    await store.append([*views, unsub, back, out])
+    assert sync_redis.get(consent_key(shard_for("cy", 4), "cy")) == b"unsubscribed"
+    assert sync_redis.get(consent_key(shard_for("di", 4), "di")) == b"unsubscribed"  # the last
+    assert 0 < sync_redis.ttl(consent_key(shard_for("cy", 4), "cy")) <= CONSENT_MARK_TTL_S
+    assert sync_redis.keys("nudge:*:consent:user-*") == []  # a view changes nothing
+    await store.append([back])
+    assert sync_redis.get(consent_key(shard_for("di", 4), "di")) == b"resubscribed"
 
 
 async def test_checkpoint_round_trip_and_trim(store: Store, sync_redis: redis.Redis) -> None:

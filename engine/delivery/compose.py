@@ -10,9 +10,11 @@ from engine.delivery.config import DeliveryConfig, EspConfig
 from engine.delivery.context import build_context, email_address
 from engine.delivery.message import Email
 from engine.delivery.templates import TemplateSet
+from engine.profile import ERASES, UNSUBSCRIBES
 from engine.tracking import TokenSigner
 
 UNKNOWN_CUSTOMER, UNSUBSCRIBED, NO_ADDRESS = "unknown_customer", "unsubscribed", "no_address"
+ERASED = "erased"
 
 
 def suppression(profile: Mapping[str, Any] | None) -> str | None:
@@ -27,6 +29,20 @@ def suppression(profile: Mapping[str, Any] | None) -> str | None:
         return UNSUBSCRIBED
     if email_address(profile) is None:
         return NO_ADDRESS
+    return None
+
+
+def withdrawn(change: str | None) -> str | None:
+    """The suppression a consent change noted at ingest (engine.store) calls for, or None.
+
+    An unsubscribe or erasure the API has stored stops the email even when the
+    profile in hand (the send's copy, or a shard still behind its stream) does
+    not show it yet. A later opt-in replaces the note, so it never blocks one.
+    """
+    if change == UNSUBSCRIBES:
+        return UNSUBSCRIBED
+    if change == ERASES:
+        return ERASED
     return None
 
 

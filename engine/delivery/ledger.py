@@ -24,7 +24,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from engine.errors import NotFound, StoreError
 from engine.routing import shard_tag
-from engine.store import outbox_key
+from engine.store import consent_key, outbox_key
 
 GROUP = "dispatch"
 SENDING, SENT, SUPPRESSED, HOLDOUT, DEAD = "sending", "sent", "suppressed", "holdout", "dead"
@@ -151,6 +151,20 @@ class Ledger:
         """The delivery record of a send, or None if it was never tried."""
         raw = await self.redis.get(record_key(index, send_id))
         return orjson.loads(raw) if raw else None
+
+    async def record_and_consent(
+        self, index: int, send_id: str, customer: str
+    ) -> tuple[dict | None, str | None]:
+        """A send's delivery record and its customer's latest noted consent change, in one read."""
+        raw, change = await self.redis.mget(
+            record_key(index, send_id), consent_key(index, customer)
+        )
+        return (orjson.loads(raw) if raw else None), (change.decode() if change else None)
+
+    async def consent(self, index: int, customer: str) -> str | None:
+        """The latest consent change noted for `customer` (engine.store), or None."""
+        change = await self.redis.get(consent_key(index, customer))
+        return change.decode() if change else None
 
     async def mark_sending(self, index: int, send: dict, attempts: int, now: float) -> None:
         """Record that attempt `attempts` is about to go to the ESP."""

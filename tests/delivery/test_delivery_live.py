@@ -233,6 +233,66 @@ def test_a_recent_profile_copy_on_the_send_stands_in_for_the_live_profile(
     assert "profile" not in letter["send"] and "profile_at" not in letter["send"]
 
 
+def _detail(sync_redis: redis.Redis, customer: str, send_id: str) -> str | None:
+    raw = sync_redis.get(record_key(shard_for(customer, 4), send_id))
+    return orjson.loads(raw).get("detail") if raw else None  # "sending" has none
+
+
+def test_consent_stored_after_the_send_left_decides_over_its_profile_copy(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    hook = Hook(secret="k")
+    subscribed = {"traits": {"email": "copy@example.com"}, "consent": {}}
+    withdrawn = {**subscribed, "consent": {"unsubscribed": True}}
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k", render=True)
+        delivery = delivery_config(esp, snapshot_max_age_ms=60_000)
+        with engine(redis_url, delivery, rules=False) as (client, _, _config):
+            for customer in ("eve", "fox", "gil"):
+                identify(client, customer)
+            unsub = {"userId": "eve", "event": "Unsubscribed", "timestamp": at(0)}
+            assert client.post("/v1/track", auth=WRITE, json=unsub).status_code == 200
+            assert client.delete("/v1/profiles/fox", headers=ADMIN).status_code == 200
+            identify(client, "gil", unsubscribed=True)
+            identify(client, "gil", email_opt_in=True)  # back in: the live profile says so
+            client.get("/v1/profiles/gil", headers=ADMIN)
+            now = time.time()
+            # Each send left its shard "before" the change: its copy does not show it.
+            _put(sync_redis, "eve", "send-eve", "hook", profile=subscribed, profile_at=now)
+            _put(sync_redis, "fox", "send-fox", "hook", profile=subscribed, profile_at=now)
+            _put(sync_redis, "gil", "send-gil", "hook", profile=withdrawn, profile_at=now)
+            assert wait_for(
+                lambda: all(
+                    _detail(sync_redis, c, f"send-{c}") is not None for c in ("eve", "fox", "gil")
+                )
+            )
+    assert _detail(sync_redis, "eve", "send-eve") == "unsubscribed"
+    assert _detail(sync_redis, "fox", "send-fox") == "erased"
+    # An opt-in since the copy was taken sends a live read to the shard, which has it.
+    assert list(hook.accepted) == ["send-gil"]
+    assert hook.accepted["send-gil"]["to"]["email"] == "gil@example.com"
+
+
+def test_an_unsubscribe_during_a_retry_backoff_stops_the_next_attempt(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    hook = Hook(secret="k", script=[(429, {"Retry-After": "2"})])
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        with engine(redis_url, delivery_config(esp), rules=False) as (client, _, _config):
+            identify(client, "hal")
+            client.get("/v1/profiles/hal", headers=ADMIN)
+            _put(sync_redis, "hal", "send-hal", "hook")
+            assert wait_for(lambda: hook.requests)  # the first attempt was refused
+            unsub = {"userId": "hal", "event": "Unsubscribed", "timestamp": at(0)}
+            assert client.post("/v1/track", auth=WRITE, json=unsub).status_code == 200
+            assert wait_for(lambda: _detail(sync_redis, "hal", "send-hal"), timeout=10)
+            left = sync_redis.xlen(outbox_key(shard_for("hal", 4)))
+    assert len(hook.requests) == 1 and not hook.accepted
+    assert _detail(sync_redis, "hal", "send-hal") == "unsubscribed"
+    assert left == 0  # the entry, and any profile copy it carried, left the outbox
+
+
 def test_esp_down_for_good_dead_letters_then_dlq_replay_delivers(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
