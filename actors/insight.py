@@ -125,7 +125,11 @@ class ShardInsight:
                 self.scored += n
                 changed = n > 0
         if mono >= self._next_flush and (self._flushing is None or self._flushing.done()):
-            self._next_flush = mono + self.settings.recs.flush_interval_s
+            interval = self.settings.recs.flush_interval_s
+            # Shards start together; after the first flush each keeps its own phase,
+            # so their flushes (and the Redis work they cause) take turns.
+            phase = interval * self.index / self.shards if self.flushes == 0 else 0.0
+            self._next_flush = mono + interval + phase
             # In the background: a flush waits tens of ms on Redis, and the shard
             # keeps applying events meanwhile (counted into fresh counts once the
             # task has taken the old ones, at its first step).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import engine.recs.store as recs_store
@@ -120,3 +122,22 @@ async def test_a_due_flush_runs_in_the_background_within_its_pair_budget(
     await shard.close()
     assert sync_redis.zscore(co_key("p3"), "p4") is not None
     assert partition.insight.counts.pairs == {}
+
+
+async def test_shards_flush_in_turn_after_the_first_flush(redis_url: str) -> None:
+    # Started together, four shards flushing together every interval competed for
+    # the cores (and Redis) at once: after its first flush each keeps its own phase.
+    recs = RecsConfig(flush_interval_s=4.0)
+    nexts = []
+    for index in range(4):
+        shard = ShardInsight(index, 4, InsightSettings(recs=recs))
+        await shard.start(connect(redis_url))
+        before = time.monotonic()
+        await shard.run_due(two_pairs(), T0)  # the first flush: at once, for every shard
+        assert shard._flushing is not None
+        await shard.settle()
+        nexts.append(shard._next_flush - before)
+        await shard.run_due(two_pairs(), T0)  # not due again yet
+        assert shard.flushes == 1
+        await shard.close()
+    assert [round(n) for n in nexts] == [4, 5, 6, 7]
