@@ -40,6 +40,7 @@ from engine.delivery.message import DeliveryError, PermanentError, TransientErro
 from engine.delivery.policy import CircuitBreaker, TokenBucket, backoff
 from engine.delivery.templates import TemplateError, TemplateSet
 from engine.metrics.delivery import DeliveryMetrics
+from engine.profile import RESUBSCRIBES
 from engine.recs.recommender import CollaborativeRecommender
 from engine.store import connect
 from engine.tracking import TokenSigner
@@ -255,7 +256,7 @@ class DispatcherActor:
         if snapshot is not None:
             record, change = await ledger.record_and_consent(index, send["send_id"], customer)
             # An opt-in stored since may postdate the copy: only the shard knows.
-            profile = snapshot if change is None else await self._profiles(customer)
+            profile = await self._profiles(customer) if change == RESUBSCRIBES else snapshot
         else:
             # The record and the profile in parallel: a final record (rare) wastes one read.
             (record, change), profile = await asyncio.gather(

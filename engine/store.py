@@ -12,9 +12,10 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
   nudge:{sN}:sent:ID   marks send ID as written to the outbox, for a day. After a crash,
                        replay decides a send again under the same deterministic send_id;
                        this mark keeps it out of the outbox the second time.
-  nudge:{sN}:consent:C customer C's latest consent change as stored, before any shard
-                       applied it ("unsubscribed", "resubscribed" or "erased"), for an
-                       hour: dispatchers check it before every attempt (promise 6).
+  nudge:{sN}:consent:D the latest consent change of the customer whose id has digest D
+                       (engine.partition.erased_key), as stored, before any shard applied
+                       it ("unsubscribed", "resubscribed" or "erased"), for an hour:
+                       dispatchers check it before every attempt (promise 6).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from engine.errors import StoreError
-from engine.partition import Changes
+from engine.partition import Changes, erased_key
 from engine.profile import consent_change
 from engine.routing import shard_for, shard_tag, stream_key
 
@@ -69,7 +70,8 @@ return n
 
 def consent_key(index: int, customer: str) -> str:
     """Where the latest consent change of `customer` (of shard `index`) is noted."""
-    return _key(index, f"consent:{customer}")
+    # By digest, as erasures are kept: the note outlives an erasure by up to an hour.
+    return _key(index, f"consent:{erased_key(customer)}")
 
 
 # Covers a send decided before the change and delivered after it: the profile copy

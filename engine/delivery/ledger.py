@@ -147,11 +147,6 @@ class Ledger:
             return sum(await pipe.execute())
 
     # -- records ------------------------------------------------------------------
-    async def record(self, index: int, send_id: str) -> dict | None:
-        """The delivery record of a send, or None if it was never tried."""
-        raw = await self.redis.get(record_key(index, send_id))
-        return orjson.loads(raw) if raw else None
-
     async def record_and_consent(
         self, index: int, send_id: str, customer: str
     ) -> tuple[dict | None, str | None]:
