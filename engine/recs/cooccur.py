@@ -250,14 +250,7 @@ class CoCounts:
 
     def merge(self, other: CoCounts) -> None:
         """Add another shard's (or flush's) counts into these."""
-        rows = self._rows
-        for a, theirs in other._rows.items():
-            row = rows.get(a)
-            if row is None:
-                rows[a] = dict(theirs)
-                continue
-            for b, w in theirs.items():
-                row[b] = row.get(b, 0.0) + w
+        _drain(_add_rows(self._rows, other._rows))
         for item, w in other.mass.items():
             self.mass[item] = self.mass.get(item, 0.0) + w
         for category, table in other.popular.items():
@@ -300,18 +293,7 @@ class CoCounts:
         self._rows, self.mass, self.popular, self.events = {}, {}, {}, 0
         self._adjacent = None
         taken = yield from aside._take(max_pairs, carry, step)
-        rows, done = self._rows, 0
-        for a, carried in aside._rows.items():
-            row = rows.get(a)
-            if row is None:
-                rows[a] = carried
-            else:
-                for b, w in carried.items():
-                    row[b] = row.get(b, 0.0) + w
-            done += len(carried)
-            if done >= step:
-                done = 0
-                yield
+        yield from _add_rows(self._rows, aside._rows, step=step, adopt=True)
         self.dropped += aside.dropped
         self._adjacent = None
         return taken
@@ -339,10 +321,6 @@ class CoCounts:
         self.mass, self.popular, self.events = {}, {}, 0
         self._adjacent = None
         return taken
-
-    def _heaviest(self, n: int) -> list[tuple[float, str, str]]:
-        """(weight, a, b) of the `n` heaviest pairs, heaviest first, ties by the greater pair."""
-        return _drain(self._extreme_steps(n, heaviest=True))
 
     def _extreme_steps(
         self, n: int, *, heaviest: bool, step: int | None = None
@@ -431,16 +409,6 @@ class CoCounts:
         return sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
 
 
-def _nth_largest(values: list[float], n: int) -> float | None:
-    """The `n`-th greatest of `values` (the least when there are fewer); None when empty."""
-    return _drain(_nth_steps(values, n, largest=True))
-
-
-def _nth_smallest(values: list[float], n: int) -> float | None:
-    """The `n`-th least of `values` (the greatest when there are fewer); None when empty."""
-    return _drain(_nth_steps(values, n, largest=False))
-
-
 def _nth_steps(
     values: list[float], n: int, *, largest: bool, step: int | None = None
 ) -> Generator[None, None, float | None]:
@@ -482,6 +450,30 @@ def _weights(rows: dict[str, dict[str, float]], step: int | None) -> Generator[N
             done = 0
             yield
     return values
+
+
+def _add_rows(
+    rows: dict[str, dict[str, float]],
+    theirs: dict[str, dict[str, float]],
+    *,
+    step: int | None = None,
+    adopt: bool = False,
+) -> Generator[None, None, None]:
+    """Add the pairs of `theirs` into `rows`; `adopt` takes over their row dicts rather
+    than copying them (`theirs` is discarded). With `step`, yields every `step` pairs."""
+    done = 0
+    for a, row_in in theirs.items():
+        row = rows.get(a)
+        if row is None:
+            rows[a] = row_in if adopt else dict(row_in)
+        else:
+            for b, w in row_in.items():
+                row[b] = row.get(b, 0.0) + w
+        if step is not None:
+            done += len(row_in)
+            if done >= step:
+                done = 0
+                yield
 
 
 def _drain(steps: Generator[None, None, Any]) -> Any:

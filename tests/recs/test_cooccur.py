@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from engine.recs.cooccur import EPOCH, CoCounts, CoSettings
+from engine.recs.cooccur import EPOCH, CoCounts, CoSettings, _drain, _nth_steps
 from engine.recs.rank import RankSettings, excluded, recommend, seeds_of
 
 DAY = 86400.0
@@ -387,11 +387,12 @@ def test_the_heaviest_pairs_are_what_nlargest_picks_ties_included(seed: int, n: 
         flat[(a, b)] = rng.choice(weights)
     counts.pairs = flat
     expected = heapq.nlargest(n, ((w, a, b) for (a, b), w in flat.items()))
-    assert counts._heaviest(n) == expected
+    assert _drain(counts._extreme_steps(n, heaviest=True)) == expected
 
 
 def test_the_nth_largest_weight_whatever_the_sample_suggests() -> None:
-    from engine.recs.cooccur import _nth_largest
+    def _nth_largest(values: list[float], n: int) -> float | None:
+        return _drain(_nth_steps(values, n, largest=True))
 
     assert _nth_largest([], 3) is None
     assert _nth_largest([2.0, 1.0], 3) == 1.0
