@@ -173,38 +173,57 @@ def content_table(upstream: int, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_server(args: argparse.Namespace) -> None:
-    """Local Ray with the shards, and the content routes (plus the Ray baseline) on uvicorn."""
-    import uvicorn
+def _settings(args: argparse.Namespace) -> Any:
+    from engine.config import EngineConfig
+
+    return EngineConfig(shards=args.shards, ray_namespace="bench-content")
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The content routes (plus the Ray baseline and a stats listener) of one API process."""
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
 
-    from actors.cluster import ensure_shards, shard_client, start_ray, stop_shards, wait_ready
-    from engine.config import AuthConfig, EngineConfig
+    from actors.cluster import shard_client
+    from engine.config import AuthConfig
     from engine.content import ContentService, content_config_from_mapping, content_routes
     from engine.heap import keep_heap_quiet
     from engine.routing import shard_for
 
-    settings = EngineConfig(shards=args.shards, ray_namespace="bench-content")
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    start_ray("", namespace=settings.ray_namespace, num_cpus=2)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    handles = ensure_shards(settings, args.redis_url)
-    wait_ready(handles)
+    settings = _settings(args)
     config = content_config_from_mapping(content_table(args.upstream_port, args))
     service = ContentService(config, redis_url=args.redis_url)
     held: dict[str, Any] = {}
+    handled: list[float] = []  # seconds from handler start to last body byte, per answer
+
+    async def stats() -> dict[str, Any]:
+        statuses = await held["shards"].statuses()
+        out = {
+            "pid": os.getpid(),
+            "applied": sum((s or {}).get("stats", {}).get("applied", 0) for s in statuses),
+            "stats": dict(service.stats),
+            "cache": dict(service.cache.stats),
+            "reads": dict(held["shards"].stats),
+            "handled": list(handled),
+        }
+        handled.clear()
+        return out
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
         held["shards"] = shard_client(settings)
         await service.start()
+        # Each API process answers its own figures on a private port (the shared
+        # port reaches one worker at random): the benchmark asks every one.
+        listener = await serve_stats(stats)
+        port = listener.sockets[0].getsockname()[1]
+        Path(args.stats_dir, f"{os.getpid()}.port").write_text(str(port))
         # as `nudge serve` runs its API: no full-collection pauses (engine.heap)
         keeper = asyncio.create_task(keep_heap_quiet())
         yield
         keeper.cancel()
+        listener.close()
         await service.close()
 
     async def ray_baseline(request: Any) -> Response:
@@ -214,20 +233,6 @@ def run_server(args: argparse.Namespace) -> None:
             [customer]
         )
         return Response(orjson.dumps(found[0]), media_type="application/json")
-
-    handled: list[float] = []  # seconds from handler start to last body byte, per answer
-
-    async def applied(request: Any) -> Response:
-        statuses = await held["shards"].statuses()
-        total = sum((s or {}).get("stats", {}).get("applied", 0) for s in statuses)
-        ordered = sorted(handled)
-        handled.clear()
-        times = {f"p{q:g}_ms": round(_pct(ordered, q), 2) for q in (50, 99, 99.9)}
-        times["max_ms"] = round(ordered[-1] * 1000, 2) if ordered else None
-        return Response(orjson.dumps({"applied": total, "stats": dict(service.stats),
-                                      "cache": dict(service.cache.stats),
-                                      "reads": dict(held["shards"].stats),
-                                      "server_side": times}))  # fmt: skip
 
     def timed(app: Any) -> Any:
         async def wrapper(scope: dict, receive: Any, send: Any) -> None:
@@ -242,15 +247,62 @@ def run_server(args: argparse.Namespace) -> None:
     routes = content_routes(
         config, auth=AuthConfig(), service=service, shards=lambda: held["shards"]
     )
-    routes += [
-        Route("/baseline/ray/{customer_id}", ray_baseline),
-        Route("/bench/applied", applied),
-    ]
-    app = timed(Starlette(routes=routes, lifespan=lifespan))
+    routes.append(Route("/baseline/ray/{customer_id}", ray_baseline))
+    return timed(Starlette(routes=routes, lifespan=lifespan))
+
+
+async def serve_stats(stats: Any) -> Any:
+    """A loopback listener answering any GET with `await stats()` as JSON, then closing."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            body = orjson.dumps(await stats())
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))  # fmt: skip
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, HOST, 0)
+
+
+def worker_app() -> Any:
+    """App factory of each uvicorn worker (--workers > 1): joins the benchmark's Ray."""
+    from actors.cluster import start_ray
+
+    args = argparse.Namespace(**orjson.loads(os.environ["NUDGE_BENCH_SERVER"]))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    start_ray(args.ray_address, namespace=_settings(args).ray_namespace)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    return build_app(args)
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Local Ray with the shards; the content routes (plus the Ray baseline) on uvicorn,
+    in this process or, with --workers N, in N worker processes as `nudge serve` runs them."""
+    import uvicorn
+
+    from actors.cluster import ensure_shards, start_ray, stop_shards, wait_ready
+
+    settings = _settings(args)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    gcs = start_ray("", namespace=settings.ray_namespace, num_cpus=2)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    handles = ensure_shards(settings, args.redis_url)
+    wait_ready(handles)
+    options = {"host": HOST, "port": args.port, "log_level": "warning", "access_log": False}
     try:
-        uvicorn.run(
-            app, lifespan="on", host=HOST, port=args.port, log_level="warning", access_log=False
-        )
+        if args.workers > 1:
+            os.environ["NUDGE_BENCH_SERVER"] = orjson.dumps(
+                {**vars(args), "ray_address": gcs}
+            ).decode()
+            uvicorn.run("benchmarks.content:worker_app", factory=True, workers=args.workers,
+                        **options)  # fmt: skip
+        else:
+            uvicorn.run(build_app(args), lifespan="on", **options)
     finally:
         stop_shards(handles)
         import ray
@@ -595,11 +647,37 @@ def pid_cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measured(label: str, work: Any, groups: dict[str, list[int]], port: int) -> dict:
+async def server_stats(stats_dir: Path) -> dict[str, Any]:
+    """Every API process's figures, added up; asking clears their server-side timings."""
+    out: dict[str, Any] = {"workers": 0, "applied": 0, "stats": Counter(), "cache": Counter(),
+                           "reads": Counter(), "handled": []}  # fmt: skip
+    for path in sorted(stats_dir.glob("*.port")):
+        with contextlib.suppress(OSError, ValueError, TimeoutError, asyncio.IncompleteReadError):
+            one = (await get_json(int(path.read_text()), "/", 10.0))[1]
+            out["workers"] += 1
+            out["applied"] = max(out["applied"], one["applied"])
+            for key in ("stats", "cache", "reads"):
+                out[key].update(one[key])
+            out["handled"] += one["handled"]
+    ordered = sorted(out.pop("handled"))
+    times = {f"p{q:g}_ms": round(_pct(ordered, q), 2) for q in (50, 99, 99.9)}
+    times["max_ms"] = round(ordered[-1] * 1000, 2) if ordered else None
+    out["server_side"] = times
+    return out
+
+
+def api_pids(stats_dir: Path) -> list[int]:
+    """The API processes that registered a stats port (one, or the uvicorn workers)."""
+    return [int(path.stem) for path in stats_dir.glob("*.port")]
+
+
+async def measured(
+    label: str, work: Any, groups: dict[str, list[int]], stats_dir: Path | None
+) -> dict:
     """Run one phase; add CPU cores per process group (and everyone else's) and the
     server-side time per answer (handler start to last byte, no queueing)."""
-    with contextlib.suppress(OSError, ValueError, TimeoutError):
-        await get_json(port, "/bench/applied")  # clears the server-side timings
+    if stats_dir is not None:
+        await server_stats(stats_dir)  # clears the server-side timings
     before = {k: sum(pid_cpu_s(p) for p in pids) for k, pids in groups.items()}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     busy, started = machine_busy_s(), time.perf_counter()
@@ -615,9 +693,8 @@ async def measured(label: str, work: Any, groups: dict[str, list[int]], port: in
     cores["other_processes"] = machine - sum(cores.values())
     cores["machine"] = machine
     out["cpu_cores"] = {k: round(v, 2) for k, v in cores.items()}
-    with contextlib.suppress(OSError, ValueError, TimeoutError):
-        stats = (await get_json(port, "/bench/applied"))[1] or {}
-        out["server_side"] = stats.get("server_side")
+    if stats_dir is not None:
+        out["server_side"] = (await server_stats(stats_dir))["server_side"]
     log(
         f"  [{label}] {out['req_s']:,.0f} req/s  p50 {out['p50_ms']} ms  p99 {out['p99_ms']} ms"
         f"  p99.9 {out['p99_9_ms']} ms  fallback {out['fallback_rate']:.2%}"
@@ -644,25 +721,32 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         events = await seed(redis_url, args.shards, customers)
         log(f"seeded {events:,} events for {len(customers):,} customers "
             f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
+        stats_dir = tmp / "stats"
+        stats_dir.mkdir()
         ports = {"upstream": free_port(), "nudge": free_port(), "bare": free_port()}
         upstream = spawn("upstream", ["--role", "upstream", "--port", str(ports["upstream"]),
                                       "--upstream-ms", str(args.upstream_ms)], tmp)  # fmt: skip
         nudge = spawn("nudge", ["--role", "server", "--port", str(ports["nudge"]),
                                 "--redis-url", redis_url, "--shards", str(args.shards),
-                                "--upstream-port", str(ports["upstream"])], tmp)  # fmt: skip
+                                "--upstream-port", str(ports["upstream"]),
+                                "--workers", str(args.workers), "--stats-dir", str(stats_dir)],
+                      tmp)  # fmt: skip
         bare = spawn("bare", ["--role", "bare", "--port", str(ports["bare"])], tmp)
         procs += [upstream, nudge, bare]
         await wait_for(ports["upstream"], "/stats", upstream, 20)
         await wait_for(ports["bare"], "/bare/x", bare, 20)
         log("waiting for Ray, the shards and the content server ...")
-        while (await wait_for(ports["nudge"], "/bench/applied", nudge, 120))["applied"] < events:
+        await wait_for(ports["nudge"], f"/baseline/ray/{customers[0]}", nudge, 120)
+        while len(api_pids(stats_dir)) < args.workers:
+            await asyncio.sleep(0.2)
+        while (await server_stats(stats_dir))["applied"] < events:
             await asyncio.sleep(0.2)
         log(f"shards applied all {events:,} events")
         redis_pid = int((tmp / "redis" / "redis.pid").read_text().strip() or 0)
         tree = descendants(nudge.pid)
         groups = {
-            "nudge_api": [nudge.pid],
-            "ray_and_shards": [p for p in tree if p != nudge.pid],
+            "nudge_api": sorted({nudge.pid, *api_pids(stats_dir)}),
+            "ray_and_shards": [p for p in tree if p != nudge.pid and p not in api_pids(stats_dir)],
             "redis": [redis_pid],
             "upstream": [upstream.pid],
         }
@@ -683,7 +767,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "content flat-out",
             flat(port, content(n_flat, BLOCKS), args.duration, args.connections),
             groups,
-            port,
+            stats_dir,
         )
         # Paced above what the server can take, latency only measures a growing queue:
         # pace at --rate or at --pace-fraction of the flat-out rate, whichever is lower.
@@ -695,7 +779,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "content paced",
             paced(port, content(n_paced, BLOCKS), rate, args.paced_connections),
             groups,
-            port,
+            stats_dir,
         )
         up1 = (await get_json(ports["upstream"], "/stats"))[1]
         served = results["flat"]["requests"] + results["paced"]["requests"]
@@ -707,9 +791,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "hanging source",
             paced(port, content(n_paced, HANG_BLOCKS), rate, args.paced_connections),
             groups,
-            port,
+            stats_dir,
         )
-        results["server_stats"] = (await get_json(port, "/bench/applied"))[1]
+        results["server_stats"] = await server_stats(stats_dir)
         results["upstream_counts"] = {
             k: v - up_before.get(k, 0)
             for k, v in (await get_json(ports["upstream"], "/stats"))[1].items()
@@ -722,7 +806,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "bare Starlette",
                 flat(ports["bare"], bare_requests, seconds, args.connections),
                 {"bare": [bare.pid]},
-                port,
+                None,
             )
             log(f"baseline: one un-coalesced Ray call per request, flat out {seconds:g} s")
             ray_requests = [request_bytes(f"/baseline/ray/{c}", port) for c in customers[:5000]]
@@ -730,7 +814,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "Ray call/request",
                 flat(port, ray_requests, seconds, args.connections),
                 groups,
-                port,
+                stats_dir,
             )
     finally:
         for proc in procs:
@@ -814,6 +898,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--customers", type=int, default=50_000)
     parser.add_argument("--passes", type=int, default=2, help="requests per customer visit")
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="API processes, as [server] workers in config.toml"
+    )
     parser.add_argument("--upstream-ms", type=float, default=5.0)
     parser.add_argument("--baseline-seconds", type=float, default=4.0)
     parser.add_argument("--no-baselines", action="store_true")
@@ -823,6 +910,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--upstream-port", type=int, default=0)
+    parser.add_argument("--stats-dir", default="")
     return parser.parse_args(argv)
 
 
