@@ -91,6 +91,8 @@ class Answer:
     deadline_ms: int
     # Seconds from the start of the request until each block had its value (metrics).
     timings: dict[str, float] = field(default_factory=dict)
+    # The encoded answer per format, made once for every request that shares it.
+    encoded: dict[str, tuple[str, bytes]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def fallbacks(self) -> list[str]:

@@ -216,3 +216,22 @@ def test_errors_are_json_and_name_the_field(
     with content_app.client(headers=CONTENT) as client:
         reply = client.get(path.format(id=new_id()))
     assert reply.status_code == status and reply.json()["error"]["field"] == field
+
+
+def test_body_method_and_format_edges_answer_as_http_says(content_app: ContentApp) -> None:
+    cid = shopper(content_app)
+    path = f"/v1/content/{cid}"
+    with content_app.client(headers=CONTENT) as client:
+        bad = client.post(path, content=b"{not json")
+        big = client.post(path, content=b" " * 70_000)
+        put = client.put(path, content=b"{}")
+        html = client.get(path + "?blocks=cart&format=html")
+        head = client.head(path + "?blocks=cart&format=html")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+    assert put.status_code == 405 and put.json()["error"]["code"] == "method_not_allowed"
+    assert put.headers["allow"] == "GET, HEAD, POST"
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "Hat" in html.text and int(html.headers["content-length"]) == len(html.content)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["etag"] == html.headers["etag"]
