@@ -187,7 +187,12 @@ def build_app(args: argparse.Namespace) -> Any:
 
     from actors.cluster import shard_client
     from engine.config import AuthConfig
-    from engine.content import ContentService, content_config_from_mapping, content_routes
+    from engine.content import (
+        ContentService,
+        content_config_from_mapping,
+        content_first,
+        content_routes,
+    )
     from engine.heap import keep_heap_quiet
     from engine.routing import shard_for
 
@@ -248,7 +253,7 @@ def build_app(args: argparse.Namespace) -> Any:
         config, auth=AuthConfig(), service=service, shards=lambda: held["shards"]
     )
     routes.append(Route("/baseline/ray/{customer_id}", ray_baseline))
-    return timed(Starlette(routes=routes, lifespan=lifespan))
+    return timed(content_first(Starlette(routes=routes, lifespan=lifespan), routes))
 
 
 async def serve_stats(stats: Any) -> Any:

@@ -31,7 +31,8 @@ from engine.auth import ADMIN, WRITE, KeyRing
 from engine.bodies import read_limited
 from engine.config import Config
 from engine.console.routes import console_routes
-from engine.content import ContentService, content_routes
+from engine.content import ContentService, content_first, content_routes
+from engine.content.routes import ContentFirst
 from engine.delivery.ledger import Ledger
 from engine.delivery.routes import delivery_routes
 from engine.errors import EngineError, NotFound, PayloadTooLarge, Unavailable, ValidationError
@@ -112,7 +113,7 @@ def create_app(
     content: ContentService | None = None,
     clock: Callable[[], float] = time.time,
     quiet_heap: bool = False,
-) -> Starlette:
+) -> ContentFirst:
     """The ASGI app; `shards_factory` connects to the shards once the loop runs.
 
     `content` replaces the content service built from `config.content`, and
@@ -319,13 +320,14 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
-    routes += content_routes(
+    content_route = content_routes(
         content.config,
         auth=config.auth,
         service=content,
         shards=shards,
         observe=metered.ContentObserver(content),
     )
+    routes += content_route
     # PROMETHEUS_MULTIPROC_DIR is set by `nudge serve --workers N` before workers start.
     collector = MetricsCollector(
         shards=shards,
@@ -359,4 +361,5 @@ def create_app(
     )
     # Other actors join /metrics with app.state.metrics.add_actor_source(...).
     app.state.metrics = collector
-    return app
+    # Every ESP render calls the content endpoint: it skips routing and middleware.
+    return content_first(app, content_route)

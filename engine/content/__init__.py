@@ -4,6 +4,7 @@ Public:
   content_config_from_mapping(table, env) -> ContentConfig   the [content] table of config.toml
   ContentService(config, redis_url=...)                      start() / close() with the app
   content_routes(config, auth=..., service=..., shards=...)  GET|POST /v1/content/{customer_id}
+  content_first(app, routes)                                 the same, ahead of app's middleware
   Recommender, RecentInterestRecommender                     the recommendations seam (interim)
   signed_url(key, path, params, expires=...)                 URLs for ESPs that cannot send headers
 """
@@ -22,6 +23,7 @@ from engine.content.signing import signed_url
 
 _LAZY = {
     "content_routes": "engine.content.routes",
+    "content_first": "engine.content.routes",
     "Answer": "engine.content.service",
     "BlockResult": "engine.content.service",
     "ContentService": "engine.content.service",
@@ -49,6 +51,7 @@ __all__ = [
     "Recommender",
     "SourceConfig",
     "content_config_from_mapping",
+    "content_first",
     "content_routes",
     "signed_url",
 ]

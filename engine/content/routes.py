@@ -239,14 +239,38 @@ _INTERNAL = orjson.dumps(
 )
 
 
+PREFIX = "/v1/content/"
+
+
+def _route_path(scope: dict) -> str:
+    # Servers that include root_path in path (as Starlette's routing allows for).
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _customer_id(scope: dict) -> str:
     params = scope.get("path_params")
     if params and "customer_id" in params:
         return params["customer_id"]
-    return scope["path"].removeprefix(PREFIX)
+    return _route_path(scope).removeprefix(PREFIX)
 
 
-PREFIX = "/v1/content/"
+class ContentFirst:
+    """Wraps an app so /v1/content/ requests reach the endpoint before routing and
+    middleware (none of which the endpoint needs); everything else goes to `app`."""
+
+    def __init__(self, app: Any, endpoint: ContentEndpoint):
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Dispatch one ASGI call."""
+        if scope["type"] == "http" and _route_path(scope).startswith(PREFIX):
+            return await self.endpoint(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)  # app.state, app.router, … of the wrapped app
 
 
 def content_routes(
@@ -266,3 +290,9 @@ def content_routes(
         config, auth=auth, service=service, shards=shards, clock=clock, observe=observe
     )
     return [Route(PREFIX + "{customer_id:path}", endpoint, name="content")]
+
+
+def content_first(app: Any, routes: list[Route]) -> Any:
+    """`app`, with /v1/content/ requests sent straight to the content endpoint of `routes`."""
+    endpoint = next(r.endpoint for r in routes if isinstance(r.endpoint, ContentEndpoint))
+    return ContentFirst(app, endpoint)
