@@ -72,6 +72,7 @@ class Http1Transport:
         max_header_bytes: int = 65536,
         user_agent: str = USER_AGENT,
     ):
+        self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.user_agent = user_agent
         self._ssl = ssl_context

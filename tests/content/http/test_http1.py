@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trustme
 
+from engine.content import ContentService, content_config_from_mapping
 from engine.content.deadline import BlockFailure
 from engine.content.http1 import USER_AGENT, Http1Transport, _split
 from engine.content.sources import UpstreamRequest
@@ -529,3 +530,9 @@ async def test_https_refuses_certificates_it_cannot_verify(
         assert await fails(transport, get(server.url)) == "unreachable"
     await transport.close()
     assert server.requests == []
+
+
+def test_the_content_service_uses_it_by_default() -> None:
+    service = ContentService(content_config_from_mapping({"http_max_connections": 7}))
+    assert isinstance(service.transport, Http1Transport)
+    assert service.transport.max_connections == 7
