@@ -45,9 +45,10 @@ from engine.content.deadline import (
     Outcome,
     start,
 )
+from engine.content.http1 import Http1Transport
 from engine.content.recommend import RecentInterestRecommender, Recommender
 from engine.content.request import ContentRequest
-from engine.content.sources import AiohttpTransport, HttpSource, Transport
+from engine.content.sources import HttpSource, Transport
 from engine.content.template import Template
 from engine.errors import NotFound
 
@@ -119,7 +120,7 @@ class ContentService:
         self._redis_url = redis_url if config.redis_cache else None
         self._redis: Any = None
         self._own_transport = transport is None
-        self.transport = transport or AiohttpTransport(max_connections=config.http_max_connections)
+        self.transport = transport or Http1Transport(max_connections=config.http_max_connections)
         self.cache = TieredCache(LocalCache(config.local_cache_entries), shared, clock=self.clock)
         self.sources = {s.name: HttpSource(s, self.transport) for s in config.sources}
         self._policies = {
@@ -140,7 +141,7 @@ class ContentService:
     async def start(self) -> None:
         """Open the pooled HTTP client and the Redis cache connection (on the running loop)."""
         self.lag.start()
-        if self._own_transport and isinstance(self.transport, AiohttpTransport):
+        if self._own_transport and isinstance(self.transport, Http1Transport):
             await self.transport.start()
         if self._redis_url and self.cache.shared is None:
             from engine.store import connect
@@ -156,7 +157,7 @@ class ContentService:
         await self.cache.aclose()
         if isinstance(self.cache.shared, RedisCache):
             await self.cache.shared.aclose()
-        if self._own_transport and isinstance(self.transport, AiohttpTransport):
+        if self._own_transport and isinstance(self.transport, Http1Transport):
             await self.transport.close()
         if self._redis is not None:
             await self._redis.aclose()

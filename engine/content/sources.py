@@ -1,9 +1,10 @@
 """External HTTP content sources: build the request, call it, map the answer.
 
-The HTTP client sits behind the `Transport` protocol: `AiohttpTransport` is the
-real one (one pooled keep-alive session for the process), `FakeTransport` the
-in-memory one. Every failure becomes a `BlockFailure` with a short reason
-(timeout, unreachable, http_503, malformed, too_large, overloaded).
+The HTTP client sits behind the `Transport` protocol: `Http1Transport`
+(engine.content.http1, pooled keep-alive connections for the process) is the
+real one, `FakeTransport` the in-memory one. Every failure becomes a
+`BlockFailure` with a short reason (timeout, unreachable, http_503, malformed,
+too_large, overloaded).
 """
 
 from __future__ import annotations
@@ -42,59 +43,6 @@ class Transport(Protocol):
     """Sends one HTTP request: (status, body), raising BlockFailure when it cannot."""
 
     async def send(self, request: UpstreamRequest, *, max_bytes: int) -> tuple[int, bytes]: ...
-
-
-class AiohttpTransport:
-    """The real transport: one aiohttp session, pooled keep-alive connections."""
-
-    def __init__(self, *, max_connections: int):
-        self.max_connections = max_connections
-        self._session: Any = None
-
-    async def start(self) -> None:
-        """Open the session (needs the running event loop)."""
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(
-            limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, trust_env=False, auto_decompress=True, raise_for_status=False
-        )
-
-    async def close(self) -> None:
-        """Close every pooled connection."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def send(self, request: UpstreamRequest, *, max_bytes: int) -> tuple[int, bytes]:
-        """Send `request`; the caller bounds the time it may take."""
-        import aiohttp
-        import yarl
-
-        if self._session is None:
-            raise BlockFailure("unavailable", "the HTTP client is not started")
-        try:
-            async with self._session.request(
-                request.method,
-                yarl.URL(request.url, encoded=True),  # already encoded: send it as built
-                headers=request.headers,
-                data=request.body,
-                allow_redirects=False,
-            ) as reply:
-                declared = reply.content_length
-                if declared is not None and declared > max_bytes:
-                    raise BlockFailure("too_large", f"{declared} bytes")
-                chunks, size = [], 0
-                async for chunk in reply.content.iter_chunked(65536):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BlockFailure("too_large", f"over {max_bytes} bytes")
-                    chunks.append(chunk)
-                return reply.status, b"".join(chunks)
-        except aiohttp.ClientError as exc:
-            raise BlockFailure("unreachable", type(exc).__name__) from exc
 
 
 class FakeTransport:
