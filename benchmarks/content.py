@@ -15,7 +15,8 @@ Run:  python -m benchmarks.content [--duration 8] [--rate 5000] [--json out.json
    --connections keep-alive connections, then paced (open loop, latency from
    each request's scheduled time) at --rate or --pace-fraction (0.6) of the flat-out
    rate, whichever is lower: past capacity, latency only measures a growing queue.
-3. The same with `loyalty` pointing at a hanging upstream, paced at that rate.
+3. The same with `loyalty` pointing at a hanging upstream, paced at that rate, over
+   enough connections for each answer to hold one for the whole deadline.
 4. Baselines, flat out with the same load generator: the bare Starlette JSON
    endpoint, and one un-coalesced Ray call per request (get_profiles on the
    owning shard) behind the same uvicorn.
@@ -513,6 +514,13 @@ async def paced(port: int, requests: list[bytes], rate: float, connections: int)
     return tally
 
 
+def hanging_connections(rate: float, args: argparse.Namespace) -> int:
+    """Connections for the hanging phase: each answer there holds its connection for
+    the whole deadline, so `rate` needs rate x deadline of them, and a margin, or the
+    load generator's own queue (not the server) sets the latency."""
+    return max(args.paced_connections, math.ceil(rate * (DEADLINE_MS + 50) / 1000.0 * 1.25))
+
+
 def _pct(ordered: list[float], q: float) -> float:
     if not ordered:
         return math.nan
@@ -794,7 +802,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         log(f"content with a hanging source, paced at {rate:,.0f} req/s")
         results["hanging"] = await measured(
             "hanging source",
-            paced(port, content(n_paced, HANG_BLOCKS), rate, args.paced_connections),
+            paced(port, content(n_paced, HANG_BLOCKS), rate, hanging_connections(rate, args)),
             groups,
             stats_dir,
         )
@@ -896,7 +904,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="paced req/s (at most --pace-fraction of flat-out)",
     )
     parser.add_argument("--connections", type=int, default=128, help="flat-out connections")
-    parser.add_argument("--paced-connections", type=int, default=256)
+    parser.add_argument(
+        "--paced-connections", type=int, default=256, help="paced connections (at least)"
+    )
     parser.add_argument(
         "--pace-fraction", type=float, default=0.6, help="paced rate as a share of flat-out"
     )
