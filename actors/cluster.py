@@ -72,6 +72,7 @@ def ensure_shards(
                 rules=rules,
                 insight=insight,
                 quiet_heap=True,
+                serve_reads=True,
             )
         )
     return handles
