@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
+import signal
 
 import orjson
 import pytest
+import ray
 
+from actors.client import ShardClient
+from actors.cluster import ensure_shards, shard_client, stop_shards, wait_ready
 from actors.reads import (
     MAX_FRAME,
     DirectChannel,
@@ -256,3 +262,147 @@ async def test_stopping_the_shard_closes_its_read_socket(plain_shard) -> None:
     conn.close()
     with pytest.raises(OSError):
         await ReadConnection.open(endpoint)
+
+
+# -- shards as Ray actors --------------------------------------------------------------------
+
+
+@pytest.fixture
+def ray_shards(ray_cluster, redis_url: str):
+    """SHARDS shard actors over the two-node cluster, serving read sockets."""
+    config = test_config(shards=SHARDS)
+    handles = ensure_shards(config.engine, redis_url, rules=RULES)
+    wait_ready(handles)
+    yield config.engine, handles
+    stop_shards(handles)
+
+
+def facts(profile: dict) -> dict:
+    """What the events made of a profile (RFM and rule state also hold times of evaluation)."""
+    keys = ("id", "counts", "cart", "cart_total", "orders", "revenue", "traits", "merged_ids")
+    return {k: profile[k] for k in keys}
+
+
+async def restarted(handle, old_pid: int) -> dict:
+    """The status of `handle` once Ray has restarted it in a new process and it is ready."""
+    async with asyncio.timeout(60):
+        while True:
+            status = await handle.status.remote()
+            if status["pid"] != old_pid and status["ready"]:
+                return status
+            await asyncio.sleep(0.05)  # Ray has no event for "restarted and recovered"
+
+
+@pytest.mark.ray
+async def test_reads_go_over_the_channel_and_answer_as_ray_does(ray_shards, redis_url) -> None:
+    settings, handles = ray_shards
+    store = Store(connect(redis_url), SHARDS)
+    users = [on_shard(0, "u")[0], on_shard(1, "u")[0]]
+    anons = [on_shard(0, "a")[0], on_shard(1, "a")[0]]
+    positions = await store.append(history(users[0], anons[0]) + history(users[1], anons[1]))
+    await store.close()
+    direct = shard_client(settings)
+    over_ray = shard_client(dataclasses.replace(settings, direct_reads=False))
+    assert await direct.connect_direct() == SHARDS
+    unknown = [on_shard(0, "n")[0], on_shard(1, "n")[0]]
+    for index in range(SHARDS):
+        # known, merged into another id (answered as that id), unknown
+        ids = [users[index], anons[index], unknown[index]]
+        by_ray = await handles[index].get_profiles.remote(ids, positions[index])
+        assert isinstance(by_ray[0], dict) and by_ray[1:] == [users[index], None]
+        assert await direct.direct[index].get_profiles(ids, positions[index]) == by_ray
+    for customer in [*users, *anons, *unknown]:
+        mine = await direct.profile(customer, min_pos=positions)
+        assert mine == await over_ray.profile(customer, min_pos=positions)
+        assert (mine is None) == (customer in unknown)
+    assert direct.stats["direct_calls"] == direct.stats["profile_calls"] > 0
+    assert direct.stats["ray_calls"] == 0
+    assert over_ray.stats["ray_calls"] == over_ray.stats["profile_calls"] > 0
+    assert over_ray.stats["direct_calls"] == 0
+    served = [s["direct_reads"]["requests"] for s in ray.get([h.status.remote() for h in handles])]
+    assert sum(served) == direct.stats["direct_calls"] + SHARDS  # and the two raw reads above
+
+
+@pytest.mark.ray
+async def test_a_wrong_token_gets_no_data_from_a_ray_shard(ray_shards) -> None:
+    _settings, handles = ray_shards
+    endpoint = await handles[0].read_endpoint.remote()
+    assert endpoint["host"] == ray.util.get_node_ip_address()  # reachable from other nodes
+    request = encode_frame({"ids": ["x"], "min_pos": None})
+    async with raw(endpoint) as (reader, writer):
+        writer.write(encode_frame({"token": endpoint["token"]}) + request)
+        assert await answer(reader) == [None]
+    async with raw(endpoint) as (reader, writer):
+        writer.write(encode_frame({"token": "0" * 32}) + request)
+        assert await closed_silently(reader)
+
+
+@pytest.mark.ray
+async def test_reads_go_on_through_a_kill_9_and_restart_of_the_shard(ray_shards, redis_url) -> None:
+    _settings, handles = ray_shards
+    store = Store(connect(redis_url), SHARDS)
+    user, anon = on_shard(0, "u")[0], on_shard(0, "a")[0]
+    positions = await store.append(history(user, anon))
+    await store.close()
+    # retry_s=0: rediscovery right after the failed read, whenever the restart finished
+    client = ShardClient(handles, direct_reads=True, retry_s=0.0)
+    assert await client.connect_direct() == SHARDS
+    before = facts(await client.profile(user, min_pos=positions))
+    assert before["cart_total"] == 3.0 and client.stats["direct_calls"] == 1
+    old = await handles[0].status.remote()
+    os.kill(old["pid"], signal.SIGKILL)
+    await restarted(handles[0], old["pid"])
+    channel = client.direct[0]
+    tries = channel.discoveries
+    assert facts(await client.profile(user, min_pos=positions)) == before
+    assert client.stats["ray_calls"] == 1  # the old connection failed: this read went over Ray
+    assert channel.discoveries == tries + 1  # ...and set off finding the new endpoint
+    if channel.connecting is not None:  # (it may be done already, while Ray answered)
+        await channel.connecting
+    assert channel.connected
+    assert facts(await client.profile(user, min_pos=positions)) == before
+    assert client.stats["direct_calls"] == 2 and client.stats["ray_calls"] == 1
+    await client.aclose()
+
+
+@pytest.mark.ray
+async def test_read_your_writes_over_the_channel(ray_shards, redis_url) -> None:
+    settings, _handles = ray_shards
+    store = Store(connect(redis_url), SHARDS)
+    user = on_shard(0, "u")[0]
+    client = shard_client(settings)
+    assert await client.connect_direct() == SHARDS
+    written = 0
+    for _ in range(3):
+        # Many stream entries at once: the shard applies them over several slices,
+        # and a read that did not wait for min_pos would answer in between.
+        for _ in range(20):
+            batch = [normalized(track(user, "Product Viewed")) for _ in range(200)]
+            positions = await store.append(batch)
+            written += len(batch)
+        profile = await client.profile(user, min_pos=positions)
+        assert profile["counts"]["Product Viewed"] == written
+    assert client.stats["direct_calls"] == 3 and client.stats["ray_calls"] == 0
+    await store.close()
+    await client.aclose()
+
+
+@pytest.mark.ray
+async def test_with_direct_reads_off_every_read_is_a_ray_call(ray_cluster, redis_url) -> None:
+    settings = test_config(shards=1, direct_reads=False).engine
+    handles = ensure_shards(settings, redis_url)
+    try:
+        wait_ready(handles)
+        assert await handles[0].read_endpoint.remote() is None
+        assert (await handles[0].status.remote())["direct_reads"] is None  # no socket open
+        store = Store(connect(redis_url), 1)
+        positions = await store.append([normalized(track("off", "Product Viewed"))])
+        await store.close()
+        client = shard_client(settings)
+        assert client.direct == [None]
+        assert await client.connect_direct() == 0
+        profile = await client.profile("off", min_pos=positions)
+        assert profile["counts"] == {"Product Viewed": 1}
+        assert client.stats["ray_calls"] == 1 and client.stats["direct_calls"] == 0
+    finally:
+        stop_shards(handles)
