@@ -2,16 +2,22 @@
 
 Handles are Ray actor handles, or `LocalHandle`s around plain ShardActors
 (tests, and single-process use): both answer `handle.method.remote(...)`
-with something awaitable.
+with something awaitable. With `direct_reads`, profile reads go to each shard
+over its read socket (actors.reads) once Ray has said where it is, and over Ray
+whenever that socket is not there or fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from typing import Any
 
+from actors.reads import DirectChannel, RemoteReadError
 from engine.routing import shard_for
+
+log = logging.getLogger(__name__)
 
 _MAX_HOPS = 3
 
@@ -36,9 +42,10 @@ class LocalHandle:
 class _Coalescer:
     """Queues profile reads for one shard and sends them as one call at a time."""
 
-    def __init__(self, client: ShardClient, index: int):
+    def __init__(self, client: ShardClient, index: int, direct: DirectChannel | None):
         self.client = client
         self.index = index
+        self.direct = direct
         self.pending: list[tuple[str, str | None, asyncio.Future]] = []
         self.busy = False
 
@@ -60,7 +67,7 @@ class _Coalescer:
                 self.client.stats["profile_calls"] += 1
                 self.client.stats["profile_reads"] += len(ids)
                 try:
-                    results = await self.client.call(self.index, "get_profiles", ids, min_pos)
+                    results = await self._read(ids, min_pos)
                 except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
@@ -72,6 +79,22 @@ class _Coalescer:
         finally:
             self.busy = False
 
+    async def _read(self, ids: list[str], min_pos: str | None) -> list[Any]:
+        stats = self.client.stats
+        if self.direct is not None:
+            try:
+                results = await self.direct.get_profiles(ids, min_pos)
+            except RemoteReadError as exc:
+                # The shard's get_profiles raised: the batch goes over Ray, so callers
+                # get exactly what they would get without the channel.
+                log.warning("shard %d: direct read failed: %s", self.index, exc)
+                results = None
+            if results is not None:
+                stats["direct_calls"] += 1
+                return results
+        stats["ray_calls"] += 1
+        return await self.client.call(self.index, "get_profiles", ids, min_pos)
+
 
 def _id_key(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
@@ -81,15 +104,41 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class ShardClient:
     """Reads and waits on shards for the API, batching concurrent requests per shard."""
 
-    def __init__(self, handles: list[Any], *, resolve: Any = None, on_close: Any = None):
+    def __init__(
+        self,
+        handles: list[Any],
+        *,
+        resolve: Any = None,
+        on_close: Any = None,
+        direct_reads: bool = False,
+        retry_s: float = 1.0,
+    ):
         self.handles = handles
         self._resolve = resolve
         self._on_close = on_close
         self.shards = len(handles)
-        self._coalescers = [_Coalescer(self, i) for i in range(len(handles))]
+        # One read channel per shard, None each without direct_reads (LocalHandles:
+        # the shard is in this process, and its method is called as it is).
+        self.direct: list[DirectChannel | None] = [
+            DirectChannel(self._discoverer(i), retry_s=retry_s) if direct_reads else None
+            for i in range(len(handles))
+        ]
+        self._coalescers = [_Coalescer(self, i, self.direct[i]) for i in range(len(handles))]
         self._segment_calls: dict[tuple[str, int], asyncio.Future] = {}
-        # profile_calls and profile_reads: how well concurrent reads are coalesced
+        # profile_calls and profile_reads: how well concurrent reads are coalesced;
+        # direct_calls and ray_calls: how those calls went to the shards.
         self.stats: Counter[str] = Counter()
+
+    def _discoverer(self, index: int) -> Any:
+        async def discover() -> dict | None:
+            return await self.call(index, "read_endpoint")
+
+        return discover
+
+    async def connect_direct(self) -> int:
+        """Connect every shard's direct read channel now; how many are connected."""
+        channels = [c for c in self.direct if c is not None]
+        return sum(await asyncio.gather(*(c.connect() for c in channels)))
 
     async def call(self, index: int, method: str, *args: Any) -> Any:
         """Call `method` on shard `index`; if its actor is gone for good, find it by name again."""
@@ -155,6 +204,9 @@ class ShardClient:
 
     async def aclose(self) -> None:
         """Release what the client holds (stops in-process shards, if it owns any)."""
+        for channel in self.direct:
+            if channel is not None:
+                channel.close()
         if self._on_close is not None:
             await self._on_close()
 

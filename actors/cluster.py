@@ -72,6 +72,7 @@ def ensure_shards(
                 rules=rules,
                 insight=insight,
                 quiet_heap=True,
+                serve_reads=True,
             )
         )
     return handles
@@ -91,7 +92,11 @@ def shard_client(settings: EngineConfig):
     """A ShardClient over the named shards that re-finds a shard started anew."""
     from actors.client import ShardClient
 
-    return ShardClient(find_shards(settings), resolve=lambda index: find_shard(settings, index))
+    return ShardClient(
+        find_shards(settings),
+        resolve=lambda index: find_shard(settings, index),
+        direct_reads=settings.direct_reads,
+    )
 
 
 def actor_options(name: str, namespace: str, *, detached: bool) -> dict:

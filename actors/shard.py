@@ -21,6 +21,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from actors.insight import InsightSettings, ShardInsight
+from actors.reads import ReadServer
 from engine.clock import Clock, SystemClock
 from engine.config import EngineConfig
 from engine.heap import QuietHeap
@@ -55,6 +56,7 @@ class ShardActor:
         autostart: bool = True,
         insight: InsightSettings | None = None,
         quiet_heap: bool = False,
+        serve_reads: bool = False,
         apply_slice_s: float = APPLY_SLICE_S,
     ):
         self.index = index
@@ -97,6 +99,10 @@ class ShardActor:
         # Only in a process of its own (a Ray worker): see engine.heap and _renice.
         self.heap = QuietHeap() if quiet_heap else None
         self.apply_slice_s = apply_slice_s
+        # The direct read socket (actors.reads), for clients in other processes.
+        self.reads = (
+            ReadServer(self.get_profiles) if serve_reads and settings.direct_reads else None
+        )
         self._advanced = asyncio.Event() if _has_loop() else None
         self._store: Store | None = None
         self._task: asyncio.Task | None = None
@@ -125,6 +131,8 @@ class ShardActor:
         if self.heap is not None:
             self.heap.start()  # the recovered profiles are out of the collector's way
             _renice(self.settings.shard_niceness)
+        # Listening before ready, so a client that sees ready finds the endpoint too.
+        await self._start_reads()
         self.ready = True
         log.info(
             "shard %d ready at %s with %d profiles",
@@ -176,6 +184,15 @@ class ShardActor:
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: Redis error (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.2)
+
+    async def _start_reads(self) -> None:
+        if self.reads is None or self._stopping:
+            return
+        try:
+            # The node's address, not loopback: the API may run on another Ray node.
+            await self.reads.start(_node_ip())
+        except Exception as exc:  # never keeps the shard from serving: reads go over Ray
+            log.warning("shard %d: could not open the direct read socket: %s", self.index, exc)
 
     async def _recover(self) -> None:
         pos, profiles, aliases, erased = await self._store.load_checkpoint(self.index)
@@ -336,6 +353,10 @@ class ShardActor:
             out.append(found.public() if hasattr(found, "public") else found)
         return out
 
+    async def read_endpoint(self) -> dict | None:
+        """Where and how to read profiles directly: {host, port, token}, or None if not served."""
+        return self.reads.endpoint if self.reads is not None and self.ready else None
+
     async def explain(self, customer: str) -> list[dict] | str | None:
         """Per rule, why `customer` did or did not get an email now; str if merged elsewhere."""
         return self.partition.explain(customer, self.clock.now())
@@ -368,6 +389,7 @@ class ShardActor:
             "sends": self.partition.sent,
             "checkpoints": self.checkpoints,
             "last_checkpoint_s": self.last_checkpoint_s,
+            "direct_reads": self.reads.status() if self.reads is not None else None,
             "insight": {**self.insight.status(), **self.insight.carried(self.partition)},
             "rss_bytes": _rss_bytes(),
         }
@@ -414,6 +436,8 @@ class ShardActor:
         if self.ready:
             await self.insight.flush(self.partition)
         await self.insight.close()
+        if self.reads is not None:
+            await self.reads.close()
         if self._store is not None:
             await self._store.close()
         return self.checkpoint_pos
@@ -445,6 +469,13 @@ def _ray_node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:
         return None
+
+
+def _node_ip() -> str:
+    """This machine's address as Ray sees it (reachable from the other nodes)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def _rss_bytes() -> int:

@@ -60,6 +60,8 @@ class EngineConfig:
     recent_max: int = 50
     recent_window_days: float = 30.0
     shard_niceness: int = 10
+    # Profile reads from other processes over a socket of each shard's own, not a Ray call.
+    direct_reads: bool = True
 
 
 @dataclass(frozen=True)
