@@ -171,12 +171,16 @@ class ContentEndpoint:
             log.exception("unhandled error on %s", scope.get("path"))
             reply = 500, [(b"content-type", _JSON)], _INTERNAL
         status, headers, body = reply
-        if status != 304:
-            headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        if self.observe is not None:
-            self.observe(answer, time.perf_counter() - started, status)
+        if status != 304:  # a new list: replies such as _NOT_ALLOWED are shared
+            headers = [*headers, (b"content-length", str(len(body)).encode())]
+        # Measured up to the answer, as when Starlette sent it: not the client's reading.
+        elapsed = time.perf_counter() - started
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            if self.observe is not None:
+                self.observe(answer, elapsed, status)
 
     async def _answer(self, scope: dict, receive: Any) -> tuple[Answer | None, Reply]:
         method = scope["method"]
@@ -270,6 +274,8 @@ class ContentFirst:
         return await self.app(scope, receive, send)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "app":  # not set yet (copy, pickle): no endless lookup
+            raise AttributeError(name)
         return getattr(self.app, name)  # app.state, app.router, … of the wrapped app
 
 

@@ -225,12 +225,14 @@ def test_body_method_and_format_edges_answer_as_http_says(content_app: ContentAp
         bad = client.post(path, content=b"{not json")
         big = client.post(path, content=b" " * 70_000)
         put = client.put(path, content=b"{}")
+        again = client.put(path, content=b"{}")  # a shared reply must not grow per request
         html = client.get(path + "?blocks=cart&format=html")
         head = client.head(path + "?blocks=cart&format=html")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
     assert put.status_code == 405 and put.json()["error"]["code"] == "method_not_allowed"
     assert put.headers["allow"] == "GET, HEAD, POST"
+    assert again.headers.get_list("content-length") == [str(len(again.content))]
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
     assert "Hat" in html.text and int(html.headers["content-length"]) == len(html.content)
     assert head.status_code == 200 and head.content == b""
