@@ -39,6 +39,11 @@ class LocalHandle:
         return _Remote
 
 
+# Ids per call: a backlog after a stall goes as several calls, each answer well under
+# the read socket's frame cap (profiles of up to ~16 KB) and none a long block of work.
+MAX_BATCH = 500
+
+
 class _Coalescer:
     """Queues profile reads for one shard and sends them as one call at a time."""
 
@@ -60,7 +65,7 @@ class _Coalescer:
     async def _drain(self) -> None:
         try:
             while self.pending:
-                batch, self.pending = self.pending, []
+                batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 positions = [p for _, p, _ in batch if p is not None]
                 min_pos = max(positions, key=_id_key) if positions else None
                 ids = [c for c, _, _ in batch]

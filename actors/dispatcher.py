@@ -436,6 +436,9 @@ class DispatcherActor:
             await self._ledger.close()
         if self.recommender is not None:
             await self.recommender.close()
+        close_reads = getattr(self._profiles, "aclose", None)
+        if close_reads is not None:
+            await close_reads()
         return len(left)
 
 
@@ -448,6 +451,7 @@ def _ray_profiles(config: Config) -> ProfileSource:
     async def profile(customer: str) -> dict | None:
         return await client.profile(customer)
 
+    profile.aclose = client.aclose  # type: ignore[attr-defined]  # its read sockets, at stop()
     return profile
 
 

@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
-# An unauthenticated connection gets this long, and this many bytes, to send its token.
-_HELLO_TIMEOUT_S = 10.0
+# An unauthenticated connection gets this long, and this many bytes, to send its token
+# (clients send it at once); past this many of them at a time, new ones are closed, so
+# idle connections to an open port cannot use up the shard's file descriptors.
+_HELLO_TIMEOUT_S = 2.0
 _HELLO_MAX = 1024
+MAX_UNAUTHENTICATED = 64
 # get_profiles waits up to 5 s for min_pos (ShardActor.wait_applied): a shard silent
 # for twice that is taken for gone, and the read goes over Ray.
 REQUEST_TIMEOUT_S = 10.0
@@ -88,6 +91,8 @@ class ReadServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self.endpoint: dict | None = None
         self.requests = 0
+        self.refused = 0  # connections closed at once: too many waiting for their token
+        self._greeting = 0
 
     async def start(self, host: str) -> dict:
         """Listen on `host`, on a port the system picks; returns the endpoint clients need."""
@@ -111,14 +116,27 @@ class ReadServer:
     def status(self) -> dict:
         """Port, open connections and requests answered so far."""
         port = self.endpoint["port"] if self.endpoint else None
-        return {"port": port, "connections": len(self._writers), "requests": self.requests}
+        return {
+            "port": port,
+            "connections": len(self._writers),
+            "requests": self.requests,
+            "refused": self.refused,
+        }
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._greeting >= MAX_UNAUTHENTICATED:
+            self.refused += 1
+            writer.close()
+            return
         self._writers.add(writer)
         try:
             _keepalive(writer)
-            async with asyncio.timeout(_HELLO_TIMEOUT_S):
-                hello = await read_frame(reader, _HELLO_MAX)
+            self._greeting += 1
+            try:
+                async with asyncio.timeout(_HELLO_TIMEOUT_S):
+                    hello = await read_frame(reader, _HELLO_MAX)
+            finally:
+                self._greeting -= 1
             token = hello.get("token") if isinstance(hello, dict) else None
             if not isinstance(token, str) or not hmac.compare_digest(
                 token.encode(), self._token.encode()
@@ -221,6 +239,7 @@ class DirectChannel:
         self._next_try = -math.inf
         self.connecting: asyncio.Task | None = None
         self.discoveries = 0
+        self._closed = False  # by close(): a read failing after it must not reconnect
 
     @property
     def connected(self) -> bool:
@@ -242,16 +261,16 @@ class DirectChannel:
             raise  # still in step: the shard answered, with an error
         except (OSError, EOFError, TimeoutError, DirectReadError) as exc:
             log.info("direct read channel failed (%r); reading over Ray", exc)
-            self.close()
+            self._drop()
             self._start_connecting()  # a restarted shard: find its new endpoint
             return None
         except BaseException:  # cancelled half way: the next answer would be this one's
-            self.close()
+            self._drop()
             raise
 
     async def connect(self) -> bool:
         """Find and connect now, throttle or not; True once connected."""
-        if self._conn is None:
+        if self._conn is None and not self._closed:
             if self.connecting is None:
                 self._next_try = -math.inf
                 self._start_connecting()
@@ -259,7 +278,11 @@ class DirectChannel:
         return self._conn is not None
 
     def close(self) -> None:
-        """Close the connection, forget the endpoint, and stop finding it if under way."""
+        """Close for good: the connection, and any finding of the endpoint under way."""
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -268,7 +291,7 @@ class DirectChannel:
 
     def _start_connecting(self) -> None:
         now = self._clock()
-        if self.connecting is not None or now < self._next_try:
+        if self._closed or self.connecting is not None or now < self._next_try:
             return
         self._next_try = now + self.retry_s
         self.discoveries += 1
@@ -278,7 +301,11 @@ class DirectChannel:
         try:
             endpoint = await self._discover()
             if endpoint is not None:
-                self._conn = await ReadConnection.open(endpoint)
+                conn = await ReadConnection.open(endpoint)
+                if self._closed:  # closed while connecting
+                    conn.close()
+                else:
+                    self._conn = conn
         except Exception as exc:  # Ray or the socket: reads go on over Ray, retried later
             log.info("direct read channel: could not connect (%r)", exc)
         finally:

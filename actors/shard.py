@@ -188,6 +188,10 @@ class ShardActor:
     async def _start_reads(self) -> None:
         if self.reads is None or self._stopping:
             return
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            # Profiles would leave the node in clear while Ray's own traffic is encrypted.
+            log.warning("shard %d: Ray uses TLS; profile reads stay on Ray calls", self.index)
+            return
         try:
             # The node's address, not loopback: the API may run on another Ray node.
             await self.reads.start(_node_ip())

@@ -12,10 +12,11 @@ import orjson
 import pytest
 import ray
 
-from actors.client import ShardClient
+from actors.client import MAX_BATCH, LocalHandle, ShardClient
 from actors.cluster import ensure_shards, shard_client, stop_shards, wait_ready
 from actors.reads import (
     MAX_FRAME,
+    MAX_UNAUTHENTICATED,
     DirectChannel,
     ReadConnection,
     ReadServer,
@@ -174,6 +175,78 @@ async def test_a_failed_connection_is_dropped_and_the_new_endpoint_found() -> No
     assert servers[1].requests == 1
     channel.close()
     await servers[1].close()
+
+
+async def test_a_read_failing_after_close_does_not_connect_again() -> None:
+    release = asyncio.Event()
+
+    async def slow(ids: list[str], min_pos: str | None) -> list:
+        await release.wait()
+        return ids
+
+    server = ReadServer(slow)
+    await server.start("127.0.0.1")
+    discovered = []
+
+    async def discover() -> dict | None:
+        discovered.append(1)
+        return server.endpoint
+
+    channel = DirectChannel(discover, retry_s=0.0)
+    assert await channel.connect()
+    reading = asyncio.ensure_future(channel.get_profiles(["a"], None))
+    while server.requests == 0:  # the request is at the server
+        await asyncio.sleep(0)
+    channel.close()  # as ShardClient.aclose() does, with that read in flight
+    assert await reading is None  # it fails (EOF) and goes over Ray...
+    assert channel.connecting is None and not channel.connected  # ...and finds nothing again
+    assert discovered == [1] and not await channel.connect()
+    release.set()
+    await server.close()
+
+
+async def test_connections_waiting_for_their_token_are_capped() -> None:
+    async def echo(ids: list[str], min_pos: str | None) -> list:
+        return ids
+
+    server = ReadServer(echo)
+    endpoint = await server.start("127.0.0.1")
+    idle = []
+    try:
+        for _ in range(MAX_UNAUTHENTICATED):  # connect and say nothing
+            idle.append(await asyncio.open_connection(endpoint["host"], endpoint["port"]))
+        while server.status()["connections"] < MAX_UNAUTHENTICATED:
+            await asyncio.sleep(0)
+        reader, writer = await asyncio.open_connection(endpoint["host"], endpoint["port"])
+        assert await reader.read() == b""  # closed at once, without a word
+        writer.close()
+        assert server.refused == 1
+        idle.pop()[1].close()  # one of them leaves: there is room again
+        while server.status()["connections"] >= MAX_UNAUTHENTICATED:
+            await asyncio.sleep(0)
+        conn = await ReadConnection.open(endpoint)
+        assert await conn.get_profiles(["a"], None) == ["a"]
+        conn.close()
+    finally:
+        for _, writer in idle:
+            writer.close()
+        await server.close()
+
+
+async def test_a_backlog_of_reads_goes_as_several_bounded_calls() -> None:
+    calls: list[int] = []
+
+    class Shard:
+        async def get_profiles(self, ids: list[str], min_pos: str | None) -> list:
+            calls.append(len(ids))
+            await asyncio.sleep(0)
+            return [{"id": i} for i in ids]
+
+    client = ShardClient([LocalHandle(Shard())])
+    wanted = [f"c{i}" for i in range(2 * MAX_BATCH + 7)]
+    found = await asyncio.gather(*(client.profile(c) for c in wanted))
+    assert [p["id"] for p in found] == wanted
+    assert max(calls) <= MAX_BATCH and sum(calls) == len(wanted) and len(calls) >= 3
 
 
 def test_direct_reads_are_on_by_default_and_can_be_turned_off() -> None:
