@@ -135,7 +135,9 @@ class Http1Transport:
 
     def _encode(self, request: UpstreamRequest, target: str, host: str) -> bytes:
         if _BAD_TARGET.search(target):
-            raise ValueError(f"the URL has spaces or control characters: {request.url[:80]!r}")
+            raise BlockFailure(
+                "unreachable", f"the URL has spaces or control characters: {request.url[:80]!r}"
+            )
         given = {name.lower() for name in request.headers}
         lines = [f"{request.method} {target} HTTP/1.1"]
         for name, value in (
@@ -147,7 +149,7 @@ class Http1Transport:
                 lines.append(f"{name}: {value}")
         for name, value in request.headers.items():
             if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
-                raise ValueError(f"header {name!r} has CR, LF or NUL")
+                raise BlockFailure("unreachable", f"header {name!r} has CR, LF or NUL")
             if name.lower() not in _OURS:
                 lines.append(f"{name}: {value}")
         body = request.body
@@ -182,6 +184,8 @@ def _split(url: str) -> tuple[_Origin, str, str]:
     if match is None:
         raise BlockFailure("unreachable", f"not an http(s) URL: {url[:80]!r}")
     scheme, netloc, target = match.groups()
+    if _BAD_TARGET.search(netloc):  # it becomes the Host header as it is
+        raise BlockFailure("unreachable", f"the host has spaces or control bytes: {url[:80]!r}")
     if not target.startswith("/"):
         target = "/" + target  # "http://host?q" asks for "/?q"
     origin = _origins.get((scheme, netloc))
@@ -347,7 +351,7 @@ class _Reader:
         """The connection closed: the end of a close-delimited body, or a failure."""
         if self.done:
             return
-        if self.headers_done and self._until_eof():
+        if self.headers_done and self._until_eof() and exc is None:  # not a reset
             self.finish(keep_alive=False)
         elif self.received == 0:
             self.fail(_Stale())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import struct
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
@@ -285,7 +286,16 @@ async def test_refused_connection_is_unreachable(transport: Http1Transport) -> N
     assert transport.open_connections == 0
 
 
-@pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "http:///x", "http://127.0.0.1:99999/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://127.0.0.1/x",
+        "http:///x",
+        "http://127.0.0.1:99999/",
+        "http://127.0.0.1/a b",
+        "http://h.com\r\nX-Evil:1/",  # would become a header of its own
+    ],
+)
 async def test_urls_it_cannot_call_are_unreachable(transport: Http1Transport, url: str) -> None:
     assert await fails(transport, get(url)) == "unreachable"
 
@@ -536,3 +546,22 @@ def test_the_content_service_uses_it_by_default() -> None:
     service = ContentService(content_config_from_mapping({"http_max_connections": 7}))
     assert isinstance(service.transport, Http1Transport)
     assert service.transport.max_connections == 7
+
+
+async def test_a_header_value_cannot_start_a_header_of_its_own(transport: Http1Transport) -> None:
+    async with Server() as server:
+        request = get(server.url + "/x", **{"X-Tier": "gold\r\nX-Evil: 1"})
+        assert await fails(transport, request) == "unreachable"
+        assert server.requests == []
+
+
+async def test_a_reset_is_not_the_end_of_a_close_delimited_body(transport: Http1Transport) -> None:
+    async def answer(request: Request, conn: Conn) -> bool:
+        conn.writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"a": 1')
+        await conn.writer.drain()
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False  # closed with linger 0: a reset, not a clean end
+
+    async with Server(answer) as server:
+        assert await fails(transport, get(server.url + "/x")) == "unreachable"
