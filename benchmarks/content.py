@@ -230,6 +230,7 @@ def build_app(args: argparse.Namespace) -> Any:
         yield
         keeper.cancel()
         listener.close()
+        await listener.wait_closed()
         await service.close()
 
     async def ray_baseline(request: Any) -> Response:
@@ -750,9 +751,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await wait_for(ports["bare"], "/bare/x", bare, 20)
         log("waiting for Ray, the shards and the content server ...")
         await wait_for(ports["nudge"], f"/baseline/ray/{customers[0]}", nudge, 120)
-        while len(api_pids(stats_dir)) < args.workers:
-            await asyncio.sleep(0.2)
-        while (await server_stats(stats_dir))["applied"] < events:
+        give_up = time.monotonic() + 300
+        while (
+            len(api_pids(stats_dir)) < args.workers
+            or (await server_stats(stats_dir))["applied"] < events
+        ):
+            if nudge.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError("the content server stopped, or never applied the seed")
             await asyncio.sleep(0.2)
         log(f"shards applied all {events:,} events")
         redis_pid = int((tmp / "redis" / "redis.pid").read_text().strip() or 0)
