@@ -95,7 +95,21 @@ class SharedCache(Protocol):
 
     async def get(self, key: str) -> Entry | None: ...
 
-    async def set(self, key: str, entry: Entry, keep_s: float) -> None: ...
+    def set_later(self, key: str, entry: Entry, keep_s: float) -> None:
+        """Queue `entry` to be stored for `keep_s` seconds; never waits, never raises."""
+
+
+# How long a write waits for a read to share its round trip with (a cache: a few ms
+# later in Redis costs at most another worker one upstream call).
+WRITE_DELAY_S = 0.005
+_TOO_LATE = object()  # what a read gets when Redis has not answered within timeout_s
+
+
+def _too_late(gets: dict[str, list[asyncio.Future]]) -> None:
+    for futures in gets.values():
+        for future in futures:
+            if not future.done():
+                future.set_result(_TOO_LATE)
 
 
 class RedisCache:
@@ -112,6 +126,7 @@ class RedisCache:
         self._gets: dict[str, list[asyncio.Future]] = {}
         self._sets: dict[str, tuple[bytes, int]] = {}
         self._scheduled = False
+        self._write_timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task] = set()
 
     async def get(self, key: str) -> Entry | None:
@@ -119,10 +134,8 @@ class RedisCache:
         future = asyncio.get_running_loop().create_future()
         self._gets.setdefault(key, []).append(future)
         self._schedule()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                raw = await future
-        except TimeoutError:
+        raw = await future  # by the round trip, or _TOO_LATE by its timer
+        if raw is _TOO_LATE:
             self.errors += 1
             return None
         if raw is None:
@@ -135,14 +148,23 @@ class RedisCache:
             return None
 
     async def set(self, key: str, entry: Entry, keep_s: float) -> None:
-        """Queue `entry` to be stored for `keep_s` seconds with this tick's pipeline."""
+        """`set_later`, for callers that await."""
+        self.set_later(key, entry, keep_s)
+
+    def set_later(self, key: str, entry: Entry, keep_s: float) -> None:
+        """Queue `entry` to be stored for `keep_s` seconds, with the next round trip.
+
+        Writes wait up to WRITE_DELAY_S for a read to travel with: one round trip
+        instead of two when requests come one at a time.
+        """
         try:
             payload = orjson.dumps({"d": entry.data, "t": entry.fetched_at})
         except TypeError:
             self.errors += 1
             return
         self._sets[key] = (payload, max(int(keep_s * 1000), 1))
-        self._schedule()
+        if not self._scheduled and self._write_timer is None:
+            self._write_timer = asyncio.get_running_loop().call_later(WRITE_DELAY_S, self._flush)
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -151,12 +173,19 @@ class RedisCache:
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         gets, self._gets = self._gets, {}
         sets, self._sets = self._sets, {}
         if gets or sets:
             task = asyncio.ensure_future(self._round_trip(gets, sets))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+        if gets:
+            # One timer for the tick's reads, not a timeout per read: a slow Redis is a miss.
+            timer = asyncio.get_running_loop().call_later(self.timeout_s, _too_late, gets)
+            task.add_done_callback(lambda _: timer.cancel())
 
     async def _round_trip(
         self, gets: dict[str, list[asyncio.Future]], sets: dict[str, tuple[bytes, int]]
@@ -183,7 +212,7 @@ class RedisCache:
 
     async def aclose(self) -> None:
         """Wait briefly for round trips in flight (pending writes included)."""
-        if self._scheduled:
+        if self._scheduled or self._write_timer is not None:
             self._flush()
         if self._running:
             await asyncio.wait(list(self._running), timeout=self.timeout_s * 5)
@@ -214,6 +243,10 @@ class MemorySharedCache:
         return found[0]
 
     async def set(self, key: str, entry: Entry, keep_s: float) -> None:
+        """`set_later`, for callers that await."""
+        self.set_later(key, entry, keep_s)
+
+    def set_later(self, key: str, entry: Entry, keep_s: float) -> None:
         """Store `entry` until `keep_s` from now."""
         if self._fail:
             self._fail -= 1
@@ -298,7 +331,7 @@ class TieredCache:
         if policy.store:
             self.local.put(key, entry)
             if self.shared is not None:
-                self._spawn(self.shared.set(key, entry, policy.keep_s))
+                self.shared.set_later(key, entry, policy.keep_s)
         return entry
 
     def _refresh(self, key: str, policy: Policy, load: Loader) -> None:

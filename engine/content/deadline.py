@@ -89,6 +89,7 @@ class LagMeter:
     def __init__(self, *, interval_s: float = 0.01, window: int = 100):
         self.interval_s = interval_s
         self._lags: deque[float] = deque(maxlen=window)  # window x interval: about 1 s
+        self._worst = 0.0  # kept at each sample: every answer asks, 100 samples a second
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -107,10 +108,11 @@ class LagMeter:
     def record(self, lag_s: float) -> None:
         """Add one observation (the sampler does this; tests may too)."""
         self._lags.append(max(lag_s, 0.0))
+        self._worst = max(self._lags)
 
     def recent(self) -> float:
         """The worst lag of the last window (0 before any sample)."""
-        return max(self._lags, default=0.0)
+        return self._worst
 
     async def _sample(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis
@@ -12,6 +13,7 @@ from engine.content.cache import (
     LOCAL,
     SHARED,
     UPSTREAM,
+    WRITE_DELAY_S,
     Entry,
     LocalCache,
     MemorySharedCache,
@@ -190,3 +192,44 @@ async def test_redis_cache_down_reads_as_a_miss() -> None:
         assert shared.errors == 2
     finally:
         await client.aclose()
+
+
+@pytest.mark.timeout(10)
+async def test_redis_cache_too_slow_reads_as_a_miss_in_time() -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the commands, answers nothing
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    shared = RedisCache(client, timeout_s=0.2)  # its round trip gives up only after 1 s
+    try:
+        started = time.monotonic()
+        found = await asyncio.gather(shared.get("a"), shared.get("b"), shared.get("a"))
+        assert found == [None, None, None] and shared.errors == 3
+        assert time.monotonic() - started < 0.8  # the reads' own timer, not the round trip's
+    finally:
+        await shared.aclose()
+        await client.aclose()
+        server.close()
+
+
+async def test_redis_cache_writes_go_with_the_next_read_or_shortly_after(redis_url: str) -> None:
+    client = connect(redis_url)
+    shared = RedisCache(client, timeout_s=0.5)
+    direct = redis.Redis.from_url(redis_url)
+    try:
+        before = shared.round_trips
+        shared.set_later("w:one", Entry(1, 1.0), keep_s=60)
+        assert await shared.get("w:other") is None  # the write travels with this read
+        assert shared.round_trips == before + 1 and direct.exists("nudge:content:w:one")
+        shared.set_later("w:two", Entry(2, 2.0), keep_s=60)  # no read comes: its own trip
+        assert not direct.exists("nudge:content:w:two")
+        async with asyncio.timeout(5):
+            while not direct.exists("nudge:content:w:two"):
+                await asyncio.sleep(WRITE_DELAY_S)
+        assert shared.round_trips == before + 2
+    finally:
+        await shared.aclose()
+        await client.aclose()
+        direct.close()
