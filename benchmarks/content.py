@@ -891,6 +891,12 @@ def report(results: dict[str, Any]) -> list[str]:
             f"{reads['profile_reads'] / reads['profile_calls']:.2f} "
             f"({reads['profile_calls']:,} calls, whole run)"
         )
+    per_request = {
+        key: round(results[key]["cpu_cores"]["nudge_api"] / results[key]["req_s"] * 1e6)
+        for key in ("flat", "paced")
+        if results[key]["req_s"]
+    }
+    lines.append(f"API CPU per request (µs): {per_request}")
     for key in ("flat", "paced", "hanging"):
         r = results[key]
         lines.append(f"{key}: server-side per answer {r.get('server_side')}")
