@@ -14,6 +14,10 @@ from engine.config import EngineConfig
 log = logging.getLogger(__name__)
 
 NAMESPACE = "nudge"
+# Ray places an actor that asks for no resources on a random node, whatever its
+# scheduling strategy says (hard node affinity aside); a hundredth of a CPU
+# makes SPREAD and soft node affinity mean what they say.
+ACTOR_CPUS = 0.01
 
 
 def shard_name(index: int) -> str:
@@ -46,7 +50,7 @@ def start_ray(address: str = "", *, namespace: str = NAMESPACE, num_cpus: int | 
 def remote_shard_class(max_restarts: int = -1):
     """ShardActor as a restartable Ray actor class (ray.remote applied late)."""
     return ray.remote(
-        num_cpus=0, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000
+        num_cpus=ACTOR_CPUS, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000
     )(ShardActor)
 
 
@@ -60,9 +64,12 @@ def ensure_shards(
 ) -> list:
     """Create the shard actors that do not exist yet and return handles to all of them."""
     cls = remote_shard_class()
+    nodes = alive_nodes()
     handles = []
     for index in range(settings.shards):
-        options = actor_options(shard_name(index), settings.ray_namespace, detached=detached)
+        options = actor_options(
+            shard_name(index), settings.ray_namespace, detached=detached, node=place(index, nodes)
+        )
         handles.append(
             cls.options(**options).remote(
                 index,
@@ -99,13 +106,31 @@ def shard_client(settings: EngineConfig):
     )
 
 
-def actor_options(name: str, namespace: str, *, detached: bool) -> dict:
-    """Ray options of an engine actor: named, found again if it exists, spread over nodes."""
+def alive_nodes() -> list[str]:
+    """Ids of the cluster's alive nodes, in a stable order."""
+    return sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+
+
+def place(index: int, nodes: list[str]) -> str | None:
+    """The node for the `index`-th actor of a kind: round robin, None on a single node."""
+    return nodes[index % len(nodes)] if len(nodes) > 1 else None
+
+
+def actor_options(name: str, namespace: str, *, detached: bool, node: str | None = None) -> dict:
+    """Ray options of an engine actor: named, found again if it exists, placed on `node`.
+
+    SPREAD's round robin is shared with every other placement the raylet makes;
+    a soft affinity to a chosen node spreads the engine's actors evenly and
+    still lets Ray restart one elsewhere when its node is gone.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    strategy = NodeAffinitySchedulingStrategy(node, soft=True) if node else "SPREAD"
     options = {
         "name": name,
         "namespace": namespace,
         "get_if_exists": True,
-        "scheduling_strategy": "SPREAD",
+        "scheduling_strategy": strategy,
     }
     if detached:
         options["lifetime"] = "detached"

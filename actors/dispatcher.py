@@ -490,8 +490,10 @@ def remote_dispatcher_class(max_restarts: int = -1):
     """DispatcherActor as a restartable Ray actor class (ray.remote applied late)."""
     import ray
 
+    from actors.cluster import ACTOR_CPUS
+
     return ray.remote(
-        num_cpus=0, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=100
+        num_cpus=ACTOR_CPUS, max_restarts=max_restarts, max_task_retries=-1, max_concurrency=100
     )(DispatcherActor)
 
 
@@ -500,10 +502,14 @@ def ensure_dispatchers(config: Config, redis_url: str, *, detached: bool = False
     from actors import cluster
 
     cls = remote_dispatcher_class()
+    nodes = cluster.alive_nodes()
     handles = []
     for index in range(config.delivery.dispatchers):
         options = cluster.actor_options(
-            dispatcher_name(index), config.engine.ray_namespace, detached=detached
+            dispatcher_name(index),
+            config.engine.ray_namespace,
+            detached=detached,
+            node=cluster.place(index, nodes),
         )
         handles.append(cls.options(**options).remote(index, config, redis_url))
     return handles

@@ -16,7 +16,14 @@ import pytest
 import ray
 
 from actors.client import ShardClient
-from actors.cluster import ensure_shards, find_shards, shard_client, stop_shards, wait_ready
+from actors.cluster import (
+    ensure_shards,
+    find_shards,
+    place,
+    shard_client,
+    stop_shards,
+    wait_ready,
+)
 from engine.api import create_app
 from tests.conftest import free_port, serve_app, test_config
 from tests.factories import track
@@ -187,3 +194,8 @@ def test_api_in_another_process_finds_shards_by_name(ray_cluster, redis_url: str
         for name in [f"shard-{n}" for n in range(4)] + ["dispatcher-0", "dispatcher-1"]:
             with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+
+
+def test_placement_goes_round_robin_over_nodes_and_leaves_one_node_to_ray() -> None:
+    assert [place(i, ["a", "b"]) for i in range(5)] == ["a", "b", "a", "b", "a"]
+    assert place(3, ["a"]) is None
