@@ -39,6 +39,10 @@ _MAX_BLOCK_MS = 250
 APPLY_SLICE_S = 0.01
 # A checkpoint encodes its profiles in slices of about this long, applying in between.
 ENCODE_SLICE_S = 0.005
+# Forwards (a merge or event for another shard's customer) leave with a checkpoint;
+# with forwards waiting, a checkpoint comes after at most this long, whatever the
+# interval, so identity merges across shards do not wait for a long interval.
+FORWARD_WAIT_S = 1.0
 
 
 class ShardActor:
@@ -58,6 +62,7 @@ class ShardActor:
         quiet_heap: bool = False,
         serve_reads: bool = False,
         apply_slice_s: float = APPLY_SLICE_S,
+        forward_wait_s: float = FORWARD_WAIT_S,
     ):
         self.index = index
         self.shards = shards
@@ -99,6 +104,7 @@ class ShardActor:
         # Only in a process of its own (a Ray worker): see engine.heap and _renice.
         self.heap = QuietHeap() if quiet_heap else None
         self.apply_slice_s = apply_slice_s
+        self.forward_wait_s = forward_wait_s
         # The direct read socket (actors.reads), for clients in other processes.
         self.reads = (
             ReadServer(self.get_profiles) if serve_reads and settings.direct_reads else None
@@ -170,20 +176,23 @@ class ShardActor:
                 if self.heap is not None:
                     self.heap.tick()
                 self._reap_checkpoint()
-                if (
-                    self._checkpointing is None
-                    and self._since_checkpoint
-                    and (
-                        self._since_checkpoint >= self.settings.checkpoint_events
-                        or time.monotonic() - self.last_checkpoint_at >= interval
-                    )
-                ):
+                if self._checkpoint_due(interval):
                     # In the background: profiles are encoded a slice at a time while
                     # this loop goes on applying (see Partition.begin_changes).
                     self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint())
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: Redis error (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.2)
+
+    def _checkpoint_due(self, interval: float) -> bool:
+        if self._checkpointing is not None or not self._since_checkpoint:
+            return False
+        if self._since_checkpoint >= self.settings.checkpoint_events:
+            return True
+        waited = time.monotonic() - self.last_checkpoint_at
+        return waited >= interval or (
+            bool(self.partition._forwards) and waited >= self.forward_wait_s
+        )
 
     async def _start_reads(self) -> None:
         if self.reads is None or self._stopping:

@@ -128,11 +128,20 @@ async def test_a_broken_event_does_not_wedge_the_shard(redis_url: str, store: St
 
 
 async def test_merge_forward_crosses_shards(redis_url: str) -> None:
-    # Two shards; pick ids that live on different ones.
+    await merge_across_shards(redis_url, dataclasses.replace(settings(), shards=2))
+
+
+async def test_merge_forward_does_not_wait_for_a_long_checkpoint_interval(redis_url: str) -> None:
+    # An hour between checkpoints: only the pending forwards bring one on.
+    config = dataclasses.replace(settings(checkpoint_interval_ms=3_600_000), shards=2)
+    await merge_across_shards(redis_url, config, forward_wait_s=0.02)
+
+
+async def merge_across_shards(redis_url: str, config: EngineConfig, **options: float) -> None:
+    """Identify an anonymous visitor of one shard as a user of the other; the merge lands."""
     user = "user-1"
     anon = next(f"anon-{i}" for i in range(100) if shard_for(f"anon-{i}", 2) != shard_for(user, 2))
-    config = dataclasses.replace(settings(), shards=2)
-    actors = [ShardActor(i, 2, config, redis_url, autostart=False) for i in range(2)]
+    actors = [ShardActor(i, 2, config, redis_url, autostart=False, **options) for i in range(2)]
     for actor in actors:
         await actor.start()
     store = Store(connect(redis_url), 2)
@@ -146,7 +155,7 @@ async def test_merge_forward_crosses_shards(redis_url: str) -> None:
     )
     owner = actors[shard_for(user, 2)]
     await owner.wait_applied(written[shard_for(user, 2)])
-    for _ in range(300):  # the merge crosses two checkpoints (20 ms each)
+    for _ in range(300):  # the merge crosses two checkpoints (20 ms apart at most)
         [profile] = await owner.get_profiles([user])
         if profile["merged_ids"]:
             break
