@@ -62,7 +62,7 @@ def receiver_main(port: int) -> None:
     """An ESP stand-in: counts POSTs and, for bodies carrying payload.t, the latency."""
     from aiohttp import web
 
-    state: dict[str, Any] = {"count": 0, "latencies": [], "from_due": []}
+    state: dict[str, Any] = {"count": 0, "latencies": [], "arrived": [], "from_due": []}
 
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
@@ -73,6 +73,7 @@ def receiver_main(port: int) -> None:
             sent = doc.get("payload", {}).get("t")
             if isinstance(sent, (int, float)):
                 state["latencies"].append(now - sent)
+                state["arrived"].append(now)
             if isinstance(doc.get("due_at"), (int, float)):
                 # From the API's receipt of the event (its timestamp) to the ESP.
                 state["from_due"].append(now - doc["due_at"])
@@ -82,7 +83,7 @@ def receiver_main(port: int) -> None:
         return web.Response(body=orjson.dumps(state), content_type="application/json")
 
     async def reset(request: web.Request) -> web.Response:
-        state["count"], state["latencies"], state["from_due"] = 0, [], []
+        state["count"], state["latencies"], state["arrived"], state["from_due"] = 0, [], [], []
         return web.Response(body=b"{}", content_type="application/json")
 
     app = web.Application()
@@ -385,10 +386,56 @@ async def bare_latency(hook_port: int, n: int = 300) -> dict:
         return latency_ms((await receiver_stats(session, hook_port))["latencies"], (50, 99))
 
 
+def by_window(arrived: list[float], latencies: list[float], window_s: float = 5.0) -> dict:
+    """p99 per `window_s` of arrivals, and the second whose slowest send was slowest.
+
+    A p99 that climbs window after window is a backlog or a profile that grows;
+    one bad window in many is a pause (a collection, a fork, a long Redis command).
+    """
+    if not arrived:
+        return {"window_s": window_s, "p99_ms": [], "worst_second": None}
+    start = min(arrived)
+    windows: dict[int, list[float]] = {}
+    seconds: dict[int, float] = {}
+    for at, latency in zip(arrived, latencies, strict=True):
+        windows.setdefault(int((at - start) // window_s), []).append(latency)
+        second = int(at - start)
+        seconds[second] = max(seconds.get(second, 0.0), latency)
+    worst = max(seconds, key=seconds.__getitem__)
+    return {
+        "window_s": window_s,
+        "p99_ms": [
+            round(latency_ms(windows.get(w, []), (99,))["p99"], 1) for w in range(max(windows) + 1)
+        ],
+        "worst_second": {"at_s": worst, "max_ms": round(seconds[worst] * 1000.0, 1)},
+    }
+
+
+def cpu_groups(api_port: int, engine: Server | None) -> dict[str, list[int]]:
+    """Pids of the engine's parts: API, shards (from /v1/status), embedded Redis."""
+    from benchmarks.ingest import engine_totals
+
+    if engine is None:
+        return {}
+    shards = asyncio.run(engine_totals(api_port))["pids"]
+    pid_file = Path(engine.cwd) / "data" / "redis" / "redis.pid"
+    redis_pid = int(pid_file.read_text().strip()) if pid_file.exists() else 0
+    return {"api": [engine.pid], "shards": shards, "redis": [redis_pid] if redis_pid else []}
+
+
 async def latency_phase(
-    api_port: int, hook_port: int, *, rate: float, seconds: float, workload: str = "views"
+    api_port: int,
+    hook_port: int,
+    *,
+    rate: float,
+    seconds: float,
+    workload: str = "views",
+    groups: dict[str, list[int]] | None = None,
 ) -> dict:
     """Trigger latency with background ingest at `rate` events/s (0: idle)."""
+    from benchmarks.ingest import CpuSample
+
+    cpu_before = CpuSample.take(groups) if groups else None
     async with aiohttp.ClientSession() as session:
         await receiver_reset(session, hook_port)
         stop = asyncio.Event()
@@ -408,6 +455,8 @@ async def latency_phase(
         "latency_ms": latency_ms(stats["latencies"], (50, 99)),
         "api_ack_ms": latency_ms(rtts, (50, 99)),
         "received_to_esp_ms": latency_ms(stats["from_due"], (50, 99)),
+        "by_window": by_window(stats["arrived"], stats["latencies"]),
+        "cpu": cpu_before.until(CpuSample.take(groups)) if cpu_before else None,
         "ingest": ingest,
     }
 
@@ -512,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                         rate=args.rate,
                         seconds=args.duration,
                         workload=args.workload,
+                        groups=cpu_groups(api_port, engine),
                     )
                 )
             finally:
@@ -559,6 +609,18 @@ def report(r: dict, rate: float) -> None:
             f"    {key:<6} API answers the event  p50 {ack['p50']:7.1f}  p99 {ack['p99']:7.1f};"
             f"  API receipt -> ESP  p50 {due['p50']:7.1f}  p99 {due['p99']:7.1f}"
         )
+    loaded = r["loaded"]
+    windows = loaded.get("by_window")
+    if windows and windows["p99_ms"]:
+        worst = windows["worst_second"]
+        p99s = " ".join(f"{v:.0f}" for v in windows["p99_ms"])
+        print(
+            f"  loaded, p99 per {windows['window_s']:g} s (ms): {p99s};"
+            f"  worst second: {worst['max_ms']:.1f} ms at {worst['at_s']} s"
+        )
+    if loaded.get("cpu"):
+        cores = loaded["cpu"]["cores"]
+        print("  cores while loaded: " + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
     print("target: p99 < 100 ms at 10,000 events/s on 2 cores")
 
 

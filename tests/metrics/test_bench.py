@@ -85,3 +85,14 @@ def test_nudge_bench_smoke(tmp_path) -> None:
     assert result["metrics"]["nudge_triggers_total"] >= result["sends"]
     assert "promises:" in run.stdout and "baseline: redis-py XADD" in run.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_delivery_benchmark_windows_find_the_slow_stretch() -> None:
+    from benchmarks.delivery import by_window
+
+    arrived = [100.0 + n * 0.1 for n in range(150)]  # 15 s of sends
+    latencies = [0.5 if 62 <= n < 64 else 0.01 for n in range(150)]  # a pause at 6.2 s
+    windows = by_window(arrived, latencies)
+    assert windows["p99_ms"] == [10.0, 500.0, 10.0]
+    assert windows["worst_second"] == {"at_s": 6, "max_ms": 500.0}
+    assert by_window([], [])["worst_second"] is None
