@@ -294,6 +294,16 @@ class TieredCache:
         hit = self.peek(key, policy, load)
         if hit is not None:
             return hit
+        # shield: a caller that gives up must not cancel the load others wait for
+        return await asyncio.shield(self.loading(key, policy, load))
+
+    def loading(self, key: str, policy: Policy, load: Loader) -> asyncio.Future[Hit]:
+        """The load of `key` in flight (shared cache, then `load`), started if there is none.
+
+        For a caller that has `peek`ed already and waits without a task of its own.
+        The load is shared: a caller that gives up must leave it running (never
+        cancel it), for the others waiting and to fill the cache for the next.
+        """
         task = self._loading.get(key)
         if task is None:
             self.stats["miss"] += 1
@@ -302,8 +312,7 @@ class TieredCache:
             task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
         else:
             self.stats["coalesced"] += 1
-        # shield: a caller that gives up must not cancel the load others wait for
-        return await asyncio.shield(task)
+        return task
 
     async def _resolve(self, key: str, policy: Policy, load: Loader) -> Hit:
         if self.shared is not None and policy.store:
