@@ -96,10 +96,12 @@ def follow(
 ) -> asyncio.Future[Outcome]:
     """A job whose work is already running as `source` (a load other requests may share),
     without a task of its own: a future of its Outcome, `convert(source's result)` or
-    why there is none, bounded by its budget and the deadline.
+    why there is none, bounded by its budget.
 
-    Ending early (its timer, or cancelling the returned future) leaves `source`
-    running for whoever else waits on it. A cancelled `source` cancels the job.
+    The deadline is the caller's to keep (the answer cancels what is still pending
+    when its own deadline timer fires), so a job gets a timer only when its budget
+    ends first. Ending early (that timer, or cancelling the returned future) leaves
+    `source` running for whoever else waits on it. A cancelled `source` cancels the job.
     """
     loop = asyncio.get_running_loop()
     job: asyncio.Future[Outcome] = loop.create_future()
@@ -127,10 +129,12 @@ def follow(
         if not job.done():
             job.set_result(Outcome(name, failure=TIMEOUT))
 
-    timer = loop.call_at(deadline.due(budget_s), expire)
+    due = deadline.due(budget_s)
+    timer = loop.call_at(due, expire) if due < deadline.at else None
 
     def release(_: asyncio.Future) -> None:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         if not source.done():
             source.remove_done_callback(settle)
 
