@@ -38,7 +38,7 @@ class Markup(str):
 class Template:
     """A parsed template: literal text and (path, filter) holes."""
 
-    __slots__ = ("_format", "_holes", "fields", "parts", "text")
+    __slots__ = ("_format", "_holes", "_literal", "_one", "fields", "parts", "text")
 
     def __init__(self, text: str):
         self.text = text
@@ -74,11 +74,23 @@ class Template:
             for p in self.parts
         )
         self._holes = [p for p in self.parts if not isinstance(p, str)]
+        # Most templates have one hole or none ("<p>{title}</p>", a URL with the
+        # customer id, a fixed fallback): literal text around it, joined directly.
+        self._literal = "".join(self.parts) if not self._holes else None
+        self._one: tuple[str, tuple[str, ...], str, str] | None = None
+        if len(self._holes) == 1:
+            at = next(i for i, p in enumerate(self.parts) if not isinstance(p, str))
+            path, filt = self._holes[0]
+            before, after = "".join(self.parts[:at]), "".join(self.parts[at + 1 :])
+            self._one = (before, path, filt, after)
 
     def render(self, context: Mapping[str, Any], encode: Callable[[Any, str], str]) -> str:
         """The text with each hole replaced by `encode(value, filter)`."""
-        if not self._holes:
-            return self._format.replace("{{", "{").replace("}}", "}")
+        if self._one is not None:
+            before, path, filt, after = self._one
+            return before + encode(lookup(context, path), filt) + after
+        if self._literal is not None:
+            return self._literal
         return self._format.format(*[encode(lookup(context, p), f) for p, f in self._holes])
 
     @property
