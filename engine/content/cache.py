@@ -196,6 +196,8 @@ class RedisCache:
         values: list[Any] = [None] * len(keys)
         self.round_trips += 1
         try:
+            # Bounds the whole trip, connecting included: the service's client has no
+            # socket timeout of its own (engine.store.connect, socket_timeout=None).
             async with asyncio.timeout(max(self.timeout_s * 5, 0.1)):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for key, (payload, px) in sets.items():  # first: a read sees this tick's writes

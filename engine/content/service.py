@@ -149,7 +149,9 @@ class ContentService:
         if self._redis_url and self.cache.shared is None:
             from engine.store import connect
 
-            self._redis = connect(self._redis_url)
+            # Every call of this client is a RedisCache round trip, under that round
+            # trip's own timeout: no socket timeout per reply on top of it.
+            self._redis = connect(self._redis_url, socket_timeout=None)
             self.cache.shared = RedisCache(
                 self._redis, timeout_s=self.config.redis_timeout_ms / 1000.0
             )
