@@ -95,10 +95,20 @@ def outbox_key(index: int) -> str:
     return _key(index, "outbox")
 
 
-def connect(url: str) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (redis:// or unix://)."""
+def connect(url: str, *, socket_timeout: float | None = 10) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis:// or unix://).
+
+    `socket_timeout` bounds every command's write and reply. None leaves that to
+    the caller, for a client whose every call runs under a timeout of its own:
+    redis-py then skips a timeout per reply and a task per write. Connecting and
+    closing stay bounded (10 s) either way.
+    """
     return aioredis.Redis.from_url(
-        url, decode_responses=False, health_check_interval=30, socket_timeout=10
+        url,
+        decode_responses=False,
+        health_check_interval=30,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=10,
     )
 
 

@@ -138,6 +138,13 @@ class Http1Transport:
             raise BlockFailure(
                 "unreachable", f"the URL has spaces or control characters: {request.url[:80]!r}"
             )
+        if request.body is None and not request.headers and request.method in _RETRIABLE:
+            # A GET (or HEAD) with no body and no header of the source's own: the same
+            # bytes as below, without the work.
+            return (
+                f"{request.method} {target} HTTP/1.1\r\nHost: {host}\r\n"
+                f"User-Agent: {self.user_agent}\r\nAccept-Encoding: gzip, deflate\r\n\r\n"
+            ).encode()
         given = {name.lower() for name in request.headers}
         lines = [f"{request.method} {target} HTTP/1.1"]
         for name, value in (

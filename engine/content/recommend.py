@@ -48,46 +48,53 @@ def recent_interest(
     on the profile alone. Example: views of p1 (Shoes) twice and p2 (Bags) once,
     p3 in the cart: [p1, p2], p1 first.
     """
-    recent = profile.get("recent") or []
+    recent = profile.get("recent")
     if not recent or limit <= 0:
         return []
-    exclude = set((profile.get("cart") or {}).keys())
-    exclude.update(str(entry[1]) for entry in profile.get("purchased") or [])
-    newest = max(entry[0] for entry in recent)
-    scores: dict[str, float] = {}
-    last_seen: dict[str, float] = {}
-    categories: dict[str, str] = {}
+    cart, purchased = profile.get("cart"), profile.get("purchased")
+    exclude = set(cart) if cart else set()
+    if purchased:
+        exclude.update([str(entry[1]) for entry in purchased])
+    newest = max([entry[0] for entry in recent])
+    weights, exp2 = _WEIGHTS, math.exp2
+    # Per product, one list [score, last seen, category] rather than a dict for each.
+    found: dict[str, list] = {}
     category_weight: dict[str, float] = {}
     total = 0.0
     for ts, event, product, category in recent:
-        weight = _WEIGHTS.get(event)
+        weight = weights.get(event)
         if weight is None or product is None:
             continue
-        decayed = weight * math.exp2(-(newest - ts) / half_life_s)
+        decayed = weight * exp2(-(newest - ts) / half_life_s)
         total += decayed
         if category:
             category_weight[category] = category_weight.get(category, 0.0) + decayed
-        product = str(product)
+        if type(product) is not str:
+            product = str(product)
         if product in exclude:
             continue
-        scores[product] = scores.get(product, 0.0) + decayed
-        last_seen[product] = max(last_seen.get(product, ts), ts)
+        seen = found.get(product)
+        if seen is None:
+            found[product] = [decayed, ts, category or None]
+            continue
+        seen[0] += decayed
+        if ts > seen[1]:
+            seen[1] = ts
         if category:
-            categories[product] = category
+            seen[2] = category
     ranked = []
-    for product, score in scores.items():
-        category = categories.get(product)
+    for product, (score, last_seen, category) in found.items():
         affinity = category_weight.get(category, 0.0) / total if category and total else 0.0
-        ranked.append((score * (1.0 + affinity), last_seen[product], product))
-    ranked.sort(reverse=True)
+        ranked.append((score * (1.0 + affinity), last_seen, product, category))
+    ranked.sort(reverse=True)  # products are distinct: categories are never compared
     return [
         {
             "product_id": product,
-            "category": categories.get(product),
+            "category": category,
             "score": round(score, 4),
             "reason": "recent_interest",
         }
-        for score, _, product in ranked[:limit]
+        for score, _, product, category in ranked[:limit]
     ]
 
 

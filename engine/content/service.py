@@ -43,6 +43,7 @@ from engine.content.deadline import (
     Job,
     LagMeter,
     Outcome,
+    follow,
     start,
 )
 from engine.content.http1 import Http1Transport
@@ -66,7 +67,9 @@ UNKNOWN, PROFILE_TIMEOUT, PROFILE_UNAVAILABLE = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+# Made per answer, never changed after: not frozen, since a frozen dataclass sets every
+# field through object.__setattr__ (about three times the cost of an instance).
+@dataclass(slots=True)
 class BlockResult:
     """One block of an answer."""
 
@@ -80,7 +83,7 @@ class BlockResult:
     stale: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     """A whole answer: its blocks in request order, and those left out."""
 
@@ -146,7 +149,9 @@ class ContentService:
         if self._redis_url and self.cache.shared is None:
             from engine.store import connect
 
-            self._redis = connect(self._redis_url)
+            # Every call of this client is a RedisCache round trip, under that round
+            # trip's own timeout: no socket timeout per reply on top of it.
+            self._redis = connect(self._redis_url, socket_timeout=None)
             self.cache.shared = RedisCache(
                 self._redis, timeout_s=self.config.redis_timeout_ms / 1000.0
             )
@@ -209,7 +214,7 @@ class ContentService:
         request: ContentRequest,
         deadline: Deadline,
         done: dict,
-        tasks: list[tuple[str, asyncio.Task]],
+        tasks: list[tuple[str, asyncio.Future[Outcome]]],
     ) -> None:
         settings = self.config.block(name)
         limit = request.option(name).get("limit", settings.limit)
@@ -272,11 +277,11 @@ class ContentService:
         if hit is not None:  # the common case: no task, no await
             done[name] = self._source_result(name, hit)
             return
-
-        async def run() -> BlockResult:
-            return self._source_result(name, await self.cache.get(upstream.key, policy, load))
-
-        tasks.append((name, start(Job(name, source.timeout_s, run), deadline)))
+        # A miss, and no task either: the block follows the shared load with a callback;
+        # cut by its budget or the deadline, it leaves the load running for the next.
+        loading = self.cache.loading(upstream.key, policy, load)
+        convert = partial(self._source_result, name)
+        tasks.append((name, follow(name, loading, convert, source.timeout_s, deadline)))
 
     def _source_result(self, name: str, hit: Hit) -> BlockResult:
         entry = hit.entry
@@ -338,12 +343,12 @@ class _Fill:
         self._waiters: list[asyncio.Future[Answer]] = []
         self._outcome: Answer | Exception | None = None
         self.done: dict[str, BlockResult | Outcome] = {}
-        self.tasks: list[tuple[str, asyncio.Task]] = []
+        self.tasks: list[tuple[str, asyncio.Future[Outcome]]] = []  # blocks still to come
         self.timings: dict[str, float] = {}
         self.profile: dict | None = None
         self.status: str | None = None  # None while the profile read is in flight
         self.began = loop.time()
-        self._waiting = 0  # block tasks not done yet, once all are started
+        self._waiting = 0  # blocks not done yet, once all are started
         self._timer = loop.call_at(deadline.at, self.finish)
         self._driver: asyncio.Task | None = None
 
@@ -397,7 +402,7 @@ class _Fill:
             if not task.done():
                 task.add_done_callback(partial(self._block_done, name))
 
-    def _block_done(self, name: str, _task: asyncio.Task) -> None:
+    def _block_done(self, name: str, _block: asyncio.Future[Outcome]) -> None:
         self.timings.setdefault(name, self.loop.time() - self.began)
         self._waiting -= 1
         if self._waiting == 0:

@@ -166,7 +166,7 @@ async def test_no_store_policy_still_coalesces_but_keeps_nothing() -> None:
 
 
 async def test_redis_cache_round_trip_and_one_pipeline_per_tick(redis_url: str) -> None:
-    client = connect(redis_url)
+    client = connect(redis_url, socket_timeout=None)  # as ContentService opens it
     shared = RedisCache(client, timeout_s=0.5)
     try:
         await shared.set("offers:k", Entry({"a": [1, "x"]}, 1_800_000_000.5), keep_s=60)
@@ -183,7 +183,7 @@ async def test_redis_cache_round_trip_and_one_pipeline_per_tick(redis_url: str) 
 
 @pytest.mark.timeout(10)
 async def test_redis_cache_down_reads_as_a_miss() -> None:
-    client = connect("redis://127.0.0.1:1/0")  # nothing listens there
+    client = connect("redis://127.0.0.1:1/0", socket_timeout=None)  # nothing listens there
     shared = RedisCache(client, timeout_s=0.2)
     try:
         assert await shared.get("k") is None
@@ -201,13 +201,16 @@ async def test_redis_cache_too_slow_reads_as_a_miss_in_time() -> None:
 
     server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = connect(f"redis://127.0.0.1:{port}/0")
+    # No socket timeout, as ContentService opens it: the round trip's own timeout ends it.
+    client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=None)
     shared = RedisCache(client, timeout_s=0.2)  # its round trip gives up only after 1 s
     try:
         started = time.monotonic()
         found = await asyncio.gather(shared.get("a"), shared.get("b"), shared.get("a"))
         assert found == [None, None, None] and shared.errors == 3
         assert time.monotonic() - started < 0.8  # the reads' own timer, not the round trip's
+        await shared.aclose()  # waits up to 1 s for the round trip, which gives up by then
+        assert shared.errors == 4 and time.monotonic() - started < 1.5
     finally:
         await shared.aclose()
         await client.aclose()
@@ -215,7 +218,7 @@ async def test_redis_cache_too_slow_reads_as_a_miss_in_time() -> None:
 
 
 async def test_redis_cache_writes_go_with_the_next_read_or_shortly_after(redis_url: str) -> None:
-    client = connect(redis_url)
+    client = connect(redis_url, socket_timeout=None)  # as ContentService opens it
     shared = RedisCache(client, timeout_s=0.5)
     direct = redis.Redis.from_url(redis_url)
     try:

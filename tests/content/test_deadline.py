@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-from engine.content.deadline import BlockFailure, Deadline, Job, LagMeter, Outcome, start
+from engine.content.deadline import (
+    BlockFailure,
+    Deadline,
+    Job,
+    LagMeter,
+    Outcome,
+    follow,
+    start,
+)
 
 
 async def value(v: object, delay: float = 0.0) -> object:
@@ -60,6 +68,24 @@ async def test_each_job_ends_with_its_value_or_reason_by_the_deadline() -> None:
         "fails": "http_503",
         "bug": "error",
     }
+
+
+async def test_a_job_following_a_shared_load_ends_alone_and_leaves_the_load() -> None:
+    loop = asyncio.get_running_loop()
+    load: asyncio.Future[int] = loop.create_future()
+    cut = follow("cut", load, str, 0.02, after(1.0))  # its own budget ends first
+    served = follow("served", load, str, None, after(1.0))
+    assert (await cut).failure == "timeout" and not load.done()
+    load.set_result(7)
+    assert (await served).value == "7"
+    failing: asyncio.Future[int] = loop.create_future()
+    failure = follow("failure", failing, str, None, after(1.0))
+    failing.set_exception(BlockFailure("http_503"))
+    assert (await failure).failure == "http_503"
+    broken: asyncio.Future[int] = loop.create_future()
+    bug = follow("bug", broken, lambda v: v["x"], None, after(1.0))
+    broken.set_result(1)  # converting it raises: a bug, reported as an error
+    assert ((await bug).failure, (await bug).detail) == ("error", "TypeError")
 
 
 async def test_the_lag_meter_sees_a_loop_that_runs_timers_late() -> None:

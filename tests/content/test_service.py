@@ -131,6 +131,20 @@ async def test_a_slow_source_is_cut_at_its_own_budget() -> None:
     assert answer.blocks[1].html == ""  # no fallback_html configured for it
 
 
+async def test_a_block_cut_by_the_deadline_leaves_the_shared_load_running() -> None:
+    svc, transport, upstream = service()
+    upstream.tier_delay = 0.04  # longer than the first request's deadline, within the budget
+    answer = await svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=20))
+    assert answer.blocks[0].reason == "timeout"
+    # The load goes on: the next request waits for the same upstream call, not a new one.
+    answer = await svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=200))
+    assert (answer.blocks[0].source, answer.blocks[0].data) == ("upstream", {"title": "gold"})
+    assert len(transport.calls) == 1 and svc.cache.stats["coalesced"] == 1
+    answer = await svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=20))
+    assert (answer.blocks[0].source, answer.blocks[0].fallback) == ("cache", False)
+    assert len(transport.calls) == 1
+
+
 async def test_a_loop_running_late_makes_the_fan_out_end_earlier() -> None:
     svc, _, _ = service()
 

@@ -71,6 +71,23 @@ def test_literal_braces_and_the_fields_a_template_names() -> None:
     assert template.fields == {"a.b", "c"}
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{{fixed}}", "{fixed}"),  # no hole
+        ("", ""),
+        ("{name}", "&lt;b&gt; &amp; &#x27;"),  # one hole, alone
+        ("<p>{{{name}}}</p>", "<p>{&lt;b&gt; &amp; &#x27;}</p>"),  # one hole, braces around
+        ("{{{link|url}}}", "{https://x.example/?a=1&amp;b=&quot;2&quot;}"),
+        ("{n|money}{{", "2.50{"),
+        ("{name}{n}", "&lt;b&gt; &amp; &#x27;2.5"),  # two holes
+    ],
+)
+def test_templates_with_no_one_or_several_holes(text: str, expected: str) -> None:
+    context = {"name": "<b> & '", "n": 2.5, "link": 'https://x.example/?a=1&b="2"'}
+    assert Template(text).render(context, html_value) == expected
+
+
 @pytest.mark.parametrize("text", ["{", "}", "a { b", "{0}", "{a|shout}", "{a b}", "{}", "{a[0]}"])
 def test_bad_templates_are_refused(text: str) -> None:
     with pytest.raises(TemplateError):
