@@ -52,7 +52,7 @@ class EngineConfig:
     ray_address: str = ""
     ray_namespace: str = "nudge"
     redis_fsync: str = "everysec"
-    checkpoint_interval_ms: int = 1000
+    checkpoint_interval_ms: int = 5000
     checkpoint_events: int = 20_000
     read_count: int = 200
     dedupe_window_s: float = 86_400.0
