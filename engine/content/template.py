@@ -187,10 +187,22 @@ def body_fields(body: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def render_body(body: Any, context: Mapping[str, Any]) -> Any:
-    """A JSON body template filled in: a lone `"{field}"` keeps the value's JSON type."""
+def compile_body(body: Any) -> Any:
+    """A JSON body template with its string leaves parsed once, for `render_body`."""
     if isinstance(body, str):
-        template = Template(body)
+        return Template(body)
+    if isinstance(body, dict):
+        return {key: compile_body(value) for key, value in body.items()}
+    if isinstance(body, list):
+        return [compile_body(value) for value in body]
+    return body
+
+
+def render_body(body: Any, context: Mapping[str, Any]) -> Any:
+    """A JSON body template (as written, or from `compile_body`) filled in: a lone
+    `"{field}"` keeps the value's JSON type."""
+    if isinstance(body, (str, Template)):
+        template = Template(body) if isinstance(body, str) else body
         hole = template.single
         if hole is not None and not hole[1]:
             return lookup(context, hole[0])

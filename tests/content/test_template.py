@@ -9,6 +9,7 @@ from engine.content.template import (
     Template,
     TemplateError,
     body_fields,
+    compile_body,
     header_value,
     html_value,
     render_body,
@@ -116,3 +117,4 @@ def test_body_templates_keep_json_types() -> None:
         "list": ["ann"],
     }
     assert body_fields(body) == {"cart", "id"}
+    assert render_body(compile_body(body), context) == render_body(body, context)
