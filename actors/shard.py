@@ -39,10 +39,6 @@ _MAX_BLOCK_MS = 250
 APPLY_SLICE_S = 0.01
 # A checkpoint encodes its profiles in slices of about this long, applying in between.
 ENCODE_SLICE_S = 0.005
-# Forwards (a merge or event for another shard's customer) leave with a checkpoint;
-# with forwards waiting, a checkpoint comes after at most this long, whatever the
-# interval, so identity merges across shards do not wait for a long interval.
-FORWARD_WAIT_S = 1.0
 
 
 class ShardActor:
@@ -62,7 +58,6 @@ class ShardActor:
         quiet_heap: bool = False,
         serve_reads: bool = False,
         apply_slice_s: float = APPLY_SLICE_S,
-        forward_wait_s: float = FORWARD_WAIT_S,
     ):
         self.index = index
         self.shards = shards
@@ -104,7 +99,6 @@ class ShardActor:
         # Only in a process of its own (a Ray worker): see engine.heap and _renice.
         self.heap = QuietHeap() if quiet_heap else None
         self.apply_slice_s = apply_slice_s
-        self.forward_wait_s = forward_wait_s
         # The direct read socket (actors.reads), for clients in other processes.
         self.reads = (
             ReadServer(self.get_profiles) if serve_reads and settings.direct_reads else None
@@ -190,9 +184,14 @@ class ShardActor:
         if self._since_checkpoint >= self.settings.checkpoint_events:
             return True
         waited = time.monotonic() - self.last_checkpoint_at
-        return waited >= interval or (
-            bool(self.partition._forwards) and waited >= self.forward_wait_s
-        )
+        if waited >= interval:
+            return True
+        # Forwards (merges, events for another shard's customers) leave only with a
+        # checkpoint, and an erased customer stays in Redis until one: neither waits
+        # for a long interval.
+        part = self.partition
+        urgent = part._forwards or part._new_erased or part._deleted
+        return bool(urgent) and waited >= self.settings.urgent_checkpoint_ms / 1000.0
 
     async def _start_reads(self) -> None:
         if self.reads is None or self._stopping:

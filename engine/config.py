@@ -54,6 +54,7 @@ class EngineConfig:
     redis_fsync: str = "everysec"
     checkpoint_interval_ms: int = 5000
     checkpoint_events: int = 20_000
+    urgent_checkpoint_ms: int = 1000
     read_count: int = 200
     dedupe_window_s: float = 86_400.0
     dedupe_max_ids: int = 100
@@ -190,6 +191,11 @@ def validate(config: Config) -> None:
             "must be positive",
         ),
         (config.engine.checkpoint_events >= 1, "engine.checkpoint_events", "must be positive"),
+        (
+            config.engine.urgent_checkpoint_ms >= 1,
+            "engine.urgent_checkpoint_ms",
+            "must be positive",
+        ),
         (config.engine.read_count >= 1, "engine.read_count", "must be positive"),
         (
             config.engine.redis_fsync in ("everysec", "always", "no"),

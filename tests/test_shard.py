@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 
 import pytest
 
@@ -133,15 +134,48 @@ async def test_merge_forward_crosses_shards(redis_url: str) -> None:
 
 async def test_merge_forward_does_not_wait_for_a_long_checkpoint_interval(redis_url: str) -> None:
     # An hour between checkpoints: only the pending forwards bring one on.
-    config = dataclasses.replace(settings(checkpoint_interval_ms=3_600_000), shards=2)
-    await merge_across_shards(redis_url, config, forward_wait_s=0.02)
+    config = settings(checkpoint_interval_ms=3_600_000, urgent_checkpoint_ms=20, shards=2)
+    await merge_across_shards(redis_url, config)
 
 
-async def merge_across_shards(redis_url: str, config: EngineConfig, **options: float) -> None:
+async def test_an_erased_customer_leaves_redis_without_waiting_for_the_interval(
+    redis_url: str, store: Store
+) -> None:
+    config = settings(checkpoint_interval_ms=3_600_000, urgent_checkpoint_ms=20)
+    actor = await started(redis_url, config)
+    last = await append_events(store, ["ann", "bob"], 2)
+    assert await actor.wait_applied(last)
+    await actor.checkpoint_now()
+    assert set((await store.load_checkpoint(0))[1]) == {b"ann", b"bob"}
+    gone = (await store.append([erase("ann")]))[0]
+    assert await actor.wait_applied(gone)
+    for _ in range(300):
+        if set((await store.load_checkpoint(0))[1]) == {b"bob"}:
+            break
+        await asyncio.sleep(0.01)
+    assert set((await store.load_checkpoint(0))[1]) == {b"bob"}
+    await actor.stop()
+
+
+def erase(customer: str) -> dict:
+    """What DELETE /v1/profiles/{id} writes to the stream."""
+    now = time.time()
+    return {
+        "type": "_erase",
+        "customer": customer,
+        "userId": customer,
+        "anonymousId": None,
+        "messageId": f"erase-{customer}",
+        "ts": now,
+        "receivedAt": now,
+    }
+
+
+async def merge_across_shards(redis_url: str, config: EngineConfig) -> None:
     """Identify an anonymous visitor of one shard as a user of the other; the merge lands."""
     user = "user-1"
     anon = next(f"anon-{i}" for i in range(100) if shard_for(f"anon-{i}", 2) != shard_for(user, 2))
-    actors = [ShardActor(i, 2, config, redis_url, autostart=False, **options) for i in range(2)]
+    actors = [ShardActor(i, 2, config, redis_url, autostart=False) for i in range(2)]
     for actor in actors:
         await actor.start()
     store = Store(connect(redis_url), 2)
