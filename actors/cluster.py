@@ -107,8 +107,18 @@ def shard_client(settings: EngineConfig):
 
 
 def alive_nodes() -> list[str]:
-    """Ids of the cluster's alive nodes, in a stable order."""
-    return sorted(node["NodeID"] for node in ray.nodes() if node.get("Alive"))
+    """Ids of the cluster's alive nodes that can hold an engine actor, in a stable order."""
+    return usable_nodes(ray.nodes())
+
+
+def usable_nodes(nodes: list[dict]) -> list[str]:
+    """Of `ray.nodes()`, the alive ones with the CPU an engine actor reserves (a head
+    started with --num-cpus=0 has none), sorted by id."""
+    return sorted(
+        node["NodeID"]
+        for node in nodes
+        if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= ACTOR_CPUS
+    )
 
 
 def place(index: int, nodes: list[str]) -> str | None:
@@ -121,11 +131,16 @@ def actor_options(name: str, namespace: str, *, detached: bool, node: str | None
 
     SPREAD's round robin is shared with every other placement the raylet makes;
     a soft affinity to a chosen node spreads the engine's actors evenly and
-    still lets Ray restart one elsewhere when its node is gone.
+    still lets Ray restart one elsewhere when its node is gone, or place it
+    elsewhere when the node has no CPU to spare (rather than wait for one).
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    strategy = NodeAffinitySchedulingStrategy(node, soft=True) if node else "SPREAD"
+    strategy = (
+        NodeAffinitySchedulingStrategy(node, soft=True, _spill_on_unavailable=True)
+        if node
+        else "SPREAD"
+    )
     options = {
         "name": name,
         "namespace": namespace,

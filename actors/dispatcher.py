@@ -509,7 +509,8 @@ def ensure_dispatchers(config: Config, redis_url: str, *, detached: bool = False
             dispatcher_name(index),
             config.engine.ray_namespace,
             detached=detached,
-            node=cluster.place(index, nodes),
+            # After the shards' places, so dispatcher-0 is not always beside shard-0.
+            node=cluster.place(config.engine.shards + index, nodes),
         )
         handles.append(cls.options(**options).remote(index, config, redis_url))
     return handles

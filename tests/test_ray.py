@@ -22,6 +22,7 @@ from actors.cluster import (
     place,
     shard_client,
     stop_shards,
+    usable_nodes,
     wait_ready,
 )
 from engine.api import create_app
@@ -199,3 +200,13 @@ def test_api_in_another_process_finds_shards_by_name(ray_cluster, redis_url: str
 def test_placement_goes_round_robin_over_nodes_and_leaves_one_node_to_ray() -> None:
     assert [place(i, ["a", "b"]) for i in range(5)] == ["a", "b", "a", "b", "a"]
     assert place(3, ["a"]) is None
+
+
+def test_nodes_without_a_cpu_to_spare_or_not_alive_hold_no_engine_actor() -> None:
+    nodes = [
+        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 2.0}},
+        {"NodeID": "head", "Alive": True, "Resources": {"memory": 1e9}},  # --num-cpus=0
+        {"NodeID": "gone", "Alive": False, "Resources": {"CPU": 2.0}},
+        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 1.0}},
+    ]
+    assert usable_nodes(nodes) == ["a", "b"]
