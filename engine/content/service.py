@@ -37,6 +37,7 @@ from engine.content.cache import (
 )
 from engine.content.config import BUILTIN_BLOCKS, ContentConfig
 from engine.content.deadline import (
+    ERROR,
     TIMEOUT,
     BlockFailure,
     Deadline,
@@ -446,7 +447,15 @@ class _Fill:
         outcomes = dict(self.done)
         for name, task in self.tasks:
             if task.done() and not task.cancelled():
-                outcomes[name] = task.result()
+                error = task.exception()
+                # A block turns every Exception into its Outcome; what is left is a
+                # BaseException (KeyboardInterrupt and the like): this block's error,
+                # never a reason to leave the callers unanswered.
+                outcomes[name] = (
+                    task.result()
+                    if error is None
+                    else Outcome(name, failure=ERROR, detail=type(error).__name__)
+                )
         results, omitted = [], []
         for name in request.blocks:
             value = outcomes.get(name)

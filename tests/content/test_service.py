@@ -40,17 +40,29 @@ def table(**extra: object) -> dict:
 
 
 class Upstream:
-    """Answers by URL path: /hang/ never, /tier/ after `tier_delay`, else at once."""
+    """Answers by URL path: /hang/ never, /tier/ after `tier_delay` (or once `tier_gate`
+    is set, or raising `tier_raises`), else at once."""
 
     def __init__(self) -> None:
         self.tier_delay = 0.0
+        self.tier_gate: asyncio.Event | None = None
+        self.tier_raises: BaseException | None = None
 
     async def __call__(self, request: UpstreamRequest) -> tuple[int, bytes]:
         if "/hang/" in request.url:
             await asyncio.Event().wait()
-        if "/tier/" in request.url and self.tier_delay:
-            await asyncio.sleep(self.tier_delay)
+        if "/tier/" in request.url:
+            if self.tier_delay:
+                await asyncio.sleep(self.tier_delay)
+            if self.tier_gate is not None:
+                await self.tier_gate.wait()
+            if self.tier_raises is not None:
+                raise self.tier_raises
         return 200, orjson.dumps({"data": {"title": request.url.rsplit("/", 1)[1]}})
+
+
+class Abort(BaseException):
+    """Not an Exception: what no block's error handling catches."""
 
 
 def service(**extra: object) -> tuple[ContentService, FakeTransport, Upstream]:
@@ -133,16 +145,28 @@ async def test_a_slow_source_is_cut_at_its_own_budget() -> None:
 
 async def test_a_block_cut_by_the_deadline_leaves_the_shared_load_running() -> None:
     svc, transport, upstream = service()
-    upstream.tier_delay = 0.04  # longer than the first request's deadline, within the budget
+    upstream.tier_gate = gate = asyncio.Event()  # the upstream answers when the test says
     answer = await svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=20))
     assert answer.blocks[0].reason == "timeout"
     # The load goes on: the next request waits for the same upstream call, not a new one.
-    answer = await svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=200))
+    second = asyncio.ensure_future(svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=200)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    answer = await second
     assert (answer.blocks[0].source, answer.blocks[0].data) == ("upstream", {"title": "gold"})
     assert len(transport.calls) == 1 and svc.cache.stats["coalesced"] == 1
     answer = await svc.answer(reader, ask(svc, "ann", "by_tier", deadline_ms=20))
     assert (answer.blocks[0].source, answer.blocks[0].fallback) == ("cache", False)
     assert len(transport.calls) == 1
+
+
+async def test_a_block_ending_in_a_base_exception_is_an_error_not_a_lost_answer() -> None:
+    svc, _, upstream = service()
+    upstream.tier_raises = Abort()
+    answer = await asyncio.wait_for(svc.answer(reader, ask(svc, "ann", "cart,by_tier")), 2)
+    assert [(r.name, r.reason) for r in answer.blocks] == [("cart", None), ("by_tier", "error")]
+    assert not svc._answering  # nothing left behind for later requests to join
 
 
 async def test_a_loop_running_late_makes_the_fan_out_end_earlier() -> None:
