@@ -404,8 +404,9 @@ def by_window(arrived: list[float], latencies: list[float], window_s: float = 5.
     worst = max(seconds, key=seconds.__getitem__)
     return {
         "window_s": window_s,
-        "p99_ms": [
-            round(latency_ms(windows.get(w, []), (99,))["p99"], 1) for w in range(max(windows) + 1)
+        "p99_ms": [  # None for a window in which nothing arrived
+            round(latency_ms(windows[w], (99,))["p99"], 1) if w in windows else None
+            for w in range(max(windows) + 1)
         ],
         "worst_second": {"at_s": worst, "max_ms": round(seconds[worst] * 1000.0, 1)},
     }
@@ -613,7 +614,7 @@ def report(r: dict, rate: float) -> None:
     windows = loaded.get("by_window")
     if windows and windows["p99_ms"]:
         worst = windows["worst_second"]
-        p99s = " ".join(f"{v:.0f}" for v in windows["p99_ms"])
+        p99s = " ".join("-" if v is None else f"{v:.0f}" for v in windows["p99_ms"])
         print(
             f"  loaded, p99 per {windows['window_s']:g} s (ms): {p99s};"
             f"  worst second: {worst['max_ms']:.1f} ms at {worst['at_s']} s"

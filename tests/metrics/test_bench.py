@@ -96,3 +96,4 @@ def test_delivery_benchmark_windows_find_the_slow_stretch() -> None:
     assert windows["p99_ms"] == [10.0, 500.0, 10.0]
     assert windows["worst_second"] == {"at_s": 6, "max_ms": 500.0}
     assert by_window([], [])["worst_second"] is None
+    assert by_window([0.0, 11.0], [0.01, 0.02])["p99_ms"] == [10.0, None, 20.0]  # a silent window
