@@ -170,28 +170,34 @@ class ShardActor:
                 if self.heap is not None:
                     self.heap.tick()
                 self._reap_checkpoint()
-                if self._checkpoint_due(interval):
+                reason = self._checkpoint_due(interval)
+                if reason is not None:
                     # In the background: profiles are encoded a slice at a time while
                     # this loop goes on applying (see Partition.begin_changes).
-                    self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint())
+                    self._checkpointing = asyncio.get_running_loop().create_task(
+                        self._checkpoint(reason)
+                    )
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: Redis error (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.2)
 
-    def _checkpoint_due(self, interval: float) -> bool:
+    def _checkpoint_due(self, interval: float) -> str | None:
+        """Why a checkpoint should begin now (events, interval, urgent), or None."""
         if self._checkpointing is not None or not self._since_checkpoint:
-            return False
+            return None
         if self._since_checkpoint >= self.settings.checkpoint_events:
-            return True
+            return "events"
         waited = time.monotonic() - self.last_checkpoint_at
         if waited >= interval:
-            return True
+            return "interval"
         # Forwards (merges, events for another shard's customers) leave only with a
         # checkpoint, and an erased customer stays in Redis until one: neither waits
         # for a long interval.
         part = self.partition
         urgent = part._forwards or part._new_erased or part._deleted
-        return bool(urgent) and waited >= self.settings.urgent_checkpoint_ms / 1000.0
+        if urgent and waited >= self.settings.urgent_checkpoint_ms / 1000.0:
+            return "urgent"
+        return None
 
     async def _start_reads(self) -> None:
         if self.reads is None or self._stopping:
@@ -295,7 +301,7 @@ class ShardActor:
                 await asyncio.shield(self._checkpointing)
             self._reap_checkpoint()
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self, reason: str = "asked") -> None:
         # Begun synchronously, before any await, so it matches self.pos exactly; the
         # partition keeps each profile as it was here until it is encoded.
         changes = self.partition.begin_changes()
@@ -315,7 +321,9 @@ class ShardActor:
         self.checkpoints += 1
         self.last_checkpoint_at = time.monotonic()
         self.last_checkpoint_s = time.perf_counter() - started
-        self.meters.on_checkpoint(self.last_checkpoint_s, changes.sends, self.clock.now())
+        self.meters.on_checkpoint(
+            self.last_checkpoint_s, changes.sends, self.clock.now(), reason=reason
+        )
         if changes.forwards:
             await self._store.deliver_forwards(self.index)
 
@@ -444,7 +452,7 @@ class ShardActor:
                 log.exception("shard %d: loop failed while stopping", self.index)
         await self._settle_checkpoint()
         if self.ready and self._since_checkpoint:
-            await self._checkpoint()
+            await self._checkpoint("stop")
         if self.ready:
             await self.insight.flush(self.partition)
         await self.insight.close()

@@ -154,6 +154,8 @@ async def test_an_erased_customer_leaves_redis_without_waiting_for_the_interval(
             break
         await asyncio.sleep(0.01)
     assert set((await store.load_checkpoint(0))[1]) == {b"bob"}
+    reasons = actor.meters.checkpoints.values
+    assert reasons.get(("0", "asked")) == 1 and reasons.get(("0", "urgent")) == 1
     await actor.stop()
 
 

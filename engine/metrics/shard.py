@@ -38,6 +38,12 @@ class ShardMetrics:
             ("shard",),
             CHECKPOINT_BOUNDS,
         )
+        self.checkpoints = m.counter(
+            "nudge_checkpoints_total",
+            "Checkpoints written, by what brought them on: interval, events (checkpoint_events),"
+            " urgent (merges for other shards or erasures waiting), stop, asked (checkpoint_now)",
+            ("shard", "reason"),
+        )
         self.events = m.counter(
             "nudge_shard_events_total",
             "Events a shard took from its stream, by outcome",
@@ -57,9 +63,13 @@ class ShardMetrics:
             )
         }
 
-    def on_checkpoint(self, seconds: float, sends: list[dict], now: float) -> None:
-        """A checkpoint wrote `sends` to the outbox in `seconds`, at wall time `now`."""
+    def on_checkpoint(
+        self, seconds: float, sends: list[dict], now: float, *, reason: str = "interval"
+    ) -> None:
+        """A checkpoint (brought on by `reason`) wrote `sends` to the outbox in `seconds`,
+        at wall time `now`."""
         self.checkpoint_seconds.observe(self.shard, seconds)
+        self.checkpoints.inc((*self.shard, reason))
         if sends:
             self.on_sends(sends, now)
 

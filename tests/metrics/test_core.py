@@ -142,11 +142,13 @@ def test_shard_metrics_count_sends_and_their_latency_at_checkpoint() -> None:
     m = ShardMetrics(3)
     sends = [send("s1", "ann", 100.0), send("s2", "bob", 100.0, variant=None)]
     m.on_checkpoint(0.004, sends, 102.0)
+    m.on_checkpoint(0.001, [], 103.0, reason="urgent")
     snap = {s["name"]: s for s in m.snapshot(stats={"applied": 7}, failed=1, gauges={})}
+    assert snap["nudge_checkpoints_total"]["samples"] == {("3", "interval"): 1, ("3", "urgent"): 1}
     assert snap["nudge_triggers_total"]["samples"] == {("cart", "a"): 1, ("cart", "-"): 1}
     latency = snap["nudge_trigger_latency_seconds"]["samples"][()]
     assert sum(latency["counts"]) == 2 and latency["sum"] == pytest.approx(4.0)
-    assert snap["nudge_checkpoint_seconds"]["samples"][("3",)]["sum"] == pytest.approx(0.004)
+    assert snap["nudge_checkpoint_seconds"]["samples"][("3",)]["sum"] == pytest.approx(0.005)
     assert snap["nudge_shard_events_total"]["samples"][("3", "applied")] == 7
     assert snap["nudge_shard_events_total"]["samples"][("3", "failed")] == 1
 
