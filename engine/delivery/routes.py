@@ -30,11 +30,17 @@ def _json(data: Any, status: int = 200) -> Response:
 
 async def summary(ledger: Ledger) -> dict:
     """Outcomes per rule and variant, with the outbox backlog and the dead letters waiting."""
+    # The backlog first: a send leaves the outbox in the transaction that counts its
+    # outcome, so a backlog read as empty is then matched by every outcome. Counts read
+    # first could miss sends finished between the two reads.
+    backlog = await ledger.backlog()
+    pending = await ledger.pending()
+    dead_letters = await ledger.dead_letter_count()
     return {
         "outcomes": await ledger.counts(),
-        "backlog": await ledger.backlog(),
-        "pending": await ledger.pending(),
-        "dead_letters": await ledger.dead_letter_count(),
+        "backlog": backlog,
+        "pending": pending,
+        "dead_letters": dead_letters,
     }
 
 
