@@ -190,12 +190,10 @@ class ShardActor:
         waited = time.monotonic() - self.last_checkpoint_at
         if waited >= interval:
             return "interval"
-        # Forwards (merges, events for another shard's customers) leave only with a
-        # checkpoint, and an erased customer stays in Redis until one: neither waits
-        # for a long interval.
-        part = self.partition
-        urgent = part._forwards or part._new_erased or part._deleted
-        if urgent and waited >= self.settings.urgent_checkpoint_ms / 1000.0:
+        if (
+            waited >= self.settings.urgent_checkpoint_ms / 1000.0
+            and self.partition.has_urgent_changes()
+        ):
             return "urgent"
         return None
 

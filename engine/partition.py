@@ -347,6 +347,12 @@ class Partition:
             self._forwards.append((target, event))
 
     # -- checkpoints ------------------------------------------------------------
+    def has_urgent_changes(self) -> bool:
+        """True while changes wait that should not wait for a long checkpoint interval:
+        forwards (merges, events for another shard's customers) leave only with a
+        checkpoint, and an erased or merged-away profile stays in Redis until one."""
+        return bool(self._forwards or self._new_erased or self._deleted)
+
     def take_sends(self) -> list[dict]:
         """Hand over the sends decided since the last call (they leave before the checkpoint)."""
         sends, self._sends = self._sends, []

@@ -646,3 +646,15 @@ def test_a_checkpoint_encoded_in_slices_holds_each_profile_as_it_was_when_it_beg
     if begun is not None:
         finish()
     assert checked or not any(op == "begin" for op, _ in ops)
+
+
+def test_erasures_and_forwards_are_urgent_changes_until_a_checkpoint_takes_them() -> None:
+    part = Partition(lambda c: c != "elsewhere")
+    part.apply(track("ann"))
+    assert not part.has_urgent_changes()  # an ordinary event waits for the interval
+    part.apply(erase("ann"))
+    assert part.has_urgent_changes()
+    part.take_changes()
+    assert not part.has_urgent_changes()
+    part.apply(identify("bob", "elsewhere"))  # the device lives on another partition
+    assert part.has_urgent_changes()
