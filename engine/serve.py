@@ -40,6 +40,20 @@ def worker_app():
     return create_app(config, config.engine.redis_url, _shards_factory(config), quiet_heap=True)
 
 
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, printing `line` once it listens and the app has started."""
+
+    def __init__(self, config: uvicorn.Config, line: str):
+        super().__init__(config)
+        self.line = line
+
+    async def startup(self, sockets: list | None = None) -> None:
+        """Start as uvicorn does; then say so, when a request can be answered."""
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.line, flush=True)
+
+
 class _Stop(Exception):
     """SIGTERM arrived: leave the server loop and shut down cleanly."""
 
@@ -90,10 +104,9 @@ def serve(config: Config) -> None:
             "access_log": False,
             "timeout_graceful_shutdown": config.server.shutdown_timeout_s,
         }
-        print(
+        listening = (
             f"nudge: listening on http://{config.server.host}:{config.server.port} "
-            f"({config.engine.shards} shards, Redis {redis_url})",
-            flush=True,
+            f"({config.engine.shards} shards, Redis {redis_url})"
         )
         # uvicorn re-raises the signal it caught once it has drained; with this
         # handler (set after ray.init, which installs its own) that becomes an
@@ -103,12 +116,16 @@ def serve(config: Config) -> None:
             metrics_dir = prepare_multiproc_dir(config.engine.data_dir)
             os.environ["NUDGE_REDIS_URL"] = redis_url
             os.environ["NUDGE_RAY_ADDRESS"] = gcs
+            # uvicorn binds the socket first thing, in this process, and only then
+            # starts the workers: requests wait in its backlog until one accepts.
+            print(listening, flush=True)
             uvicorn.run(
                 "engine.serve:worker_app", factory=True, workers=config.server.workers, **uv_options
             )
         else:
             app = create_app(config, redis_url, _shards_factory(config), quiet_heap=True)
-            uvicorn.Server(uvicorn.Config(app, **uv_options)).run()
+            # Printed once bound and started, so a client may call at once.
+            _AnnouncingServer(uvicorn.Config(app, **uv_options), listening).run()
     except (_Stop, KeyboardInterrupt):
         pass
     finally:

@@ -29,6 +29,9 @@ class Engine:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self.listening = threading.Event()
+        self._reader: threading.Thread | None = None
 
     def start(self) -> Engine:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NUDGE_", "RAY_ADDRESS"))}
@@ -51,17 +54,26 @@ class Engine:
             text=True,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(self.proc.stdout.read())
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "engine did not become healthy"
-            time.sleep(0.2)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # As the README says: once this line is out, the engine answers.
+        if not self.listening.wait(90) or self.proc.poll() is not None:
+            raise AssertionError("no 'listening' line:\n" + self.output(timeout=1))
+        assert httpx.get(f"{self.base}/healthz", timeout=5).status_code == 200
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("nudge: listening on"):
+                self.listening.set()
+        self.listening.set()  # the process ended: let start() report it
+
+    def output(self, timeout: float = 15) -> str:
+        """Everything the process printed (all of it once it has exited)."""
+        if self._reader is not None:
+            self._reader.join(timeout)
+        return "".join(self.lines)
 
     def children(self) -> list[int]:
         """Pids of the shard workers and the embedded Redis."""
@@ -99,7 +111,7 @@ def test_serve_stop_restart_and_kill_9(tmp_path: Path) -> None:
     engine.proc.send_signal(signal.SIGTERM)
     assert engine.proc.wait(15) == 0
     assert time.monotonic() - started < 10
-    assert "stopped cleanly" in engine.proc.stdout.read()
+    assert "stopped cleanly" in engine.output()
     time.sleep(0.5)  # the kernel reaps Ray's workers just after their parent
     assert [pid for pid in children if alive(pid)] == []
 
