@@ -56,10 +56,15 @@ class Engine:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        # As the README says: once this line is out, the engine answers.
-        if not self.listening.wait(90) or self.proc.poll() is not None:
-            raise AssertionError("no 'listening' line:\n" + self.output(timeout=1))
-        assert httpx.get(f"{self.base}/healthz", timeout=5).status_code == 200
+        try:
+            # As the README says: once this line is out, the engine answers.
+            if not self.listening.wait(90) or self.proc.poll() is not None:
+                raise AssertionError("no 'listening' line:\n" + self.output(timeout=1))
+            assert httpx.get(f"{self.base}/healthz", timeout=5).status_code == 200
+        except BaseException:
+            self.proc.send_signal(signal.SIGTERM)  # leave no engine behind a failed start
+            self.proc.wait(30)
+            raise
         return self
 
     def _read(self) -> None:
