@@ -465,13 +465,19 @@ async def run_paced(
 
 
 async def progress(
-    label: str, tally: Tally, backlog: Callable[[], Awaitable[int]] | None, every: float = 1.0
+    label: str,
+    tally: Tally,
+    backlog: Callable[[], Awaitable[int]] | None,
+    stop: asyncio.Event,
+    every: float = 1.0,
 ) -> None:
-    """Print a line every second: sent, accepted events/s and (engine) events not yet applied."""
+    """Print a line every second until `stop`: sent, accepted ev/s and events not yet applied."""
     started = last_at = time.perf_counter()
     last_ok = tally.ok
     for tick in itertools.count(1):
         await asyncio.sleep(max(started + tick * every - time.perf_counter(), 0.0))
+        if stop.is_set():
+            return
         now, ok = time.perf_counter(), tally.ok
         line = (
             f"  [{label}] {now - started:5.1f}s  sent {tally.sent:,} req  "
@@ -492,10 +498,14 @@ async def with_progress(
     label: str, tally: Tally, work: Any, backlog: Callable[[], Awaitable[int]] | None = None
 ) -> Any:
     """Await `work` while printing progress lines."""
-    reporter = asyncio.create_task(progress(label, tally, backlog))
+    stop = asyncio.Event()
+    reporter = asyncio.create_task(progress(label, tally, backlog, stop))
     try:
         return await work
     finally:
+        # Python 3.11's wait_for can swallow a cancel that lands as the /v1/status read
+        # finishes (it hung a run for 12 minutes): the reporter also stops on the flag.
+        stop.set()
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reporter
