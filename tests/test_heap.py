@@ -60,3 +60,17 @@ def test_ticks_before_the_interval_do_nothing() -> None:
     assert heap.frozen() == 0
     heap.tick(now=1.0)
     assert heap.frozen() > 0
+
+
+def test_the_frozen_count_is_taken_at_full_collections_only() -> None:
+    heap = QuietHeap(refreeze_s=1.0, full_s=10.0)
+    heap.start(now=0.0)
+    at_start = heap.frozen_at_full
+    assert at_start > 0
+    kept = [[n] for n in range(5000)]  # 5,000 new tracked lists, frozen at the next tick
+    heap.tick(now=1.0)
+    assert heap.refreezes == 1
+    assert heap.frozen_at_full == at_start  # not recounted on a refreeze
+    heap.tick(now=10.0)
+    assert heap.frozen_at_full >= at_start + len(kept)
+    assert heap.refreezes == 2
