@@ -30,7 +30,7 @@ from engine.partition import APPLIED, Partition
 from engine.profile import Limits, Profile
 from engine.routing import shard_for
 from engine.rules import RuleSet
-from engine.store import Store, connect, parse_id
+from engine.store import Store, connect, decode_entries, parse_id
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ _MAX_BLOCK_MS = 250
 APPLY_SLICE_S = 0.01
 # A checkpoint encodes its profiles in slices of about this long, applying in between.
 ENCODE_SLICE_S = 0.005
+# What the shard's loop thread spends its CPU on, timed in place; the process's whole
+# CPU ("process") is reported beside them, so the rest (Redis and Ray calls, the
+# event loop, the background threads) is the difference.
+CPU_ACTIVITIES = ("apply", "decode", "timers", "checkpoint_encode", "heap")
 
 
 class ShardActor:
@@ -88,6 +92,9 @@ class ShardActor:
         self.checkpoint_pos = "0-0"
         self.ready = False
         self.failed_events = 0
+        # Thread CPU seconds by activity (nudge_shard_cpu_seconds_total): what a shard's
+        # time goes on in place, beside other shards, the API and Redis.
+        self.cpu_s = dict.fromkeys(CPU_ACTIVITIES, 0.0)
         self.checkpoints = 0
         self.sends_flushed = 0
         self.last_checkpoint_s = 0.0
@@ -150,9 +157,12 @@ class ShardActor:
                 deadline = self.partition.next_deadline()
                 if deadline is not None:
                     block_ms = max(min(idle_ms, int((deadline - self.clock.now()) * 1000)), 1)
-                entries = await self._store.read(
+                raw = await self._store.read(
                     self.index, self.pos, count=self.settings.read_count, block_ms=block_ms
                 )
+                started = time.thread_time()
+                entries = decode_entries(raw)
+                self.cpu_s["decode"] += time.thread_time() - started
                 while entries:
                     # A slice at a time: a send decided early in a long read (a backlog
                     # of 200 entries is thousands of events) leaves after its slice,
@@ -162,13 +172,17 @@ class ShardActor:
                         await self._flush_sends()
                     # Let status, reads and waits in between slices.
                     await asyncio.sleep(0)
+                started = time.thread_time()
                 self._tick()
+                self.cpu_s["timers"] += time.thread_time() - started
                 if await self.insight.run_due(self.partition, self.clock.now()):
                     self._since_checkpoint += 1
                 if self.partition._sends:
                     await self._flush_sends()
                 if self.heap is not None:
+                    started = time.thread_time()
                     self.heap.tick()
+                    self.cpu_s["heap"] += time.thread_time() - started
                 self._reap_checkpoint()
                 reason = self._checkpoint_due(interval)
                 if reason is not None:
@@ -225,6 +239,7 @@ class ShardActor:
 
     def _apply(self, entries: list[tuple[str, list]], budget_s: float | None = None) -> int:
         """Apply entries in order until `budget_s` has passed; how many were applied."""
+        cpu_started = time.thread_time()
         apply = self.partition.apply
         watched, funnel = self.meters.watched, self.meters.funnel
         until = time.perf_counter() + budget_s if budget_s is not None else math.inf
@@ -243,6 +258,7 @@ class ShardActor:
             applied += 1
             if time.perf_counter() >= until:
                 break
+        self.cpu_s["apply"] += time.thread_time() - cpu_started
         self.pos = entries[applied - 1][0]
         self._advanced.set()
         self._advanced = asyncio.Event()
@@ -306,7 +322,12 @@ class ShardActor:
         pos, since = self.pos, self._since_checkpoint
         started = time.perf_counter()
         try:
-            while not self.partition.encode_pending(ENCODE_SLICE_S):
+            while True:
+                cpu_started = time.thread_time()
+                done = self.partition.encode_pending(ENCODE_SLICE_S)
+                self.cpu_s["checkpoint_encode"] += time.thread_time() - cpu_started
+                if done:
+                    break
                 await asyncio.sleep(0)  # let the loop apply events in between
             if changes.sends:  # in the outbox before the checkpoint that covers their events
                 await self._store.append_sends(self.index, self._with_profiles(changes.sends))
@@ -413,6 +434,7 @@ class ShardActor:
             "direct_reads": self.reads.status() if self.reads is not None else None,
             "insight": {**self.insight.status(), **self.insight.carried(self.partition)},
             "rss_bytes": _rss_bytes(),
+            "cpu_s": {**self.cpu_s, "process": time.process_time()},
         }
 
     async def metrics(self) -> list[dict]:
@@ -420,6 +442,7 @@ class ShardActor:
         return self.meters.snapshot(
             stats=self.partition.stats,
             failed=self.failed_events,
+            cpu={**self.cpu_s, "process": time.process_time()},
             gauges={
                 "nudge_shard_up": 1.0 if self.ready else 0.0,
                 "nudge_profiles": len(self.partition.profiles),

@@ -544,6 +544,7 @@ async def engine_totals(port: int) -> dict[str, Any]:
         for k in ("applied", "duplicate", "dropped", "forwarded", "failed", "profiles", "rss_bytes")
     }
     totals["pids"] = []
+    totals["cpu_s"] = {}
     totals["ready"] = 0
     for shard in body["shards"]:
         stats = shard.get("stats") or {}
@@ -553,6 +554,8 @@ async def engine_totals(port: int) -> dict[str, Any]:
         totals["profiles"] += shard.get("profiles", 0)
         totals["rss_bytes"] += shard.get("rss_bytes", 0)
         totals["ready"] += bool(shard.get("ready"))
+        for activity, seconds in (shard.get("cpu_s") or {}).items():
+            totals["cpu_s"][activity] = totals["cpu_s"].get(activity, 0.0) + seconds
         if shard.get("pid"):
             totals["pids"].append(shard["pid"])
     totals["processed"] = sum(
@@ -565,6 +568,18 @@ async def engine_backlog(run: EngineRun, tally: Tally) -> int:
     """Events answered 2xx so far that the shards have not processed yet."""
     totals = await engine_totals(run.port)
     return run.accepted_total + tally.events_ok - totals["processed"]
+
+
+def shard_cpu_per_event(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Shard CPU µs per event processed between two engine_totals, by activity, in place."""
+    events = after["processed"] - before["processed"]
+    if events <= 0 or not after.get("cpu_s"):
+        return {}
+    used = {k: v - before.get("cpu_s", {}).get(k, 0.0) for k, v in after["cpu_s"].items()}
+    out = {k: round(v / events * 1e6, 1) for k, v in used.items() if k != "process"}
+    if "process" in used:
+        out["rest"] = round((used["process"] - sum(used[k] for k in out)) / events * 1e6, 1)
+    return out
 
 
 async def wait_processed(
@@ -646,6 +661,7 @@ async def flat_phase(run: EngineRun) -> dict[str, Any]:
     """Flat out for the duration, then wait until everything accepted is applied."""
     tally = Tally()
     commands = await redis_commandstats(run.redis_url)
+    shards_before = await engine_totals(run.port)
     async with connected(run.port, run.connections) as conns:
         cpu_before = CpuSample.take(run.cpu_groups)
         await with_progress(
@@ -664,6 +680,7 @@ async def flat_phase(run: EngineRun) -> dict[str, Any]:
     out["cpu_us_per_event_drained"] = {
         k: round(v / max(tally.events_ok, 1) * 1e6, 1) for k, v in drained.items()
     }
+    out["shard_cpu_us_per_event"] = shard_cpu_per_event(shards_before, totals)
     out["redis_commands"] = redis_by_command(
         commands, await redis_commandstats(run.redis_url), tally.events_ok
     )
@@ -684,6 +701,7 @@ async def paced_phase(run: EngineRun, rate_events: float) -> dict[str, Any]:
     requests = run.source.take(max(int(rate_rps * run.duration), 1))
     tally = Tally()
     commands = await redis_commandstats(run.redis_url)
+    shards_before = await engine_totals(run.port)
     async with connected(run.port, run.connections) as conns:
         cpu_before = CpuSample.take(run.cpu_groups)
         await with_progress(
@@ -694,8 +712,9 @@ async def paced_phase(run: EngineRun, rate_events: float) -> dict[str, Any]:
         )
     cpu = cpu_before.until(CpuSample.take(run.cpu_groups))
     run.accepted_total += tally.events_ok
-    seen, _ = await wait_processed(run.port, run.accepted_total, max(120.0, run.duration * 6))
+    seen, totals = await wait_processed(run.port, run.accepted_total, max(120.0, run.duration * 6))
     out = summarize(tally, tally.last_done - tally.first_send)
+    out["shard_cpu_us_per_event"] = shard_cpu_per_event(shards_before, totals)
     out["target_events_s"] = round(rate_rps * BATCH, 1)
     out["cpu"] = cpu
     out["redis_commands"] = redis_by_command(
@@ -1072,6 +1091,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
             _per_event(flat["cpu"]["cores"], flat["accepted_events_s"]),
         ),
         ("  CPU µs per event, through the drain", "", _drained(flat)),
+        ("  shard CPU µs per event, in place", "", _activities(flat)),
         ("  waiting for a CPU, ms per s", "", _waits(flat["cpu"]["runqueue_wait_ms_per_s"])),
         ("  Redis µs per event (per call), top", "", _commands(flat)),
         (
@@ -1086,6 +1106,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         ),
         ("  CPU cores used", "", _cores(paced["cpu"]["cores"])),
         ("  CPU µs per event", "", _per_event(paced["cpu"]["cores"], paced["accepted_events_s"])),
+        ("  shard CPU µs per event, in place", "", _activities(paced)),
         ("  waiting for a CPU, ms per s", "", _waits(paced["cpu"]["runqueue_wait_ms_per_s"])),
         ("  Redis µs per event (per call), top", "", _commands(paced)),
         (
@@ -1141,6 +1162,12 @@ def _per_event(cpu: dict[str, float], events_s: float | None) -> str:
         return "n/a"
     names = ("api", "shards", "redis")
     return " ".join(f"{n} {cpu.get(n, 0) / events_s * 1e6:.1f}" for n in names)
+
+
+def _activities(phase: dict[str, Any]) -> str:
+    """A phase's shard CPU per event by activity, as the shards timed it themselves."""
+    used = phase.get("shard_cpu_us_per_event") or {}
+    return "  ".join(f"{k} {v:g}" for k, v in used.items()) or "-"
 
 
 def _drained(phase: dict[str, Any]) -> str:

@@ -112,6 +112,11 @@ def connect(url: str, *, socket_timeout: float | None = 10) -> aioredis.Redis:
     )
 
 
+def decode_entries(raw: list) -> list[tuple[str, list]]:
+    """(stream id, events) of each raw entry `Store.read` returned."""
+    return [(sid.decode(), orjson.loads(fields[b"e"])) for sid, fields in raw]
+
+
 class Store:
     """Streams and checkpoints of all shards in one Redis."""
 
@@ -181,14 +186,14 @@ class Store:
         return {i: (last[0][0].decode() if last else "0-0") for i, last in enumerate(replies)}
 
     # -- shard side -----------------------------------------------------------
-    async def read(
-        self, index: int, after: str, *, count: int, block_ms: int
-    ) -> list[tuple[str, list]]:
-        """Up to `count` stream entries after `after`, waiting up to `block_ms` for one."""
+    async def read(self, index: int, after: str, *, count: int, block_ms: int) -> list:
+        """Up to `count` raw stream entries after `after`, waiting up to `block_ms` for one.
+
+        `decode_entries` turns them into events; apart, so a shard can count the
+        CPU each takes.
+        """
         reply = await self.redis.xread({stream_key(index): after}, count=count, block=block_ms)
-        if not reply:
-            return []
-        return [(sid.decode(), orjson.loads(fields[b"e"])) for sid, fields in reply[0][1]]
+        return reply[0][1] if reply else []
 
     async def load_checkpoint(self, index: int) -> tuple[str, dict, dict, set]:
         """(position, profiles, aliases, erased) as last checkpointed; empty if none."""

@@ -77,6 +77,23 @@ async def test_applies_stream_and_checkpoints(redis_url: str, store: Store) -> N
     await actor.stop()
 
 
+async def test_cpu_is_counted_by_activity_within_the_process(redis_url: str, store: Store) -> None:
+    actor = await started(redis_url, settings())
+    before = (await actor.status())["cpu_s"]
+    last = await append_events(store, [f"c{n}" for n in range(50)], 20)
+    assert await actor.wait_applied(last, timeout=5)
+    await actor.checkpoint_now()
+    after = (await actor.status())["cpu_s"]
+    assert after["apply"] > before["apply"] and after["decode"] > before["decode"]
+    assert after["checkpoint_encode"] > before["checkpoint_encode"]
+    parts = sum(v for k, v in after.items() if k != "process")
+    assert 0 < parts <= after["process"]  # the loop thread's parts of the process's CPU
+    metrics = {m["name"]: m for m in await actor.metrics()}
+    samples = metrics["nudge_shard_cpu_seconds_total"]["samples"]
+    assert samples[("0", "apply")] >= after["apply"] and ("0", "process") in samples
+    await actor.stop()
+
+
 async def test_crash_mid_stream_applies_every_event_exactly_once(
     redis_url: str, store: Store
 ) -> None:

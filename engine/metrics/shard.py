@@ -49,6 +49,12 @@ class ShardMetrics:
             "Events a shard took from its stream, by outcome",
             ("shard", "outcome"),
         )
+        self.cpu = m.counter(
+            "nudge_shard_cpu_seconds_total",
+            "CPU seconds of the shard's process (activity=process) and, within it, of its loop"
+            " thread's apply, decode, timers, checkpoint_encode and heap work",
+            ("shard", "activity"),
+        )
         self.gauges = {
             name: m.gauge(name, help, ("shard",))
             for name, help in (
@@ -83,8 +89,17 @@ class ShardMetrics:
             observe((), max(now - float(send["at"]), 0.0))
             on_send(send)
 
-    def snapshot(self, *, stats: dict, failed: int, gauges: dict[str, float]) -> list[dict]:
+    def snapshot(
+        self,
+        *,
+        stats: dict,
+        failed: int,
+        gauges: dict[str, float],
+        cpu: dict[str, float] | None = None,
+    ) -> list[dict]:
         """The registry as plain data, with the shard's current counters and gauges."""
+        for activity, seconds in (cpu or {}).items():
+            self.cpu.set((*self.shard, activity), seconds)
         for outcome, count in stats.items():
             self.events.set((*self.shard, outcome), count)
         self.events.set((*self.shard, "failed"), failed)

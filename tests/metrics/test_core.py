@@ -151,6 +151,12 @@ def test_shard_metrics_count_sends_and_their_latency_at_checkpoint() -> None:
     assert snap["nudge_checkpoint_seconds"]["samples"][("3",)]["sum"] == pytest.approx(0.005)
     assert snap["nudge_shard_events_total"]["samples"][("3", "applied")] == 7
     assert snap["nudge_shard_events_total"]["samples"][("3", "failed")] == 1
+    cpu = {"apply": 1.5, "process": 2.0}
+    snap = {s["name"]: s for s in m.snapshot(stats={}, failed=0, gauges={}, cpu=cpu)}
+    assert snap["nudge_shard_cpu_seconds_total"]["samples"] == {
+        ("3", "apply"): 1.5,
+        ("3", "process"): 2.0,
+    }
 
 
 def test_delivery_metrics_count_latency_of_successes_and_esp_requests() -> None:
