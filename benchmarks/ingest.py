@@ -75,10 +75,11 @@ TARGET_APPLIED_EVENTS_S = 50_000.0
 TARGET_P99_MS = 20.0
 REPO = Path(__file__).resolve().parents[1]
 _STAMP = b"@@@@@@@@@@@@"  # replaced per request by a 12-hex-digit counter
-# Replaced per request by the time to the millisecond, ISO-8601, 23 chars; each event
-# then adds its own microseconds, so a request's events have distinct times, as an
-# SDK's batch has (one time for all would make every shopper's events tie).
-_TIME_STAMP = b"~~~~~~~~~~~~~~~~~~~~~~~"
+# Replaced per request by its time to 100 µs, ISO-8601, 24 chars; each event then adds
+# its position as the last two digits of the microseconds, so a request's events have
+# distinct times, as an SDK's batch has (one time for all would make every shopper's
+# events tie).
+_TIME_STAMP = b"~~~~~~~~~~~~~~~~~~~~~~~~"
 _CATEGORIES = (
     "Shoes", "Dresses", "Shirts", "Jeans", "Jackets", "Bags", "Watches", "Jewelry",
     "Beauty", "Home", "Kitchen", "Toys", "Books", "Sports", "Outdoor", "Electronics",
@@ -170,40 +171,45 @@ def batch_template(rng: random.Random, catalog: Catalog, run_id: str, host: str)
     """A whole POST /v1/batch request whose messageIds still hold the stamp placeholder."""
     stamp, when = _STAMP.decode(), _TIME_STAMP.decode()
     batch = [
-        shopper_message(rng, catalog, f"{run_id}-{stamp}-{i:02d}", f"{when}{i:03d}Z")
+        shopper_message(rng, catalog, f"{run_id}-{stamp}-{i:02d}", f"{when}{i:02d}Z")
         for i in range(BATCH)
     ]
     body = orjson.dumps({"batch": batch})
     return build_request("POST", "/v1/batch", host, body=body, headers=WRITE_HEADERS)
 
 
-def iso_now() -> bytes:
-    """The current UTC time as 23 bytes of ISO-8601 to the millisecond, without the zone."""
-    now = time.time()
-    return b"%s.%03d" % (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)).encode(),
-        int(now % 1 * 1000),
+def iso_slot(slot: int) -> bytes:
+    """Time `slot` (in 100 µs since the epoch) as 24 bytes of ISO-8601, without the zone."""
+    seconds, tenths_ms = divmod(slot, 10_000)
+    return b"%s.%04d" % (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode(),
+        tenths_ms,
     )
 
 
 class RequestSource:
     """Pre-built batch requests; each use stamps in fresh messageIds and the current time.
 
-    Every event of a request carries the time it was stamped plus its position in
-    microseconds, so each shopper's events arrive in time order, as they mostly do
-    in production.
+    Every request takes its own 100 µs slot of time, the current one or the one
+    after the last request's if that is later, and each of its events adds its
+    position in microseconds. So events are in time order in the order requests
+    are stamped, even for the requests of a paced phase, stamped together before
+    it starts. Stamped to the millisecond, those shared milliseconds by the dozen,
+    and a shopper's event could carry an earlier time than one sent before it.
     """
 
     def __init__(self, templates: list[bytes]):
         self.templates = templates
         self.count = 0
+        self.slot = 0
 
     def next(self) -> bytes:
         """The next request, its 100 messageIds never used before."""
         n = self.count
         self.count += 1
         template = self.templates[n % len(self.templates)]
-        return template.replace(_STAMP, b"%012x" % n).replace(_TIME_STAMP, iso_now())
+        self.slot = max(int(time.time() * 10_000), self.slot + 1)
+        return template.replace(_STAMP, b"%012x" % n).replace(_TIME_STAMP, iso_slot(self.slot))
 
     def take(self, n: int) -> list[bytes]:
         """The next `n` requests, built now (for phases that must not build while timed)."""

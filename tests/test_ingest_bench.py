@@ -1,10 +1,16 @@
-"""benchmarks.ingest's helpers: the progress reporter ends with the phase it reports on."""
+"""benchmarks.ingest's helpers: the progress reporter ends with its phase; event times."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
+import time
 
-from benchmarks.ingest import Tally, with_progress
+import orjson
+
+from benchmarks.ingest import BATCH, Catalog, Tally, make_source, with_progress
+from engine.events import parse_time
 
 
 async def test_progress_stops_when_its_cancel_lands_as_a_status_read_finishes() -> None:
@@ -27,3 +33,16 @@ async def test_progress_stops_when_its_cancel_lands_as_a_status_read_finishes() 
     assert await asyncio.wait_for(with_progress("t", Tally(), work(), backlog), 10) == "done"
     assert reads == 1
     assert not [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "progress"]
+
+
+def test_events_are_in_time_order_across_requests_stamped_together() -> None:
+    # A paced phase stamps all its requests before it starts, dozens per millisecond.
+    rng = random.Random(3)
+    source = make_source(rng, Catalog.build(rng, 50), "127.0.0.1:0", templates=4)
+    times = []
+    for request in source.take(300):
+        body = orjson.loads(request.split(b"\r\n\r\n", 1)[1])
+        times += [parse_time(event["timestamp"], "timestamp") for event in body["batch"]]
+    assert len(times) == 300 * BATCH
+    assert all(a < b for a, b in itertools.pairwise(times))
+    assert abs(times[0] - time.time()) < 60
