@@ -292,6 +292,9 @@ def _build_last(name: Arg) -> Fn:
     return last
 
 
+_TIME, _PRODUCT = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def _build_purchased(product: Arg, within: Arg | None = None) -> Fn:
     window = _duration(within, "purchased()'s window")
     product_fn = product.fn
@@ -302,10 +305,14 @@ def _build_purchased(product: Arg, within: Arg | None = None) -> Fn:
             return False
         ids = {_ident(w) for w in wanted} if isinstance(wanted, list) else {_ident(wanted)}
         now = c.now
-        lo = -math.inf
+        bought = c.p.purchased  # time-ordered (Profile keeps it sorted)
+        end = bisect.bisect_right(bought, now, key=_TIME)
+        start = 0
         if window is not None:
             lo = now - (window if window.__class__ is float else (window(c) or 0))
-        return any(lo < ts <= now and pid in ids for ts, pid in reversed(c.p.purchased))
+            start = bisect.bisect_right(bought, lo, 0, end, key=_TIME)
+        # in C, not a generator: asked on every product view, over up to 50 purchases
+        return not ids.isdisjoint(map(_PRODUCT, bought[start:end]))
 
     return purchased
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from engine.profile import Profile
 from engine.rules.compile import Ctx, Scope, compile_expr
@@ -239,3 +241,24 @@ def test_counts_agree_with_a_naive_count_however_often_they_are_asked() -> None:
                 and want.get("category", cat) == cat
             )
             assert expr.fn(ctx) == naive, expr.text
+
+
+@given(
+    times=st.lists(st.integers(-100, 100), max_size=50),
+    products=st.lists(st.sampled_from("abcde"), min_size=50, max_size=50),
+    wanted=st.lists(st.sampled_from("abcdef"), min_size=1, max_size=3),
+    window=st.one_of(st.none(), st.integers(0, 150)),
+)
+@example(times=[-10, 0], products=["a"] * 50, wanted=["a"], window=10)  # both window edges
+@example(times=[-10], products=["a"] * 50, wanted=["a"], window=10)  # at lo: outside
+def test_purchased_matches_a_scan_of_the_purchases(
+    times: list[int], products: list[str], wanted: list[str], window: int | None
+) -> None:
+    # purchased() bisects the time-ordered list; a plain scan says what it must answer
+    p = profile()
+    p.purchased = [[NOW + t, pid] for t, pid in zip(sorted(times), products, strict=False)]
+    lo = -float("inf") if window is None else NOW - window
+    expected = any(lo < ts <= NOW and pid in wanted for ts, pid in p.purchased)
+    args = repr(wanted) if window is None else f"{wanted!r}, {window}s"
+    expr = compile_expr(f"purchased({args})", Scope(instance=True))
+    assert expr.fn(Ctx(None, p, NOW, event={})) is expected
