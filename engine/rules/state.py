@@ -25,6 +25,7 @@ the index by the size of `recent`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from functools import cache
 from typing import Any
@@ -34,6 +35,7 @@ from engine.rules.functions import _ident
 _EMPTY: dict = {}
 MAX_HISTORY = 200
 MAX_DONE = 100  # ended instances remembered per rule
+_START = operator.itemgetter(1)  # of a done record: [instance id, start, end]
 LATE_HORIZON = 86400.0  # events older than the customer's newest by more than this act on nothing
 MIN_DONE_AGE = LATE_HORIZON  # so ended instances are remembered at least that long
 MAX_KEPT_PROPS = 30
@@ -199,10 +201,16 @@ def end(journey: dict, rule: Any, key: str, t: float, code: str, detail: str) ->
         if math.isfinite(rule.reentry):
             # relative to this instance's start (an event time), never to a later timer, so
             # every record a not-yet-stale event could collide with is still here
-            for old in [k for k, entry in done.items() if entry[1] < inst["s"] - keep]:
-                del done[old]
+            cutoff = inst["s"] - keep
+            # the oldest start found in C first: this runs at every instance's end, over up
+            # to MAX_DONE records, and usually none is that old
+            if min(map(_START, done.values())) < cutoff:
+                for old in [k for k, entry in done.items() if entry[1] < cutoff]:
+                    del done[old]
         while len(done) > MAX_DONE:
-            del done[min(done, key=lambda k: done[k][1])]
+            # the first record with the earliest start, as min(done, key=...) picks it
+            starts = list(map(_START, done.values()))
+            del done[list(done)[min(range(len(starts)), key=starts.__getitem__)]]
     outcome(journey, rule, t, code, detail)
 
 
