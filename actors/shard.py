@@ -434,15 +434,19 @@ class ShardActor:
             "direct_reads": self.reads.status() if self.reads is not None else None,
             "insight": {**self.insight.status(), **self.insight.carried(self.partition)},
             "rss_bytes": _rss_bytes(),
-            "cpu_s": {**self.cpu_s, "process": time.process_time()},
+            "cpu_s": self._cpu_seconds(),
         }
+
+    def _cpu_seconds(self) -> dict[str, float]:
+        # The loop thread's activities, and the whole process's CPU they are part of.
+        return {**self.cpu_s, "process": time.process_time()}
 
     async def metrics(self) -> list[dict]:
         """This shard's metrics as plain snapshots (engine.metrics.actor), for /metrics."""
         return self.meters.snapshot(
             stats=self.partition.stats,
             failed=self.failed_events,
-            cpu={**self.cpu_s, "process": time.process_time()},
+            cpu=self._cpu_seconds(),
             gauges={
                 "nudge_shard_up": 1.0 if self.ready else 0.0,
                 "nudge_profiles": len(self.partition.profiles),

@@ -505,11 +505,15 @@ async def progress(
 
 
 async def with_progress(
-    label: str, tally: Tally, work: Any, backlog: Callable[[], Awaitable[int]] | None = None
+    label: str,
+    tally: Tally,
+    work: Any,
+    backlog: Callable[[], Awaitable[int]] | None = None,
+    every: float = 1.0,
 ) -> Any:
-    """Await `work` while printing progress lines."""
+    """Await `work` while printing progress lines every `every` seconds."""
     stop = asyncio.Event()
-    reporter = asyncio.create_task(progress(label, tally, backlog, stop))
+    reporter = asyncio.create_task(progress(label, tally, backlog, stop, every))
     try:
         return await work
     finally:

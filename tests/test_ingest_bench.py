@@ -30,7 +30,8 @@ async def test_progress_stops_when_its_cancel_lands_as_a_status_read_finishes() 
         await called.wait()
         return "done"
 
-    assert await asyncio.wait_for(with_progress("t", Tally(), work(), backlog), 10) == "done"
+    reporting = with_progress("t", Tally(), work(), backlog, every=0.01)
+    assert await asyncio.wait_for(reporting, 10) == "done"
     assert reads == 1
     assert not [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "progress"]
 
