@@ -66,6 +66,7 @@ from benchmarks._http import (
     latency_ms,
     wait_http,
 )
+from engine.config import EngineConfig
 
 HOST = "127.0.0.1"
 BATCH = 100
@@ -236,16 +237,27 @@ def _die_with_parent() -> None:
 class Server:
     """A server subprocess in its own session, logging to a file, stopped with SIGINT."""
 
-    def __init__(self, name: str, argv: list[str], *, cwd: Path, log_path: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cwd: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.cwd = cwd
         self.log_path = log_path
+        # The caller's NUDGE_* settings never leak in; these (the run's own) do.
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Server:
         """Launch the process (returns at once; poll it with `wait_http`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NUDGE_", "RAY_ADDRESS"))}
+        env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
@@ -777,6 +789,16 @@ def promise_check(accepted: int, totals: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def engine_env(args: argparse.Namespace) -> dict[str, str]:
+    """The engine settings this run overrides, as NUDGE_* variables."""
+    env = {}
+    if args.checkpoint_ms is not None:
+        env["NUDGE_CHECKPOINT_INTERVAL_MS"] = str(args.checkpoint_ms)
+    if args.checkpoint_events is not None:
+        env["NUDGE_CHECKPOINT_EVENTS"] = str(args.checkpoint_events)
+    return env
+
+
 def bench_engine(
     runner: asyncio.Runner, tmp: Path, source: RequestSource, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -785,7 +807,7 @@ def bench_engine(
     data_dir = tmp / "engine-data"
     argv = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port)]
     argv += ["--data-dir", str(data_dir), "--shards", str(args.shards)]
-    server = Server("nudge serve", argv, cwd=tmp, log_path=tmp / "engine.log")
+    server = Server("nudge serve", argv, cwd=tmp, log_path=tmp / "engine.log", env=engine_env(args))
     started = time.perf_counter()
     server.start()
     try:
@@ -1144,6 +1166,10 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         f"{cfg['connections']} connections, {BATCH} events/request, {cfg['duration']:g} s phases, "
         f"{cfg.get('templates', 256):,} distinct bodies"
     )
+    if cfg.get("checkpoint_ms") is not None or cfg.get("checkpoint_events") is not None:
+        every_ms = cfg.get("checkpoint_ms") or EngineConfig.checkpoint_interval_ms
+        every_events = cfg.get("checkpoint_events") or EngineConfig.checkpoint_events
+        head += f", checkpoints every {every_ms:,} ms or {every_events:,} events"
     lines = ["", head, f"code {results.get('code', '?')}", "-" * len(head)]
     lines += [f"{a:<{width}}{b:>{vwidth}}  {c}".rstrip() for a, b, c in rows]
     lines.append(
@@ -1257,6 +1283,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-baselines", action="store_true", help="skip the baselines")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--seed", type=int, default=1, help="workload random seed")
+    parser.add_argument(
+        "--checkpoint-ms",
+        type=int,
+        metavar="MS",
+        help=f"the engine's checkpoint_interval_ms (default {EngineConfig.checkpoint_interval_ms})",
+    )
+    parser.add_argument(
+        "--checkpoint-events",
+        type=int,
+        metavar="N",
+        help=f"the engine's checkpoint_events (default {EngineConfig.checkpoint_events})",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     return parser.parse_args(argv)
 

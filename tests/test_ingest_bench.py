@@ -5,11 +5,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import sys
 import time
 
 import orjson
 
-from benchmarks.ingest import BATCH, Catalog, Tally, make_source, with_progress
+from benchmarks.ingest import (
+    BATCH,
+    Catalog,
+    Server,
+    Tally,
+    engine_env,
+    make_source,
+    parse_args,
+    with_progress,
+)
 from engine.events import parse_time
 
 
@@ -47,3 +57,23 @@ def test_events_are_in_time_order_across_requests_stamped_together() -> None:
     assert len(times) == 300 * BATCH
     assert all(a < b for a, b in itertools.pairwise(times))
     assert abs(times[0] - time.time()) < 60
+
+
+def test_the_runs_engine_settings_reach_the_server_and_the_callers_do_not(
+    tmp_path, monkeypatch
+) -> None:
+    # The caller's own NUDGE_* must not change what is measured; --checkpoint-ms must.
+    monkeypatch.setenv("NUDGE_CHECKPOINT_EVENTS", "7")
+    args = parse_args(["--checkpoint-ms", "600000"])
+    env = engine_env(args)
+    assert env == {"NUDGE_CHECKPOINT_INTERVAL_MS": "600000"}
+    script = (
+        "import os; print(sorted((k, v) for k, v in os.environ.items() if k.startswith('NUDGE_')))"
+    )
+    server = Server(
+        "env", [sys.executable, "-c", script], cwd=tmp_path, log_path=tmp_path / "out", env=env
+    ).start()
+    assert server.proc is not None
+    server.proc.wait(30)
+    assert (tmp_path / "out").read_text().strip() == "[('NUDGE_CHECKPOINT_INTERVAL_MS', '600000')]"
+    assert engine_env(parse_args([])) == {}
