@@ -28,9 +28,9 @@ from engine.heap import QuietHeap
 from engine.metrics.shard import ShardMetrics
 from engine.partition import APPLIED, Partition
 from engine.profile import Limits, Profile
-from engine.routing import parse_id, shard_for
+from engine.routing import shard_for
 from engine.rules import RuleSet
-from engine.store import Store, connect, decode_entries
+from engine.store import Store, connect, decode_entries, parse_id
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class ShardActor:
             rules=self.rules,
             insight=self.insight.live(),
         )
-        self.partition.restore(profiles, aliases, erased, pos)
+        self.partition.restore(profiles, aliases, erased)
         self.pos = self.checkpoint_pos = pos
         await self._store.deliver_forwards(self.index)
         self.last_checkpoint_at = time.monotonic()
@@ -244,10 +244,10 @@ class ShardActor:
         watched, funnel = self.meters.watched, self.meters.funnel
         until = time.perf_counter() + budget_s if budget_s is not None else math.inf
         applied = 0
-        for sid, events in entries:
+        for _sid, events in entries:
             for event in events:
                 try:
-                    if apply(event, sid) == APPLIED and event.get("event") in watched:
+                    if apply(event) == APPLIED and event.get("event") in watched:
                         funnel.on_event(event)
                 except Exception:  # a bug must not wedge the shard; count it and go on
                     self.failed_events += 1
@@ -318,7 +318,7 @@ class ShardActor:
     async def _checkpoint(self, reason: str = "asked") -> None:
         # Begun synchronously, before any await, so it matches self.pos exactly; the
         # partition keeps each profile as it was here until it is encoded.
-        changes = self.partition.begin_changes(at=self.pos)
+        changes = self.partition.begin_changes()
         pos, since = self.pos, self._since_checkpoint
         started = time.perf_counter()
         try:

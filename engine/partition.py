@@ -4,10 +4,7 @@ The shard actor feeds events in stream order with `apply`, reads profiles with
 `lookup`, and calls `take_changes` to learn what to checkpoint (or
 `begin_changes` and then `encode_pending` in slices, applying events in between:
 a profile still to be encoded is encoded just before it next changes, so each
-is checkpointed exactly as it was when the checkpoint began, and carries the
-stream position it reflects: a checkpoint whose profiles reached Redis but
-whose position did not still replays exactly once, `restore` given the
-checkpoint's position and `apply` each event's). Messages for
+is checkpointed exactly as it was when the checkpoint began). Messages for
 customers owned by other shards come back as forwards; the actor writes them
 to the owners' streams (at least once: every receiver here is idempotent).
 
@@ -36,7 +33,6 @@ from typing import Any
 import orjson
 
 from engine.profile import Limits, Profile, apply_event, merge_profiles, share_strings
-from engine.routing import parse_id
 from engine.rules import RuleSet, TimerIndex, merge_journey
 
 APPLIED, DUPLICATE, DROPPED, FORWARDED = "applied", "duplicate", "dropped", "forwarded"
@@ -104,14 +100,6 @@ class Partition:
         # A checkpoint being taken: profiles still to encode, and where the encoded go.
         self._pending: dict[str, Profile] = {}
         self._encoded: dict[str, bytes] = {}
-        # The stream position the checkpoint being taken reflects, written into each
-        # profile it encodes; profiles already further on than that keep their own.
-        self._at: str | None = None
-        self._pending_at: dict[str, str] = {}
-        # Restored profiles written by a checkpoint that did not finish: customer ->
-        # (position, as written). Their events up to it are in them already.
-        self._ahead: dict[str, tuple[tuple[int, int], str]] = {}
-        self._ahead_max: tuple[int, int] = (0, 0)
 
     # -- reading -------------------------------------------------------------
     def lookup(self, customer_id: str) -> Profile | str | None:
@@ -122,23 +110,11 @@ class Partition:
         return self.aliases.get(customer_id)
 
     # -- applying ------------------------------------------------------------
-    def apply(self, event: dict, pos: str | None = None) -> str:
-        """Apply one normalized event (of stream entry `pos`, if known); returns
-        applied, duplicate, dropped or forwarded."""
-        if self._ahead and pos is not None and self._holds(event["customer"], pos):
-            outcome = DUPLICATE  # applied before a crash, and checkpointed with its profile
-        else:
-            outcome = self._apply(event)
+    def apply(self, event: dict) -> str:
+        """Apply one normalized event; returns applied, duplicate, dropped or forwarded."""
+        outcome = self._apply(event)
         self.stats[outcome] += 1
         return outcome
-
-    def _holds(self, customer: str, pos: str) -> bool:
-        at = parse_id(pos)
-        if at > self._ahead_max:
-            self._ahead = {}  # the replay is past every profile written ahead
-            return False
-        ahead = self._ahead.get(customer)
-        return ahead is not None and at <= ahead[0]
 
     def _apply(self, event: dict) -> str:
         kind = event["type"]
@@ -388,30 +364,17 @@ class Partition:
         self.encode_pending()
         return changes
 
-    def begin_changes(self, at: str | None = None) -> Changes:
+    def begin_changes(self) -> Changes:
         """Hand over everything changed since the last call; its profiles are encoded
         into `changes.profiles` by `encode_pending`, or just before they next change.
 
-        `at` is the stream position of the last event applied: each encoded profile
-        carries it, so a checkpoint written part way before a crash still tells the
-        replay which events each of its profiles holds (see `restore`). Until
-        `encode_pending` has returned True, no other checkpoint may begin.
+        Until `encode_pending` has returned True, no other checkpoint may begin.
         """
         if self._pending:
             raise RuntimeError("a checkpoint is still being encoded")
         profiles = self.profiles
         self._pending = {cid: profiles[cid] for cid in self._dirty}
         self._encoded = {}
-        self._at = at
-        self._pending_at = {}
-        if self._ahead and at is not None:
-            # Changed by a timer while the replay skips their events: still further on.
-            floor = parse_id(at)
-            self._pending_at = {
-                cid: ahead[1]
-                for cid in self._pending
-                if (ahead := self._ahead.get(cid)) is not None and ahead[0] > floor
-            }
         changes = Changes(
             profiles=self._encoded,
             deleted=list(self._deleted),
@@ -437,7 +400,7 @@ class Partition:
         until = time.perf_counter() + budget_s if budget_s is not None else None
         while pending:
             cid, profile = pending.popitem()
-            encoded[cid] = self._encode(cid, profile)
+            encoded[cid] = orjson.dumps(profile.to_dict())
             if until is not None and time.perf_counter() >= until:
                 break
         if pending:
@@ -452,38 +415,14 @@ class Partition:
         # The checkpoint being taken must hold this profile as it is now.
         profile = self._pending.pop(customer, None)
         if profile is not None:
-            self._encoded[customer] = self._encode(customer, profile)
+            self._encoded[customer] = orjson.dumps(profile.to_dict())
 
-    def _encode(self, customer: str, profile: Profile) -> bytes:
-        data = profile.to_dict()
-        if self._at is not None:
-            data["at"] = self._pending_at.get(customer, self._at)
-        return orjson.dumps(data)
-
-    def restore(
-        self,
-        profiles: dict[bytes | str, bytes],
-        aliases: dict,
-        erased: set,
-        pos: str | None = None,
-    ) -> None:
-        """Load a checkpoint (as read back from the store) into an empty partition.
-
-        `pos` is the checkpoint's stream position. A profile written by a later
-        checkpoint that did not finish carries a later one: the replay from `pos`
-        passes over its events up to that (`apply` with their positions).
-        """
-        floor = parse_id(pos) if pos is not None else None
-        self.profiles = {}
-        self._ahead = {}
-        for key, blob in profiles.items():
-            cid = key.decode() if isinstance(key, bytes) else key
-            data = orjson.loads(blob)
-            at = data.pop("at", None)
-            if at is not None and floor is not None and (where := parse_id(at)) > floor:
-                self._ahead[cid] = (where, at)
-            self.profiles[cid] = Profile.from_dict(data)
-        self._ahead_max = max((where for where, _ in self._ahead.values()), default=(0, 0))
+    def restore(self, profiles: dict[bytes | str, bytes], aliases: dict, erased: set) -> None:
+        """Load a checkpoint (as read back from the store) into an empty partition."""
+        self.profiles = {
+            (k.decode() if isinstance(k, bytes) else k): Profile.from_dict(orjson.loads(v))
+            for k, v in profiles.items()
+        }
         self.aliases = {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in aliases.items()

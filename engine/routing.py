@@ -1,4 +1,4 @@
-"""Which shard owns a customer (a stable hash, the same in every process), and stream ids."""
+"""Which shard owns a customer: a stable hash, the same in every process."""
 
 from __future__ import annotations
 
@@ -18,11 +18,3 @@ def shard_tag(index: int) -> str:
 def stream_key(index: int) -> str:
     """The events stream of shard `index`."""
     return f"nudge:{shard_tag(index)}:events"
-
-
-def parse_id(stream_id: str | bytes) -> tuple[int, int]:
-    """A stream id as a comparable (milliseconds, sequence) pair."""
-    if isinstance(stream_id, bytes):
-        stream_id = stream_id.decode()
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)

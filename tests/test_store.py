@@ -4,10 +4,9 @@ import orjson
 import pytest
 import redis
 
-from engine import store as store_module
 from engine.partition import Changes
-from engine.routing import parse_id, shard_for, stream_key
-from engine.store import CONSENT_MARK_TTL_S, Store, connect, consent_key
+from engine.routing import shard_for, stream_key
+from engine.store import CONSENT_MARK_TTL_S, Store, connect, consent_key, parse_id
 from tests.factories import normalized, track
 
 pytestmark = pytest.mark.asyncio
@@ -71,52 +70,6 @@ async def test_checkpoint_round_trip_and_trim(store: Store, sync_redis: redis.Re
     await store.save_checkpoint(0, Changes(deleted=["a"], unaliased=["anon"]), ids[2])
     _, profiles, aliases, _ = await store.load_checkpoint(0)
     assert profiles == {} and aliases == {}
-
-
-async def test_checkpoint_profiles_go_in_short_writes_before_the_position(
-    store: Store, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # No transaction holds Redis for a whole checkpoint: profiles go in HSETs of about
-    # _CHUNK_BYTES each, forwards before them, and the position only after both.
-    monkeypatch.setattr(store_module, "_CHUNK_BYTES", 100)
-    profiles = {f"c{i}": b'{"at":"5-0","pad":"' + b"x" * 40 + b'"}' for i in range(5)}
-    event = {"type": "_merge_out", "customer": "anon-7", "userId": "u", "ts": 1.0}
-    await store.save_checkpoint(0, Changes(profiles={"c0": b"{}"}), "1-0")
-    calls = sync_redis.info("commandstats")["cmdstat_hset"]["calls"]
-
-    real = store.redis.pipeline
-
-    def final_step_fails(transaction: bool = True, **options):
-        pipe = real(transaction=transaction, **options)
-        if transaction:
-
-            async def lost(*args, **kwargs):
-                raise redis.exceptions.ConnectionError("the engine died here")
-
-            pipe.execute = lost
-        return pipe
-
-    monkeypatch.setattr(store.redis, "pipeline", final_step_fails)
-    changes = Changes(profiles=profiles, forwards=[("anon-7", event)], aliases={"anon-7": "u"})
-    with pytest.raises(redis.exceptions.ConnectionError):
-        await store.save_checkpoint(0, changes, "5-0")
-    monkeypatch.setattr(store.redis, "pipeline", real)
-    assert sync_redis.info("commandstats")["cmdstat_hset"]["calls"] - calls == 3  # 2 + 2 + 1
-    pos, saved, aliases, _ = await store.load_checkpoint(0)
-    assert pos == "1-0" and aliases == {}  # the position and the aliases did not move
-    assert saved == {k.encode(): v for k, v in profiles.items()}  # each says where it is
-    assert len(sync_redis.xrange("nudge:{s0}:fwd")) == 1  # out before any profile
-
-    await store.save_checkpoint(0, changes, "5-0")  # the retry: the same again, idempotent
-    pos, _, aliases, _ = await store.load_checkpoint(0)
-    assert pos == "5-0" and aliases == {b"anon-7": b"u"}
-
-
-async def test_checkpoint_chunks_are_about_the_limit_and_never_empty() -> None:
-    blobs = {"a": b"x" * 70, "b": b"x" * 70, "c": b"x" * 300, "d": b"x" * 10}
-    chunks = list(store_module._chunks(blobs, 100))
-    assert [list(c) for c in chunks] == [["a", "b"], ["c"], ["d"]]
-    assert list(store_module._chunks({}, 100)) == []
 
 
 async def test_forwards_are_delivered_to_owning_streams(

@@ -21,8 +21,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.metrics import process
 from engine.metrics.actor import families, merge
-from engine.routing import parse_id, shard_tag, stream_key
-from engine.store import outbox_key
+from engine.routing import shard_tag, stream_key
+from engine.store import outbox_key, parse_id
 
 log = logging.getLogger(__name__)
 
