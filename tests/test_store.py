@@ -72,6 +72,41 @@ async def test_checkpoint_round_trip_and_trim(store: Store, sync_redis: redis.Re
     assert profiles == {} and aliases == {}
 
 
+async def test_a_checkpoint_that_fails_leaves_nothing_of_itself(
+    store: Store, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # All of a checkpoint becomes visible at once or none of it: profiles written
+    # ahead of their aliases, deletions or position once lost identity merges and
+    # applied events twice after a crash (b0510a7, reverted).
+    await store.save_checkpoint(0, Changes(profiles={"a": b'{"x":1}'}), "1-0")
+    real = store.redis.pipeline
+
+    def transaction_fails(transaction: bool = True, **options):
+        pipe = real(transaction=transaction, **options)
+        if transaction:
+
+            async def lost(*args, **kwargs):
+                raise redis.exceptions.ConnectionError("the engine died here")
+
+            pipe.execute = lost
+        return pipe
+
+    monkeypatch.setattr(store.redis, "pipeline", transaction_fails)
+    event = {"type": "_merge_out", "customer": "anon-7", "userId": "u", "ts": 1.0}
+    changes = Changes(
+        profiles={"a": b'{"x":2}', "b": b'{"x":3}'},
+        deleted=["gone"],
+        aliases={"anon-7": "u"},
+        forwards=[("anon-7", event)],
+    )
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await store.save_checkpoint(0, changes, "5-0")
+    monkeypatch.setattr(store.redis, "pipeline", real)
+    pos, profiles, aliases, _ = await store.load_checkpoint(0)
+    assert (pos, profiles, aliases) == ("1-0", {b"a": b'{"x":1}'}, {})
+    assert sync_redis.xrange("nudge:{s0}:fwd") == []
+
+
 async def test_forwards_are_delivered_to_owning_streams(
     store: Store, sync_redis: redis.Redis
 ) -> None:
