@@ -266,3 +266,40 @@ async def test_a_checkpoint_that_dies_at_its_commit_loses_no_identity_merge(
     assert ann["counts"] == {**live["counts"], "Product Viewed": 3}
     assert ann["merged_ids"] == ["anon-9"]
     await revived.stop()
+
+
+async def test_a_checkpoint_that_dies_before_its_fold_is_recovered_whole(
+    redis_url: str, store: Store
+) -> None:
+    # Committed, but never folded into the profiles hash: recovery reads the stage.
+    config = settings(checkpoint_interval_ms=600_000, checkpoint_events=10**9)
+    actor = await started(redis_url, config)
+    await store.append([normalized(track("anon-9", anonymous=True))])
+    last = (await store.append([normalized(track("ann"))]))[0]
+    assert await actor.wait_applied(last)
+    await actor.checkpoint_now()
+    identify = {"type": "identify", "userId": "ann", "anonymousId": "anon-9", "traits": {}}
+    last = (await store.append([normalized({**identify, "messageId": "m-identify"})]))[0]
+    last = await append_events(store, ["ann", "bob"], 3)
+    assert await actor.wait_applied(last)
+    live = {cid: p.to_dict() for cid, p in actor.partition.profiles.items()}
+
+    async def died(index: int, chunks: list) -> None:
+        raise ConnectionError("the process died before the fold")
+
+    actor._store._fold = died
+    with pytest.raises(ConnectionError):
+        await actor.checkpoint_now()
+    await crash(actor)
+
+    revived = await started(redis_url, config)
+    assert {cid: p.to_dict() for cid, p in revived.partition.profiles.items()} == live
+    assert revived.partition.aliases == {"anon-9": "ann"}
+    last = (await store.append([normalized(track("anon-9", anonymous=True))]))[0]
+    assert await revived.wait_applied(last)
+    await revived.checkpoint_now()  # folds the stage left behind before its own commit
+    await revived.stop()
+    again = await started(redis_url, config)
+    assert again.partition.profiles["ann"].counts["Product Viewed"] == 6
+    assert set(again.partition.profiles) == {"ann", "bob"}
+    await again.stop()

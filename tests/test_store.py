@@ -4,6 +4,7 @@ import orjson
 import pytest
 import redis
 
+from engine import store as store_module
 from engine.partition import Changes
 from engine.routing import shard_for, stream_key
 from engine.store import CONSENT_MARK_TTL_S, Store, connect, consent_key, parse_id
@@ -105,6 +106,47 @@ async def test_a_checkpoint_that_fails_leaves_nothing_of_itself(
     pos, profiles, aliases, _ = await store.load_checkpoint(0)
     assert (pos, profiles, aliases) == ("1-0", {b"a": b'{"x":1}'}, {})
     assert sync_redis.xrange("nudge:{s0}:fwd") == []
+
+
+async def test_a_commit_whose_fold_never_ran_is_what_recovery_reads(
+    store: Store, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Profiles go to a staging key in short HSETs, the commit RENAMEs it to the stage,
+    # and the fold copies the stage into the profiles hash. A crash before the fold
+    # leaves the stage: recovery reads it over the hash, and the next checkpoint folds
+    # it before its own commit, so a deletion there is not undone.
+    monkeypatch.setattr(store_module, "_CHUNK_BYTES", 100)
+    await store.save_checkpoint(0, Changes(profiles={"a": b'{"x":1}', "b": b'{"x":1}'}), "1-0")
+    calls = sync_redis.info("commandstats")["cmdstat_hset"]["calls"]
+    real_fold = store._fold
+
+    async def died(index: int, chunks: list) -> None:
+        raise redis.exceptions.ConnectionError("the process died before the fold")
+
+    monkeypatch.setattr(store, "_fold", died)
+    blobs = {f"c{i}": b'{"pad":"' + b"x" * 50 + b'"}' for i in range(5)}
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await store.save_checkpoint(0, Changes(profiles={**blobs, "a": b'{"x":2}'}), "5-0")
+    assert sync_redis.info("commandstats")["cmdstat_hset"]["calls"] - calls == 3  # staged
+    assert sync_redis.hget("nudge:{s0}:profiles", "a") == b'{"x":1}'  # not folded yet
+    pos, profiles, _, _ = await store.load_checkpoint(0)
+    assert pos == "5-0"
+    staged = {k.encode(): v for k, v in blobs.items()}
+    assert profiles == {b"a": b'{"x":2}', b"b": b'{"x":1}', **staged}
+
+    monkeypatch.setattr(store, "_fold", real_fold)
+    await store.save_checkpoint(0, Changes(deleted=["c0", "b"]), "6-0")
+    assert not sync_redis.exists("nudge:{s0}:stage")
+    pos, profiles, _, _ = await store.load_checkpoint(0)
+    assert pos == "6-0" and sorted(profiles) == [b"a", b"c1", b"c2", b"c3", b"c4"]
+    assert profiles[b"a"] == b'{"x":2}'
+    assert sorted(sync_redis.hkeys("nudge:{s0}:profiles")) == sorted(profiles)  # folded in
+
+
+async def test_checkpoint_chunks_are_about_the_limit_and_never_empty() -> None:
+    blobs = {"a": b"x" * 70, "b": b"x" * 70, "c": b"x" * 300, "d": b"x" * 10}
+    assert [list(c) for c in store_module._chunks(blobs, 100)] == [["a", "b"], ["c"], ["d"]]
+    assert store_module._chunks({}, 100) == []
 
 
 async def test_forwards_are_delivered_to_owning_streams(
