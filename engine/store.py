@@ -22,6 +22,7 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +35,8 @@ from engine.errors import StoreError
 from engine.partition import Changes, erased_key
 from engine.profile import consent_change
 from engine.routing import shard_for, shard_tag, stream_key
+
+log = logging.getLogger(__name__)
 
 # Encoded profiles per HSET, at most: each command holds Redis for the time it takes
 # (about 2 ms per MB here); the checkpoint's transaction carries no profile.
@@ -275,15 +278,23 @@ class Store:
             pipe.xtrim(stream_key(index), minid=pos, approximate=True)
             await pipe.execute()
         if chunks:
-            await self._fold(index, chunks)
+            try:
+                await self._fold(index, chunks)
+            except (RedisError, OSError) as exc:
+                # Committed all the same: the stage stays, recovery reads it, and the
+                # next checkpoint folds it first. Raising would have the caller write
+                # again a checkpoint that is already in.
+                log.warning("shard %d: checkpoint committed, fold deferred: %s", index, exc)
 
     async def _fold(self, index: int, chunks: list[dict]) -> None:
         """Copy the committed stage (`chunks`, its content) into the profiles hash; drop it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for chunk in chunks:
                 pipe.hset(_key(index, "profiles"), mapping=chunk)
-            pipe.unlink(_key(index, "stage"))
             await pipe.execute()
+        # Only once every HSET is in: a refused one (out of memory) raises above, and
+        # the stage must then stay.
+        await self.redis.unlink(_key(index, "stage"))
 
     async def _fold_leftover_stage(self, index: int) -> None:
         # Only after a crash or a Redis error between a commit and its fold.

@@ -285,12 +285,12 @@ async def test_a_checkpoint_that_dies_before_its_fold_is_recovered_whole(
     live = {cid: p.to_dict() for cid, p in actor.partition.profiles.items()}
 
     async def died(index: int, chunks: list) -> None:
-        raise ConnectionError("the process died before the fold")
+        await crash(actor)  # the process dies right after the commit
+        raise ConnectionError("gone")
 
     actor._store._fold = died
-    with pytest.raises(ConnectionError):
+    with contextlib.suppress(Exception):
         await actor.checkpoint_now()
-    await crash(actor)
 
     revived = await started(redis_url, config)
     assert {cid: p.to_dict() for cid, p in revived.partition.profiles.items()} == live

@@ -120,13 +120,14 @@ async def test_a_commit_whose_fold_never_ran_is_what_recovery_reads(
     calls = sync_redis.info("commandstats")["cmdstat_hset"]["calls"]
     real_fold = store._fold
 
-    async def died(index: int, chunks: list) -> None:
-        raise redis.exceptions.ConnectionError("the process died before the fold")
+    async def refused(index: int, chunks: list) -> None:
+        raise redis.exceptions.ResponseError("OOM command not allowed")
 
-    monkeypatch.setattr(store, "_fold", died)
+    monkeypatch.setattr(store, "_fold", refused)
     blobs = {f"c{i}": b'{"pad":"' + b"x" * 50 + b'"}' for i in range(5)}
-    with pytest.raises(redis.exceptions.ConnectionError):
-        await store.save_checkpoint(0, Changes(profiles={**blobs, "a": b'{"x":2}'}), "5-0")
+    # Committed: a fold that fails is left to the next checkpoint, not raised (raised,
+    # the shard would write again, as new, a checkpoint that is already in).
+    await store.save_checkpoint(0, Changes(profiles={**blobs, "a": b'{"x":2}'}), "5-0")
     assert sync_redis.info("commandstats")["cmdstat_hset"]["calls"] - calls == 3  # staged
     assert sync_redis.hget("nudge:{s0}:profiles", "a") == b'{"x":1}'  # not folded yet
     pos, profiles, _, _ = await store.load_checkpoint(0)
@@ -135,11 +136,15 @@ async def test_a_commit_whose_fold_never_ran_is_what_recovery_reads(
     assert profiles == {b"a": b'{"x":2}', b"b": b'{"x":1}', **staged}
 
     monkeypatch.setattr(store, "_fold", real_fold)
+    sync_redis.hset("nudge:{s0}:staging", "stray", b"{}")  # from an attempt that failed
     await store.save_checkpoint(0, Changes(deleted=["c0", "b"]), "6-0")
     assert not sync_redis.exists("nudge:{s0}:stage")
     pos, profiles, _, _ = await store.load_checkpoint(0)
     assert pos == "6-0" and sorted(profiles) == [b"a", b"c1", b"c2", b"c3", b"c4"]
     assert profiles[b"a"] == b'{"x":2}'
+    await store.save_checkpoint(0, Changes(profiles={"d": b"{}"}), "7-0")
+    _, profiles, _, _ = await store.load_checkpoint(0)
+    assert b"stray" not in profiles and b"d" in profiles  # staging starts empty
     assert sorted(sync_redis.hkeys("nudge:{s0}:profiles")) == sorted(profiles)  # folded in
 
 
@@ -166,3 +171,21 @@ async def test_tail_and_parse_id(store: Store) -> None:
     written = await store.append_groups({2: [normalized(track("x"))]})
     assert await store.tail(2) == written[2]
     assert parse_id("12-3") < parse_id("12-10") < parse_id("13-0")
+
+
+async def test_a_fold_refused_for_memory_keeps_the_stage(
+    store: Store, sync_redis: redis.Redis
+) -> None:
+    # Out of memory, Redis refuses the HSETs but would still run an UNLINK sent with
+    # them: the committed stage must outlive a fold that did not land.
+    await store.save_checkpoint(0, Changes(profiles={"a": b'{"v":1}'}), "1-0")
+    sync_redis.hset("nudge:{s0}:stage", "a", b'{"v":2}')  # committed, not yet folded
+    used = sync_redis.info("memory")["used_memory"]
+    sync_redis.config_set("maxmemory", used)
+    try:
+        with pytest.raises(redis.exceptions.ResponseError):
+            await store._fold(0, [{"a": b'{"v":2}' + b" " * 100_000}])
+    finally:
+        sync_redis.config_set("maxmemory", 0)
+    _, profiles, _, _ = await store.load_checkpoint(0)
+    assert profiles == {b"a": b'{"v":2}'}  # the stage is still there, over the hash
