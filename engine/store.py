@@ -247,11 +247,9 @@ class Store:
         staging, stage = _key(index, "staging"), _key(index, "stage")
         main = _key(index, "profiles")
         await self._fold_leftover_stage(index)  # a fold cut short: the stage must be empty
-        profiles = changes.profiles
-        if changes.deleted:  # never staged, so never folded back in after the HDEL
-            gone = set(changes.deleted)
-            profiles = {cid: blob for cid, blob in profiles.items() if cid not in gone}
-        chunks = _chunks(profiles, _CHUNK_BYTES)
+        # A deleted id is never among the changed profiles (Partition keeps them apart),
+        # so the fold cannot bring back what the commit deletes.
+        chunks = _chunks(changes.profiles, _CHUNK_BYTES)
         if chunks:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.unlink(staging)  # left by an attempt that failed before its commit

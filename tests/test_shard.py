@@ -8,12 +8,14 @@ import dataclasses
 import time
 
 import pytest
+import redis
 
 from actors.shard import ShardActor
 from engine.config import EngineConfig
 from engine.routing import shard_for
 from engine.store import Store, connect
 from tests.factories import normalized, track
+from tests.faults import transactions_fail
 
 SHARDS = 1
 
@@ -222,13 +224,10 @@ async def merge_across_shards(redis_url: str, config: EngineConfig) -> None:
     await store.close()
 
 
-async def test_a_checkpoint_that_dies_at_its_commit_loses_no_identity_merge(
-    redis_url: str, store: Store
-) -> None:
-    # The merged profile, the merged-away one and the alias must reach Redis together:
-    # written apart (b0510a7, reverted), the replay after this crash passed over the
-    # identify and left anon-9 a profile of its own, its first view counted twice.
-    config = settings(checkpoint_interval_ms=600_000, checkpoint_events=10**9)
+async def merged_after_a_checkpoint(
+    redis_url: str, store: Store, config: EngineConfig
+) -> ShardActor:
+    """A shard that checkpointed anon-9's and ann's views, then applied their merge."""
     actor = await started(redis_url, config)
     await store.append([normalized(track("anon-9", anonymous=True))])
     last = (await store.append([normalized(track("ann"))]))[0]
@@ -237,25 +236,22 @@ async def test_a_checkpoint_that_dies_at_its_commit_loses_no_identity_merge(
     identify = {"type": "identify", "userId": "ann", "anonymousId": "anon-9", "traits": {}}
     last = (await store.append([normalized({**identify, "messageId": "m-identify"})]))[0]
     assert await actor.wait_applied(last)
+    return actor
+
+
+async def test_a_checkpoint_that_dies_at_its_commit_loses_no_identity_merge(
+    redis_url: str, store: Store
+) -> None:
+    # The merged profile, the merged-away one and the alias must reach Redis together:
+    # written apart (b0510a7, reverted), the replay after this crash passed over the
+    # identify and left anon-9 a profile of its own, its first view counted twice.
+    config = settings(checkpoint_interval_ms=600_000, checkpoint_events=10**9)
+    actor = await merged_after_a_checkpoint(redis_url, store, config)
     live = actor.partition.profiles["ann"].to_dict()
     assert actor.partition.aliases["anon-9"] == "ann" and live["counts"]["Product Viewed"] == 2
 
-    real = actor._store.redis.pipeline
-
-    def commit_dies(transaction: bool = True, **options):
-        pipe = real(transaction=transaction, **options)
-        if transaction:
-
-            async def killed(*args, **kwargs):
-                raise ConnectionError("the process died at the commit")
-
-            pipe.execute = killed
-        return pipe
-
-    actor._store.redis.pipeline = commit_dies
-    with pytest.raises(ConnectionError):
+    with transactions_fail(actor._store.redis), pytest.raises(redis.exceptions.ConnectionError):
         await actor.checkpoint_now()
-    actor._store.redis.pipeline = real
     await crash(actor)
 
     revived = await started(redis_url, config)
@@ -273,13 +269,7 @@ async def test_a_checkpoint_that_dies_before_its_fold_is_recovered_whole(
 ) -> None:
     # Committed, but never folded into the profiles hash: recovery reads the stage.
     config = settings(checkpoint_interval_ms=600_000, checkpoint_events=10**9)
-    actor = await started(redis_url, config)
-    await store.append([normalized(track("anon-9", anonymous=True))])
-    last = (await store.append([normalized(track("ann"))]))[0]
-    assert await actor.wait_applied(last)
-    await actor.checkpoint_now()
-    identify = {"type": "identify", "userId": "ann", "anonymousId": "anon-9", "traits": {}}
-    last = (await store.append([normalized({**identify, "messageId": "m-identify"})]))[0]
+    actor = await merged_after_a_checkpoint(redis_url, store, config)
     last = await append_events(store, ["ann", "bob"], 3)
     assert await actor.wait_applied(last)
     live = {cid: p.to_dict() for cid, p in actor.partition.profiles.items()}

@@ -9,6 +9,7 @@ from engine.partition import Changes
 from engine.routing import shard_for, stream_key
 from engine.store import CONSENT_MARK_TTL_S, Store, connect, consent_key, parse_id
 from tests.factories import normalized, track
+from tests.faults import transactions_fail
 
 pytestmark = pytest.mark.asyncio
 
@@ -80,19 +81,6 @@ async def test_a_checkpoint_that_fails_leaves_nothing_of_itself(
     # ahead of their aliases, deletions or position once lost identity merges and
     # applied events twice after a crash (b0510a7, reverted).
     await store.save_checkpoint(0, Changes(profiles={"a": b'{"x":1}'}), "1-0")
-    real = store.redis.pipeline
-
-    def transaction_fails(transaction: bool = True, **options):
-        pipe = real(transaction=transaction, **options)
-        if transaction:
-
-            async def lost(*args, **kwargs):
-                raise redis.exceptions.ConnectionError("the engine died here")
-
-            pipe.execute = lost
-        return pipe
-
-    monkeypatch.setattr(store.redis, "pipeline", transaction_fails)
     event = {"type": "_merge_out", "customer": "anon-7", "userId": "u", "ts": 1.0}
     changes = Changes(
         profiles={"a": b'{"x":2}', "b": b'{"x":3}'},
@@ -100,9 +88,8 @@ async def test_a_checkpoint_that_fails_leaves_nothing_of_itself(
         aliases={"anon-7": "u"},
         forwards=[("anon-7", event)],
     )
-    with pytest.raises(redis.exceptions.ConnectionError):
+    with transactions_fail(store.redis), pytest.raises(redis.exceptions.ConnectionError):
         await store.save_checkpoint(0, changes, "5-0")
-    monkeypatch.setattr(store.redis, "pipeline", real)
     pos, profiles, aliases, _ = await store.load_checkpoint(0)
     assert (pos, profiles, aliases) == ("1-0", {b"a": b'{"x":1}'}, {})
     assert sync_redis.xrange("nudge:{s0}:fwd") == []
