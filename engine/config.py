@@ -52,6 +52,8 @@ class EngineConfig:
     ray_address: str = ""
     ray_namespace: str = "nudge"
     redis_fsync: str = "everysec"
+    redis_aof_rewrite_percentage: int = 400
+    redis_aof_rewrite_min_mb: int = 1024
     checkpoint_interval_ms: int = 5000
     checkpoint_events: int = 20_000
     urgent_checkpoint_ms: int = 1000
@@ -201,6 +203,16 @@ def validate(config: Config) -> None:
             config.engine.redis_fsync in ("everysec", "always", "no"),
             "engine.redis_fsync",
             "must be everysec, always or no",
+        ),
+        (
+            config.engine.redis_aof_rewrite_percentage >= 0,
+            "engine.redis_aof_rewrite_percentage",
+            "must be 0 (never rewrite) or more",
+        ),
+        (
+            config.engine.redis_aof_rewrite_min_mb >= 1,
+            "engine.redis_aof_rewrite_min_mb",
+            "must be positive",
         ),
         (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
         (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from engine.config import EngineConfig
 from engine.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,18 @@ def _free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process with its data, AOF and socket under `data_dir`."""
 
-    def __init__(self, data_dir: str | os.PathLike, *, fsync: str = "everysec"):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        fsync: str = "everysec",
+        rewrite_percentage: int = EngineConfig.redis_aof_rewrite_percentage,
+        rewrite_min_mb: int = EngineConfig.redis_aof_rewrite_min_mb,
+    ):
         self.data_dir = Path(data_dir).resolve()
         self.fsync = fsync
+        self.rewrite_percentage = rewrite_percentage
+        self.rewrite_min_mb = rewrite_min_mb
         self.process: subprocess.Popen | None = None
         self.url = ""
 
@@ -69,6 +79,13 @@ class EmbeddedRedis:
             "yes",
             "--appendfsync",
             self.fsync,
+            # Redis's own defaults (100%, 64 MB) rewrite the AOF every few seconds
+            # under a steady stream of events and checkpoints: each rewrite forks
+            # and serializes the whole dataset, in CPU taken from ingest.
+            "--auto-aof-rewrite-percentage",
+            str(self.rewrite_percentage),
+            "--auto-aof-rewrite-min-size",
+            f"{self.rewrite_min_mb}mb",
             "--save",
             "",
             "--daemonize",

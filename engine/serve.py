@@ -75,7 +75,10 @@ def serve(config: Config) -> None:
     redis_url = config.engine.redis_url
     if not redis_url:
         embedded = EmbeddedRedis(
-            os.path.join(config.engine.data_dir, "redis"), fsync=config.engine.redis_fsync
+            os.path.join(config.engine.data_dir, "redis"),
+            fsync=config.engine.redis_fsync,
+            rewrite_percentage=config.engine.redis_aof_rewrite_percentage,
+            rewrite_min_mb=config.engine.redis_aof_rewrite_min_mb,
         )
         redis_url = embedded.start()
     handles = []

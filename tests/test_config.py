@@ -58,6 +58,12 @@ def test_environment_overrides_file() -> None:
         ({}, {"NUDGE_PORT": "eighty"}, "NUDGE_PORT"),
         ({"auth": {"write_keys": "k"}}, {}, "auth.write_keys"),
         ({"engine": {"redis_fsync": "sometimes"}}, {}, "engine.redis_fsync"),
+        (
+            {"engine": {"redis_aof_rewrite_percentage": -1}},
+            {},
+            "engine.redis_aof_rewrite_percentage",
+        ),
+        ({}, {"NUDGE_REDIS_AOF_REWRITE_MIN_MB": "0"}, "engine.redis_aof_rewrite_min_mb"),
     ],
 )
 def test_errors_name_the_setting(data: dict, env: dict, field: str) -> None:
