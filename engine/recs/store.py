@@ -5,8 +5,9 @@ Keys (all under `nudge:`):
   catalog:seen            hash  product id -> what events said about it (first description wins)
   catalog:version         int   bumped on every catalog write, so shards know to reload
   recs:co:{id}            zset  neighbour -> co-occurrence weight (top `keep_neighbors` kept)
-  recs:mass               zset  product -> its own decayed event weight
   recs:pop:{category}     zset  product -> popularity in the category ("recs:pop:" for all)
+                                (an item's "mass" in similarity is its "recs:pop:" score: the
+                                two always received the same increments, so one zset holds it)
   rfm:part:{shard}        str   the shard's share of the RFM population (JSON)
 
 Shards add their co-occurrence deltas with ZINCRBY, so Redis itself is the
@@ -28,7 +29,6 @@ from engine.errors import StoreError
 from engine.recs.cooccur import CoCounts
 
 CATALOG, SEEN, VERSION = "nudge:catalog", "nudge:catalog:seen", "nudge:catalog:version"
-MASS = "nudge:recs:mass"
 
 
 _CO_PREFIX = "nudge:recs:co:"
@@ -83,8 +83,11 @@ def _unsent(
     unsent.pairs = dict(pairs)
     categories = {pop_key(c): c for c in counts.popular}
     for key, item, w in singles:
-        table = unsent.mass if key == MASS else unsent.popular.setdefault(categories[key], {})
+        category = categories[key]
+        table = unsent.popular.setdefault(category, {})
         table[item] = table.get(item, 0.0) + w
+        if category == "":  # an item's mass is its whole-shop popularity, kept alike
+            unsent.mass[item] = unsent.mass.get(item, 0.0) + w
     return unsent
 
 
@@ -168,7 +171,9 @@ class RecsStore:
         if counts is None:
             return
         pairs = list(counts.pairs.items())
-        singles: list[tuple[str, str, float]] = [(MASS, i, w) for i, w in counts.mass.items()]
+        # No separate mass zset: counts.mass equals counts.popular[""] (both take every
+        # increment), and readers take an item's mass from "recs:pop:".
+        singles: list[tuple[str, str, float]] = []
         for category, table in counts.popular.items():
             key = pop_key(category)
             singles.extend((key, item, w) for item, w in table.items())
@@ -229,7 +234,8 @@ class RecsStore:
         return neighbors, popular
 
     async def masses(self, items: list[str]) -> dict[str, float]:
+        """Each item's mass (its decayed event weight over the whole shop), where known."""
         if not items:
             return {}
-        values = await self.redis.zmscore(MASS, items)
+        values = await self.redis.zmscore(pop_key(""), items)
         return {i: float(v) for i, v in zip(items, values, strict=True) if v is not None}

@@ -12,7 +12,7 @@ from engine.insight.live import LiveInsight
 from engine.partition import Partition
 from engine.recs.cooccur import CoCounts, CoSettings
 from engine.recs.settings import RecsConfig
-from engine.recs.store import MASS, FlushIncomplete, RecsStore, co_key, pop_key
+from engine.recs.store import FlushIncomplete, RecsStore, co_key, pop_key
 from engine.store import connect
 from tests.recs.ports import closed_port_url
 from tests.rules.harness import T0, event
@@ -36,7 +36,8 @@ async def test_flushes_from_two_shards_add_up_in_redis(redis_url: str, sync_redi
     assert (
         sync_redis.zscore(co_key("p1"), "p2") == 2 * pair == sync_redis.zscore(co_key("p2"), "p1")
     )
-    assert sync_redis.zcard(MASS) == 2
+    assert sync_redis.zcard(pop_key("")) == 2
+    assert not sync_redis.exists("nudge:recs:mass")  # the shop's popularity holds the mass
     assert right.insight.merged is not None and len(right.insight.merged) == 0  # no buyers
 
 
@@ -84,8 +85,8 @@ async def test_a_flush_failing_part_way_hands_back_exactly_what_did_not_land(
     # the pair that landed the first time is not added twice
     assert sync_redis.zscore(co_key("p1"), "p2") == weights[("p1", "p2")]
     assert sync_redis.zscore(co_key("p4"), "p3") == weights[("p3", "p4")]
-    assert {k.decode(): v for k, v in sync_redis.zrange(MASS, 0, -1, withscores=True)} == masses
-    assert sync_redis.zscore(pop_key(""), "p4") == masses["p4"]
+    landed = sync_redis.zrange(pop_key(""), 0, -1, withscores=True)
+    assert {k.decode(): v for k, v in landed} == masses
 
 
 async def test_the_store_names_the_unsent_counts(redis_url: str, sync_redis, monkeypatch) -> None:
@@ -96,8 +97,11 @@ async def test_the_store_names_the_unsent_counts(redis_url: str, sync_redis, mon
     with pytest.raises(FlushIncomplete) as failed:
         await store.flush(counts, {}, keep_neighbors=10)
     await store.close()
-    assert set(failed.value.unsent.pairs) == {("p3", "p4")}
-    assert isinstance(failed.value.unsent, CoCounts)
+    unsent = failed.value.unsent
+    assert set(unsent.pairs) == {("p3", "p4")}
+    assert isinstance(unsent, CoCounts)
+    # the first call took one shop-wide popularity; the rest come back, as mass too
+    assert len(unsent.popular[""]) == 3 and unsent.mass == unsent.popular[""]
 
 
 async def test_a_due_flush_runs_in_the_background_within_its_pair_budget(
