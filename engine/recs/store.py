@@ -12,10 +12,10 @@ Keys (all under `nudge:`):
 
 Shards add their co-occurrence deltas with ZINCRBY, so Redis itself is the
 merge: addition commutes. A flush is tens of thousands of increments, so it
-goes as Lua calls of `_CHUNK_PAIRS` pairs each, the deltas packed in one JSON
-argument: one redis-py command per increment cost the shard about 20 µs each
-(75 µs per event on the ingest benchmark), and short calls, with a rest after
-each in a background flush, keep Redis free for ingest in between.
+goes as a few Lua calls of `_CHUNK_PAIRS` pairs each, the deltas packed in one
+JSON argument: one redis-py command per increment cost the shard about 20 µs
+each (75 µs per event on the ingest benchmark), and short calls keep Redis
+free for ingest in between.
 """
 
 from __future__ import annotations
