@@ -175,11 +175,7 @@ class ShardInsight:
         try:
             if counts is not None or described:
                 await self.store.flush(
-                    counts,
-                    described,
-                    keep_neighbors=self.settings.recs.keep_neighbors,
-                    # Ingest's XADDs queue behind these calls; a final flush need not wait.
-                    paced=bounded,
+                    counts, described, keep_neighbors=self.settings.recs.keep_neighbors
                 )
         except FlushIncomplete as exc:  # descriptions and part of the counts are in Redis
             self._failed(exc)

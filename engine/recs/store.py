@@ -12,16 +12,14 @@ Keys (all under `nudge:`):
 
 Shards add their co-occurrence deltas with ZINCRBY, so Redis itself is the
 merge: addition commutes. A flush is tens of thousands of increments, so it
-goes as a few Lua calls of `_CHUNK_PAIRS` pairs each, the deltas packed in one
-JSON argument: one redis-py command per increment cost the shard about 20 µs
-each (75 µs per event on the ingest benchmark), and short calls keep Redis
-free for ingest in between.
+goes as Lua calls of `_CHUNK_PAIRS` pairs each, the deltas packed in one JSON
+argument: one redis-py command per increment cost the shard about 20 µs each
+(75 µs per event on the ingest benchmark), and short calls keep Redis free for
+ingest in between.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import orjson
@@ -159,14 +157,11 @@ class RecsStore:
         described: dict[str, dict],
         *,
         keep_neighbors: int,
-        paced: bool = False,
     ) -> None:
         """Add one shard's counts and product descriptions to Redis.
 
         Raises FlushIncomplete with the counts not yet added when a call fails
         part way, so the caller can keep exactly those for its next flush.
-        `paced`: after each Lua call, wait as long as it took, so a flush in the
-        background never keeps Redis busy more than about half the time.
         """
         if described:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -188,27 +183,21 @@ class RecsStore:
             lo, hi = n * _CHUNK_PAIRS, (n + 1) * _CHUNK_PAIRS
             flat_pairs = [x for (a, b), w in pairs[lo:hi] for x in (a, b, w)]
             flat_singles = [x for single in singles[lo:hi] for x in single]
-            started = time.perf_counter()
             try:
                 await add(keys=[_CO_PREFIX], args=[orjson.dumps([flat_pairs, flat_singles])])
             except Exception as exc:
                 raise FlushIncomplete(
                     f"recommendation flush failed: {exc}", _unsent(counts, pairs[lo:], singles[lo:])
                 ) from exc
-            if paced:
-                await asyncio.sleep(time.perf_counter() - started)
         # Trimmed once per flush, not per chunk: a chunk touches most hot items.
         touched = list({item for pair, _ in pairs for item in pair})
         trim = self.redis.register_script(_TRIM)
         try:
             for lo in range(0, len(touched), _CHUNK_PAIRS):
-                started = time.perf_counter()
                 await trim(
                     keys=[_CO_PREFIX],
                     args=[keep_neighbors, orjson.dumps(touched[lo : lo + _CHUNK_PAIRS])],
                 )
-                if paced:
-                    await asyncio.sleep(time.perf_counter() - started)
         except Exception as exc:  # the counts are in; the next flush trims these keys again
             raise FlushIncomplete(
                 f"recommendation trim failed: {exc}", CoCounts(counts.settings)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -146,24 +145,3 @@ async def test_shards_flush_in_turn_after_the_first_flush(redis_url: str) -> Non
         assert shard.flushes == 1
         await shard.close()
     assert [round(n) for n in nexts] == [4, 5, 6, 7]
-
-
-async def test_a_paced_flush_rests_after_each_call_as_long_as_it_took(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(recs_store, "_CHUNK_PAIRS", 1)
-    rests: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def resting(seconds: float) -> None:
-        rests.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(recs_store.asyncio, "sleep", resting)
-    store = RecsStore(connect(redis_url))
-    await store.flush(two_pairs().insight.counts.take(), {}, keep_neighbors=10)
-    assert rests == []  # a final flush (at stop) does not wait
-    await store.flush(two_pairs().insight.counts.take(), {}, keep_neighbors=10, paced=True)
-    await store.close()
-    # two pairs and four popularities: four add calls, then four trims of one item each
-    assert len(rests) == 8 and all(0 < r < 1 for r in rests)
