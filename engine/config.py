@@ -177,6 +177,10 @@ def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     return config
 
 
+_REDIS_INT_MAX = 2**31 - 1  # auto-aof-rewrite-percentage is a C int in Redis
+_REDIS_MAX_MB = (2**63 - 1) >> 20  # auto-aof-rewrite-min-size is a long long of bytes
+
+
 def validate(config: Config) -> None:
     """Reject settings that cannot work or are unsafe."""
     checks = [
@@ -205,14 +209,14 @@ def validate(config: Config) -> None:
             "must be everysec, always or no",
         ),
         (
-            config.engine.redis_aof_rewrite_percentage >= 0,
+            0 <= config.engine.redis_aof_rewrite_percentage <= _REDIS_INT_MAX,
             "engine.redis_aof_rewrite_percentage",
-            "must be 0 (never rewrite) or more",
+            f"must be 0 (never rewrite) to {_REDIS_INT_MAX} (Redis's limit)",
         ),
         (
-            config.engine.redis_aof_rewrite_min_mb >= 1,
+            1 <= config.engine.redis_aof_rewrite_min_mb <= _REDIS_MAX_MB,
             "engine.redis_aof_rewrite_min_mb",
-            "must be positive",
+            f"must be 1 to {_REDIS_MAX_MB} (Redis's limit)",
         ),
         (config.engine.dedupe_max_ids >= 1, "engine.dedupe_max_ids", "must be positive"),
         (config.engine.recent_max >= 1, "engine.recent_max", "must be positive"),

@@ -64,6 +64,11 @@ def test_environment_overrides_file() -> None:
             "engine.redis_aof_rewrite_percentage",
         ),
         ({}, {"NUDGE_REDIS_AOF_REWRITE_MIN_MB": "0"}, "engine.redis_aof_rewrite_min_mb"),
+        (
+            {},
+            {"NUDGE_REDIS_AOF_REWRITE_PERCENTAGE": "3000000000"},
+            "engine.redis_aof_rewrite_percentage",
+        ),
     ],
 )
 def test_errors_name_the_setting(data: dict, env: dict, field: str) -> None:
