@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from engine.insight.live import LiveInsight
 from engine.insight.model import Registry
 from engine.insight.rfm import Population
@@ -98,6 +100,11 @@ class ShardInsight:
         self.store = RecsStore(store_client)
         self.redis_url = redis_url
         self.registry.reload_all()
+        if self.index == 0:  # one shard is enough; the next start tries again
+            try:
+                await self.store.drop_retired()
+            except (RedisError, OSError) as exc:
+                log.warning("shard 0: could not drop retired recommendation keys: %s", exc)
 
     async def close(self) -> None:
         if self._retraining is not None:

@@ -29,6 +29,8 @@ from engine.errors import StoreError
 from engine.recs.cooccur import CoCounts
 
 CATALOG, SEEN, VERSION = "nudge:catalog", "nudge:catalog:seen", "nudge:catalog:version"
+# Keys earlier versions wrote and nothing reads any more: dropped once at start.
+RETIRED = ("nudge:recs:mass",)  # a copy of recs:pop: (until 59e574c)
 
 
 _CO_PREFIX = "nudge:recs:co:"
@@ -115,6 +117,10 @@ class RecsStore:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    async def drop_retired(self) -> int:
+        """UNLINK the keys earlier versions wrote and nothing reads; how many existed."""
+        return int(await self.redis.unlink(*RETIRED))
 
     # -- catalog ---------------------------------------------------------------------
     async def put_products(self, products: list[dict]) -> None:

@@ -145,3 +145,17 @@ async def test_shards_flush_in_turn_after_the_first_flush(redis_url: str) -> Non
         assert shard.flushes == 1
         await shard.close()
     assert [round(n) for n in nexts] == [4, 5, 6, 7]
+
+
+async def test_shard_0_drops_the_retired_mass_zset_at_start(redis_url: str, sync_redis) -> None:
+    sync_redis.zadd("nudge:recs:mass", {"p1": 1.0})
+    sync_redis.zadd(pop_key(""), {"p1": 1.0})
+    other = ShardInsight(1, 2, None)
+    await other.start(connect(redis_url))
+    await other.close()
+    assert sync_redis.exists("nudge:recs:mass")  # one shard does it
+    first = ShardInsight(0, 2, None)
+    await first.start(connect(redis_url))
+    await first.close()
+    assert not sync_redis.exists("nudge:recs:mass")
+    assert sync_redis.zscore(pop_key(""), "p1") == 1.0
