@@ -8,7 +8,9 @@ Run:  python -m benchmarks.ingest [--shards 4] [--duration 10] [--json out.json]
    events/s applied end to end (first send until /v1/status shows every event
    applied) and request latency.
 3. Paced at half the flat-out applied rate for the same time: request latency
-   p50/p99/p99.9, measured from each request's scheduled send time.
+   p50/p99/p99.9, measured from each request's scheduled send time, and the
+   slowest seconds, marked where Redis was rewriting its AOF (a rewrite every
+   5 s was most of the tail before 313453d).
 4. Checks the promise: every accepted event applied exactly once.
 5. Baselines: bare Starlette+uvicorn parsing the same bodies; redis-py XADD of
    one 100-event entry per command, pipelined; one Ray actor call per event.
@@ -397,11 +399,13 @@ class Tally:
     first_send: float = math.inf
     last_done: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    started_at: list[float] = field(default_factory=list)  # each latency's start, in order
     statuses: dict[int, int] = field(default_factory=dict)
 
     def record(self, status: int, started: float, done: float) -> None:
         """Count one answered request."""
         self.latencies.append(done - started)
+        self.started_at.append(started)
         self.last_done = max(self.last_done, done)
         if 200 <= status < 300:
             self.ok += 1
@@ -669,6 +673,50 @@ def redis_by_command(before: dict, after: dict, events: int) -> dict[str, dict[s
     }
 
 
+def slowest_seconds(
+    tally: Tally, since: float, rewrites: set[int] | None = None, n: int = 3
+) -> list[dict[str, Any]]:
+    """The `n` seconds of a phase with the slowest answer, each with how many answers
+    missed the p99 target and whether Redis was rewriting its AOF then (`rewrites`:
+    seconds since `since`)."""
+    by_second: dict[int, list[float]] = {}
+    for started, latency in zip(tally.started_at, tally.latencies, strict=True):
+        by_second.setdefault(int(started - since), []).append(latency)
+    out = []
+    for second, values in by_second.items():
+        values.sort()
+        out.append(
+            {
+                "second": second,
+                "requests": len(values),
+                "over_target": sum(1 for v in values if v * 1e3 > TARGET_P99_MS),
+                "max_ms": round(values[-1] * 1e3, 1),
+                "aof_rewrite": second in (rewrites or set()),
+            }
+        )
+    return sorted(out, key=lambda w: -w["max_ms"])[:n]
+
+
+async def watch_rewrites(url: str, since: float, stop: asyncio.Event) -> set[int]:
+    """Seconds since `since` in which Redis was rewriting its AOF (polled every 100 ms)."""
+    seconds: set[int] = set()
+    if not url:
+        return seconds
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                if (await client.info("persistence")).get("aof_rewrite_in_progress"):
+                    seconds.add(int(time.perf_counter() - since))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+    finally:
+        await client.aclose()
+    return seconds
+
+
 async def warm_up(run: EngineRun) -> None:
     """One request per connection, then wait until applied (fills pools, imports code)."""
     async with connected(run.port, run.connections) as conns:
@@ -726,12 +774,18 @@ async def paced_phase(run: EngineRun, rate_events: float) -> dict[str, Any]:
     shards_before = await engine_totals(run.port)
     async with connected(run.port, run.connections) as conns:
         cpu_before = CpuSample.take(run.cpu_groups)
-        await with_progress(
-            f"nudge paced {rate_rps * BATCH:,.0f} ev/s",
-            tally,
-            run_paced(conns, requests, rate_rps, tally),
-            lambda: engine_backlog(run, tally),
-        )
+        since, stop = time.perf_counter(), asyncio.Event()
+        watcher = asyncio.create_task(watch_rewrites(run.redis_url, since, stop))
+        try:
+            await with_progress(
+                f"nudge paced {rate_rps * BATCH:,.0f} ev/s",
+                tally,
+                run_paced(conns, requests, rate_rps, tally),
+                lambda: engine_backlog(run, tally),
+            )
+        finally:
+            stop.set()
+            rewrites = await watcher
     cpu = cpu_before.until(CpuSample.take(run.cpu_groups))
     run.accepted_total += tally.events_ok
     seen, totals = await wait_processed(run.port, run.accepted_total, max(120.0, run.duration * 6))
@@ -743,6 +797,8 @@ async def paced_phase(run: EngineRun, rate_events: float) -> dict[str, Any]:
         commands, await redis_commandstats(run.redis_url), tally.events_ok
     )
     out["drain_s"] = None if seen is None else round(seen - tally.last_done, 3)
+    out["slowest_seconds"] = slowest_seconds(tally, since, rewrites)
+    out["aof_rewrite_seconds"] = sorted(rewrites)
     return out
 
 
@@ -1141,6 +1197,7 @@ def report_lines(results: dict[str, Any]) -> list[str]:
         ("  shard CPU µs per event, in place", "", _activities(paced)),
         ("  waiting for a CPU, ms per s", "", _waits(paced["cpu"]["runqueue_wait_ms_per_s"])),
         ("  Redis µs per event (per call), top", "", _commands(paced)),
+        (f"  slowest seconds: max ms, answers > {TARGET_P99_MS:g} ms", "", _slowest(paced)),
         (
             "applied == accepted",
             f"{promise['applied']:,} == {promise['accepted']:,}",
@@ -1184,6 +1241,18 @@ def _commands(phase: dict[str, Any]) -> str:
         " ".join(f"{k} {v['per_event']:g} ({v['per_call']:g}/call)" for k, v in used.items())
         or "n/a"
     )
+
+
+def _slowest(phase: dict[str, Any]) -> str:
+    """The slowest seconds of a phase, marked where Redis was rewriting its AOF."""
+    windows = phase.get("slowest_seconds") or []
+    text = "  ".join(
+        f"s{w['second']}: {w['max_ms']:g}, {w['over_target']}"
+        + (" AOF rewrite" if w["aof_rewrite"] else "")
+        for w in windows
+    )
+    rewriting = phase.get("aof_rewrite_seconds") or []
+    return f"{text}; AOF rewriting in {len(rewriting)} s of the phase"
 
 
 def _cores(cpu: dict[str, float]) -> str:

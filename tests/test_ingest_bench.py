@@ -18,6 +18,7 @@ from benchmarks.ingest import (
     engine_env,
     make_source,
     parse_args,
+    slowest_seconds,
     with_progress,
 )
 from engine.events import parse_time
@@ -77,3 +78,22 @@ def test_the_runs_engine_settings_reach_the_server_and_the_callers_do_not(
     server.proc.wait(30)
     assert (tmp_path / "out").read_text().strip() == "[('NUDGE_CHECKPOINT_INTERVAL_MS', '600000')]"
     assert engine_env(parse_args([])) == {}
+
+
+def test_slowest_seconds_name_the_worst_windows_and_the_rewrites_in_them() -> None:
+    tally = Tally()
+    since = 1000.0
+    for i in range(300):  # three seconds of answers in 5 ms, one of 200 ms in second 1
+        started = since + i / 100
+        tally.record(200, started, started + (0.2 if i == 150 else 0.005))
+    worst = slowest_seconds(tally, since, rewrites={1}, n=2)
+    assert len(worst) == 2
+    assert worst[0] == {
+        "second": 1,
+        "requests": 100,
+        "over_target": 1,
+        "max_ms": 200.0,
+        "aof_rewrite": True,
+    }
+    assert worst[1]["max_ms"] == 5.0 and worst[1]["over_target"] == 0
+    assert worst[1]["aof_rewrite"] is False
