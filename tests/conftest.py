@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import socket
 import threading
 import time
@@ -23,11 +24,24 @@ from engine.redis_server import EmbeddedRedis
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports handed out between Ray's worker ports (10002-19999 by default) and the
+# kernel's ephemeral range (32768 and up here): a port taken from the ephemeral
+# range is free when chosen, but Ray's processes, starting in the ten seconds
+# before a `nudge serve` binds it, can take it first (a restart in test_serve
+# failed once with "address already in use").
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """An unused loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """An unused loopback TCP port that neither Ray nor the kernel hands out on its own."""
+    for port in random.sample(_PORTS, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 @pytest.fixture(scope="session")
