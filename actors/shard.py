@@ -354,7 +354,9 @@ class ShardActor:
         part._pending = {}  # stopped part way through encoding
         part._deleted.update(c for c in changes.deleted if c not in part.profiles)
         part._dirty_aliases.update(a for a in changes.aliases if a in part.aliases)
-        part._unaliased.update(changes.unaliased)
+        # An id aliased again meanwhile is in _dirty_aliases; removing it as well would
+        # have the next commit write the new alias and then delete it.
+        part._unaliased.update(a for a in changes.unaliased if a not in part.aliases)
         part._new_erased = changes.erased + part._new_erased
         part._forwards = changes.forwards + part._forwards
         part._sends = changes.sends + part._sends

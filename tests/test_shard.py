@@ -264,6 +264,50 @@ async def test_a_checkpoint_that_dies_at_its_commit_loses_no_identity_merge(
     await revived.stop()
 
 
+async def test_an_alias_made_again_while_a_checkpoint_failed_survives_the_retry(
+    redis_url: str, store: Store
+) -> None:
+    # anon-9 lost its alias when ann was erased; the checkpoint carrying that removal
+    # failed after anon-9 had been merged into zed. Requeued as removed as well, the
+    # retry wrote the alias to zed and then deleted it: after a crash anon-9's events
+    # made a second profile instead of going to zed.
+    config = settings(
+        checkpoint_interval_ms=600_000, checkpoint_events=10**9, urgent_checkpoint_ms=600_000
+    )
+    actor = await merged_after_a_checkpoint(redis_url, store, config)
+    await actor.checkpoint_now()
+    erase = {"type": "_erase", "customer": "ann", "userId": "ann", "anonymousId": None,
+             "messageId": "erase-ann", "ts": time.time(), "receivedAt": time.time()}  # fmt: skip
+    assert await actor.wait_applied((await store.append([erase]))[0])
+    assert "anon-9" not in actor.partition.aliases
+
+    identify = {"type": "identify", "userId": "zed", "anonymousId": "anon-9", "traits": {}}
+    real_save = actor._store.save_checkpoint
+
+    async def fails_after_a_merge(index: int, changes: object, pos: str) -> None:
+        assert changes.unaliased == ["anon-9"]
+        last = (await store.append([normalized({**identify, "messageId": "m-zed"})]))[0]
+        assert await actor.wait_applied(last)  # applied while the checkpoint is out
+        raise redis.exceptions.ConnectionError("lost")
+
+    actor._store.save_checkpoint = fails_after_a_merge
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await actor.checkpoint_now()
+    actor._store.save_checkpoint = real_save
+    assert actor.partition.aliases["anon-9"] == "zed"
+    await actor.checkpoint_now()
+    await crash(actor)
+
+    revived = await started(redis_url, config)
+    assert revived.partition.aliases == {"anon-9": "zed"}
+    last = (await store.append([normalized(track("anon-9", anonymous=True))]))[0]
+    assert await revived.wait_applied(last)
+    zed, anon = await revived.get_profiles(["zed", "anon-9"])
+    assert anon == "zed" and zed["merged_ids"] == ["anon-9"]
+    assert zed["counts"] == {"Product Viewed": 1}  # the view, not a profile of its own
+    await revived.stop()
+
+
 async def test_a_checkpoint_that_dies_before_its_fold_is_recovered_whole(
     redis_url: str, store: Store
 ) -> None:
