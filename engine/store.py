@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # Encoded profiles per HSET, at most: each command holds Redis for the time it takes
 # (about 2 ms per MB here); the checkpoint's transaction carries no profile.
 _CHUNK_BYTES = 256 * 1024
+# Fields per HSCAN page when a checkpoint is read back: about 3 MB of profiles.
+_SCAN = 1000
 
 
 def parse_id(stream_id: str | bytes) -> tuple[int, int]:
@@ -219,16 +221,25 @@ class Store:
         return reply[0][1] if reply else []
 
     async def load_checkpoint(self, index: int) -> tuple[str, dict, dict, set]:
-        """(position, profiles, aliases, erased) as last checkpointed; empty if none."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(_key(index, "pos"))
-            pipe.hgetall(_key(index, "profiles"))
-            pipe.hgetall(_key(index, "aliases"))
-            pipe.smembers(_key(index, "erased"))
-            pipe.hgetall(_key(index, "stage"))
-            pos, profiles, aliases, erased, staged = await pipe.execute()
-        profiles.update(staged)  # committed, not yet folded in (see save_checkpoint)
+        """(position, profiles, aliases, erased) as last checkpointed; empty if none.
+
+        Read a page at a time (HSCAN, SSCAN), never as one reply: a shard of a
+        million profiles is gigabytes, which one HGETALL would have Redis hold in
+        its output buffer, and block on, all at once. The pages agree with the
+        position because a shard's keys have one writer, the shard, which is not
+        running while it recovers; a reader beside a running shard (training) gets
+        each profile as of some recent checkpoint.
+        """
+        pos = await self.redis.get(_key(index, "pos"))
+        profiles = await self._scan_hash(_key(index, "profiles"))
+        # Committed, not yet folded in (see save_checkpoint): over the hash, read after it.
+        profiles.update(await self._scan_hash(_key(index, "stage")))
+        aliases = await self._scan_hash(_key(index, "aliases"))
+        erased = {m async for m in self.redis.sscan_iter(_key(index, "erased"), count=_SCAN)}
         return (pos.decode() if pos else "0-0"), profiles, aliases, erased
+
+    async def _scan_hash(self, key: str) -> dict:
+        return {field: value async for field, value in self.redis.hscan_iter(key, count=_SCAN)}
 
     async def save_checkpoint(self, index: int, changes: Changes, pos: str) -> None:
         """Write a checkpoint; all of it becomes visible at once, in one short MULTI/EXEC.
@@ -298,7 +309,7 @@ class Store:
         # Only after a crash or a Redis error between a commit and its fold.
         if not await self.redis.exists(_key(index, "stage")):
             return
-        staged = await self.redis.hgetall(_key(index, "stage"))
+        staged = await self._scan_hash(_key(index, "stage"))
         await self._fold(index, _chunks(staged, _CHUNK_BYTES))
 
     async def append_sends(self, index: int, sends: list[dict]) -> int:

@@ -135,6 +135,35 @@ async def test_a_commit_whose_fold_never_ran_is_what_recovery_reads(
     assert sorted(sync_redis.hkeys("nudge:{s0}:profiles")) == sorted(profiles)  # folded in
 
 
+async def test_a_checkpoint_is_read_back_in_pages(
+    store: Store, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One HGETALL of a big shard would have Redis build gigabytes of reply at once.
+    monkeypatch.setattr(store_module, "_SCAN", 100)
+    # Over 512 fields: smaller hashes are packed, and HSCAN answers them in one page.
+    blobs = {f"c{i}": b'{"n":%d}' % i for i in range(1000)}
+    aliases = {f"anon-{i}": f"c{i}" for i in range(600)}
+    erased = [f"digest-{i}" for i in range(600)]
+    await store.save_checkpoint(0, Changes(profiles=blobs, aliases=aliases, erased=erased), "3-0")
+    sync_redis.hset("nudge:{s0}:stage", mapping={"c7": b'{"n":-7}', "new": b"{}"})  # unfolded
+    before = sync_redis.info("commandstats")
+    pos, profiles, got_aliases, got_erased = await store.load_checkpoint(0)
+    after = sync_redis.info("commandstats")
+    assert pos == "3-0"
+    assert profiles == {
+        **{k.encode(): v for k, v in blobs.items()},
+        b"c7": b'{"n":-7}',  # the stage over the hash
+        b"new": b"{}",
+    }
+    assert got_aliases == {k.encode(): v.encode() for k, v in aliases.items()}
+    assert got_erased == {e.encode() for e in erased}
+    assert "cmdstat_hgetall" not in after or after["cmdstat_hgetall"] == before.get(
+        "cmdstat_hgetall"
+    )
+    hscans = after["cmdstat_hscan"]["calls"] - before.get("cmdstat_hscan", {"calls": 0})["calls"]
+    assert hscans >= 10  # about 1,000 / 100 + 600 / 100 pages, not one reply per hash
+
+
 async def test_checkpoint_chunks_are_about_the_limit_and_never_empty() -> None:
     blobs = {"a": b"x" * 70, "b": b"x" * 70, "c": b"x" * 300, "d": b"x" * 10}
     assert [list(c) for c in store_module._chunks(blobs, 100)] == [["a", "b"], ["c"], ["d"]]
