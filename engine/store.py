@@ -352,14 +352,21 @@ class Store:
         return [(sid.decode(), orjson.loads(fields[b"s"])) for sid, fields in entries]
 
     async def info(self, index: int) -> dict[str, Any]:
-        """Stream length and checkpoint position of one shard."""
+        """Stream length, checkpoint position and checkpointed profiles of one shard.
+
+        `unfolded_profiles` counts a committed stage not yet folded into the profiles
+        hash (for a moment after each checkpoint, or after a crash until the next);
+        some of them may be among `checkpointed_profiles` in an older version.
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(stream_key(index))
             pipe.get(_key(index, "pos"))
             pipe.hlen(_key(index, "profiles"))
-            length, pos, profiles = await pipe.execute()
+            pipe.hlen(_key(index, "stage"))
+            length, pos, profiles, unfolded = await pipe.execute()
         return {
             "stream_length": length,
             "checkpoint_pos": (pos or b"0-0").decode(),
             "checkpointed_profiles": profiles,
+            "unfolded_profiles": unfolded,
         }

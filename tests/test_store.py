@@ -117,6 +117,8 @@ async def test_a_commit_whose_fold_never_ran_is_what_recovery_reads(
     await store.save_checkpoint(0, Changes(profiles={**blobs, "a": b'{"x":2}'}), "5-0")
     assert sync_redis.info("commandstats")["cmdstat_hset"]["calls"] - calls == 3  # staged
     assert sync_redis.hget("nudge:{s0}:profiles", "a") == b'{"x":1}'  # not folded yet
+    info = await store.info(0)
+    assert (info["checkpointed_profiles"], info["unfolded_profiles"]) == (2, 6)
     pos, profiles, _, _ = await store.load_checkpoint(0)
     assert pos == "5-0"
     staged = {k.encode(): v for k, v in blobs.items()}
