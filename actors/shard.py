@@ -35,6 +35,8 @@ from engine.store import Store, connect, decode_entries, parse_id
 log = logging.getLogger(__name__)
 
 _MAX_BLOCK_MS = 250
+# How long stop() waits for a cancelled loop to unwind (engine stop is bounded: 10 s).
+_UNWIND_S = 2.0
 # Applying runs in slices of about this long; decided sends go out after each slice.
 APPLY_SLICE_S = 0.01
 # A checkpoint encodes its profiles in slices of about this long, applying in between.
@@ -188,9 +190,7 @@ class ShardActor:
                 if reason is not None:
                     # In the background: profiles are encoded a slice at a time while
                     # this loop goes on applying (see Partition.begin_changes).
-                    self._checkpointing = asyncio.get_running_loop().create_task(
-                        self._checkpoint(reason)
-                    )
+                    self._start_checkpoint(reason)
             except (RedisError, OSError) as exc:
                 log.warning("shard %d: Redis error (%s); retrying", self.index, exc)
                 await asyncio.sleep(0.2)
@@ -314,6 +314,28 @@ class ShardActor:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._checkpointing)
             self._reap_checkpoint()
+
+    def _start_checkpoint(self, reason: str) -> asyncio.Task:
+        # Every checkpoint starts here, one at a time (callers wait for `_checkpointing`
+        # to clear first): two at once share the staging and stage keys and the
+        # partition's pending profiles, and the commit that lands second can move the
+        # position back over profiles only the other one wrote.
+        task = asyncio.get_running_loop().create_task(self._checkpoint(reason))
+        self._checkpointing = task
+        return task
+
+    async def _checkpoint_in_turn(self, reason: str) -> None:
+        """Once no other checkpoint is running, take one now if anything changed."""
+        while self._checkpointing is not None:  # another caller may start one meanwhile
+            await self._settle_checkpoint()
+        if not (self.ready and self._since_checkpoint):
+            return
+        task = self._start_checkpoint(reason)
+        try:
+            await asyncio.shield(task)  # its failure is raised here, to the caller
+        finally:
+            if task.done() and self._checkpointing is task:
+                self._checkpointing = None
 
     async def _checkpoint(self, reason: str = "asked") -> None:
         # Begun synchronously, before any await, so it matches self.pos exactly; the
@@ -463,9 +485,7 @@ class ShardActor:
 
     async def checkpoint_now(self) -> str:
         """Checkpoint at once; returns the checkpointed position."""
-        await self._settle_checkpoint()
-        if self.ready and self._since_checkpoint:
-            await self._checkpoint()
+        await self._checkpoint_in_turn("asked")
         return self.checkpoint_pos
 
     async def stop(self) -> str:
@@ -478,11 +498,15 @@ class ShardActor:
                 await asyncio.wait_for(asyncio.shield(self._task), _MAX_BLOCK_MS / 1000 + 2)
             except TimeoutError:
                 self._task.cancel()
+                # Until it has unwound, the loop may hold sends it took from the
+                # partition: a final checkpoint begun before they are back would
+                # cover their events without them, and they would never leave.
+                await asyncio.wait({self._task}, timeout=_UNWIND_S)
+                if not self._task.done():
+                    log.warning("shard %d: loop still running after cancel", self.index)
             except Exception:
                 log.exception("shard %d: loop failed while stopping", self.index)
-        await self._settle_checkpoint()
-        if self.ready and self._since_checkpoint:
-            await self._checkpoint("stop")
+        await self._checkpoint_in_turn("stop")
         if self.ready:
             await self.insight.flush(self.partition)
         await self.insight.close()

@@ -308,6 +308,53 @@ async def test_an_alias_made_again_while_a_checkpoint_failed_survives_the_retry(
     await revived.stop()
 
 
+async def test_checkpoints_never_overlap(redis_url: str, store: Store) -> None:
+    # An asked-for checkpoint (checkpoint_now, stop) ran beside the loop's own: the
+    # loop's unlinked the other's staging key, committed, and the other's commit then
+    # set the position back with none of its profiles in: x's events were lost.
+    config = settings(
+        checkpoint_interval_ms=600_000, checkpoint_events=10**9, urgent_checkpoint_ms=600_000
+    )
+    actor = await started(redis_url, config)
+    assert await actor.wait_applied(await append_events(store, ["x"], 3))
+    real_save = actor._store.save_checkpoint
+    slow_redis = asyncio.Event()
+    flying, most = 0, 0
+
+    async def save(index: int, changes: object, pos: str) -> None:
+        nonlocal flying, most
+        flying += 1
+        most = max(most, flying)
+        try:
+            await slow_redis.wait()
+            await real_save(index, changes, pos)
+        finally:
+            flying -= 1
+
+    actor._store.save_checkpoint = save
+    asked = asyncio.ensure_future(actor.checkpoint_now())  # carries x
+    while not flying:
+        await asyncio.sleep(0.005)
+    actor.settings = dataclasses.replace(config, checkpoint_events=1)  # the loop's is due
+    assert await actor.wait_applied(await append_events(store, ["y"], 1))
+    # One more event applied: the loop has been past its checkpoint check since y.
+    assert await actor.wait_applied(await append_events(store, ["z"], 1))
+    slow_redis.set()
+    await asked
+    await actor.checkpoint_now()  # after the loop's, if it began one
+    assert most == 1
+    await crash(actor)
+
+    revived = await started(redis_url, config)
+    x, y, z = await revived.get_profiles(["x", "y", "z"])
+    assert (x["counts"], y["counts"], z["counts"]) == (
+        {"Product Viewed": 3},
+        {"Product Viewed": 1},
+        {"Product Viewed": 1},
+    )
+    await revived.stop()
+
+
 async def test_a_checkpoint_that_dies_before_its_fold_is_recovered_whole(
     redis_url: str, store: Store
 ) -> None:

@@ -118,3 +118,45 @@ async def test_a_send_decided_early_in_a_long_read_leaves_before_the_rest_is_app
     finally:
         await shard.stop()
         await store.close()
+
+
+async def test_a_send_held_by_a_loop_cancelled_at_stop_leaves_with_the_final_checkpoint(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # stop() cancels a loop that does not leave in time; the final checkpoint used to
+    # begin before the loop had unwound and put back the sends it had taken, so it
+    # covered their event without them, and no replay would decide them again.
+    config = test_config(
+        shards=1, checkpoint_interval_ms=600_000, checkpoint_events=10**9,
+        urgent_checkpoint_ms=600_000,
+    )  # fmt: skip
+    shard = ShardActor(
+        0, 1, config.engine, redis_url, rules=((IMMEDIATE, "t.toml"),), autostart=False
+    )
+    await shard.start()
+    while not shard.ready:
+        await asyncio.sleep(0.005)
+    store = Store(connect(redis_url), 1)
+    real_append = shard._store.append_sends
+    redis_back = asyncio.Event()
+    calls = 0
+
+    async def stalled(index: int, sends: list) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await redis_back.wait()  # stalled before the write: never set, so cancelled
+        return await real_append(index, sends)
+
+    shard._store.append_sends = stalled
+    try:
+        await store.append(
+            [normalize(track("ann", "Signed Up"), kind=None, received_at=time.time())]
+        )
+        while not calls:
+            await asyncio.sleep(0.005)
+        await shard.stop()
+        assert sync_redis.xlen(outbox_key(0)) == 1
+        assert shard.partition._sends == []
+    finally:
+        await store.close()
