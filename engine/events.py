@@ -66,6 +66,10 @@ def _nesting_ok(value: dict | list, budget: int) -> bool:
     return True
 
 
+# Event times accepted (after clock-skew correction): 1970-01-01 up to 2100-01-01.
+_EARLIEST_TS, _LATEST_TS = 0.0, 4_102_444_800.0
+
+
 def _check_nesting(value: dict, field: str) -> None:
     if not _nesting_ok(value, MAX_DEPTH):
         raise ValidationError(
@@ -133,8 +137,11 @@ def normalize(
         out["event"] = "Page Viewed" if msg_type == "page" else "Screen Viewed"
         if name:
             out["name"] = name
-        if msg.get("category") is not None:
-            out["category"] = str(msg["category"])
+        category = msg.get("category")
+        if category is not None:
+            if category.__class__ not in (str, int, float):
+                raise ValidationError("category must be a string", field=prefix + "category")
+            out["category"] = str(category)
     elif msg_type == "group":
         group_id = _identifier(msg, "groupId", prefix)
         if group_id is None:
@@ -159,6 +166,15 @@ def normalize(
         sent = parse_time(own_sent, prefix + "sentAt") if own_sent is not None else sent_at
         if sent is not None:
             ts += received_at - sent  # Segment's clock-skew correction
+        if not _EARLIEST_TS <= ts < _LATEST_TS:
+            # Far outside, decay factors overflow and dates cannot be formatted: the
+            # shard would fail to apply an event this API had accepted.
+            raise ValidationError(
+                f"{stamp_field} must fall between 1970 and 2100"
+                + (" (after correction by sentAt)" if sent is not None else ""),
+                field=prefix + stamp_field,
+                code="invalid_timestamp",
+            )
 
     context = msg.get("context")
     if batch_context:

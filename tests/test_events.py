@@ -196,6 +196,42 @@ def test_unencodably_deep_message_in_a_big_batch_is_rejected_not_raised() -> Non
     assert [(r["index"], r["field"], r["code"]) for r in rejected] == [(1, "batch[1]", "too_deep")]
 
 
+@pytest.mark.parametrize(
+    ("stamps", "field"),
+    [
+        ({"timestamp": "2300-01-01T00:00:00Z"}, "timestamp"),  # decay factors overflow
+        ({"timestamp": "1969-12-31T23:59:59Z"}, "timestamp"),
+        ({"originalTimestamp": "0001-01-01T00:00:00Z"}, "originalTimestamp"),
+        # in range, then moved out of it by the clock-skew correction
+        ({"timestamp": "2020-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"}, "timestamp"),
+    ],
+)
+def test_times_outside_1970_to_2100_are_refused(stamps: dict, field: str) -> None:
+    # Accepted, they made the shard fail to apply the event (the merge it carried
+    # was lost) or to fire anyone's timers in the same tick.
+    with pytest.raises(ValidationError) as caught:
+        normalize({**TRACK, **stamps}, kind="track", received_at=T0)
+    assert (caught.value.field, caught.value.code) == (field, "invalid_timestamp")
+    ok = normalize({**TRACK, "timestamp": "2099-12-31T23:59:59Z"}, kind="track", received_at=T0)
+    assert ok["ts"] == 4_102_444_799.0
+
+
+def test_a_page_category_must_be_a_string_or_a_number() -> None:
+    # str() of a deeply nested list recursed past Python's limit: a 500 for the batch.
+    deep: Any = 1
+    for _ in range(1000):
+        deep = [deep]
+    page = {"userId": "u", "name": "Home"}
+    for bad in (deep, ["a"], {"a": 1}, True):
+        with pytest.raises(ValidationError) as caught:
+            normalize({**page, "category": bad}, kind="page", received_at=T0)
+        assert caught.value.field == "category"
+    assert normalize({**page, "category": 7}, kind="page", received_at=T0)["category"] == "7"
+    body = {"batch": [good(0), {**page, "type": "page", "category": deep}]}
+    accepted, rejected = normalize_batch(body, received_at=T0, body_bytes=4000)
+    assert len(accepted) == 1 and [r["field"] for r in rejected] == ["batch[1].category"]
+
+
 # -- normalization ---------------------------------------------------------------
 
 
