@@ -138,17 +138,23 @@ class Partition:
             return DUPLICATE
         share_strings(event)
         insight = self.insight
-        if insight is not None:
-            if insight.catalog:
-                insight.enrich(event)
-            apply_event(profile, event, self.limits)
-            insight.on_applied(profile, event)
-        else:
-            apply_event(profile, event, self.limits)
+        if insight is not None and insight.catalog:
+            insight.enrich(event)
+        apply_event(profile, event, self.limits)
+        # From here the profile has changed, and the merge below must start, whatever
+        # fails in between (the shard counts and logs the failure).
         self._dirty.add(customer)
-        if self.rules is not None:
-            # receivedAt, not the wall clock: a replay must decide exactly the same.
-            self._decided(profile, self.rules.on_event(profile, event, event["receivedAt"]))
+        try:
+            if insight is not None:
+                insight.on_applied(profile, event)
+            if self.rules is not None:
+                # receivedAt, not the wall clock: a replay must decide exactly the same.
+                self._decided(profile, self.rules.on_event(profile, event, event["receivedAt"]))
+        finally:
+            self._start_merge(kind, customer, profile, event)
+        return APPLIED
+
+    def _start_merge(self, kind: str, customer: str, profile: Profile, event: dict) -> None:
         other = event.get("previousId") if kind == "alias" else event["anonymousId"]
         if (
             other
@@ -161,7 +167,6 @@ class Partition:
                 other,
                 {"type": "_merge_out", "customer": other, "userId": customer, "ts": event["ts"]},
             )
-        return APPLIED
 
     def _internal(self, kind: str, customer: str, event: dict) -> str:
         if kind == "_merge_out":
@@ -264,16 +269,22 @@ class Partition:
             return 0
         before = self.sent
         insight = self.insight
+        failed: Exception | None = None
         for customer in self.timers.pop_due(now):
             profile = self.profiles.get(customer)
             if profile is None:
                 continue
             if self._pending:
                 self._before_change(customer)
-            if insight is not None:
-                insight.refresh(profile, now)  # RFM recency, before segments are re-checked
-            self._decided(profile, self.rules.on_due(profile, now))
             self._dirty.add(customer)
+            try:
+                if insight is not None:
+                    insight.refresh(profile, now)  # RFM recency, before segments are re-checked
+                self._decided(profile, self.rules.on_due(profile, now))
+            except Exception as exc:  # raised after the rest: they left the index with it
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return self.sent - before
 
     def score(self, models: dict[str, Any], now: float) -> int:

@@ -658,3 +658,62 @@ def test_erasures_and_forwards_are_urgent_changes_until_a_checkpoint_takes_them(
     assert not part.has_urgent_changes()
     part.apply(identify("bob", "elsewhere"))  # the device lives on another partition
     assert part.has_urgent_changes()
+
+
+class _FailingFor:
+    """The starter rules, failing for one customer: a bug in a rule, a value it chokes on."""
+
+    def __init__(self, rules: object, bad: str) -> None:
+        self._rules, self._bad = rules, bad
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._rules, name)
+
+    def on_event(self, profile: Profile, event: dict, now: float) -> list:
+        if profile.id == self._bad:
+            raise ValueError("year -7973 is out of range")
+        return self._rules.on_event(profile, event, now)
+
+    def on_due(self, profile: Profile, now: float) -> list:
+        if profile.id == self._bad:
+            raise ValueError("year -7973 is out of range")
+        return self._rules.on_due(profile, now)
+
+
+def test_a_rule_that_fails_on_one_event_loses_neither_its_merge_nor_its_change() -> None:
+    user, anon = on_shards("user", "anon")
+    part = Partition(
+        lambda c: shard_for(c, SHARDS) == shard_for(user, SHARDS),
+        rules=_FailingFor(_starter_rules(), user),
+    )
+    try:
+        part.apply(identify(user, anon, email="u@example.com"))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("the rule's failure reaches the shard, which counts it")
+    changes = part.take_changes()
+    assert user in changes.profiles  # checkpointed as it is in memory
+    assert [(target, e["type"]) for target, e in changes.forwards] == [(anon, "_merge_out")]
+
+
+def test_a_timer_that_fails_for_one_customer_still_fires_the_others() -> None:
+    rules = _FailingFor(_starter_rules(), "nobody yet")
+    part = Partition(lambda c: True, rules=rules)
+    for customer in ("bad", "good"):
+        part.apply(track(customer, "Product Added", product_id="p1", price=5.0))
+    part.take_sends()
+    rules._bad = "bad"
+    sends, failures = [], 0
+    for _ in range(5):  # the reminder is due in 15 minutes, then deferred by quiet hours
+        due = part.next_deadline()
+        if due is None:
+            break
+        try:
+            part.tick(due)
+        except ValueError:  # raised once the other timers have fired
+            failures += 1
+        sends += part.take_sends()
+    assert failures == 1
+    assert sends and {s["customer"] for s in sends} == {"good"}  # bad's timers are gone
+    assert sends[0]["rule"] == "cart_abandonment"
