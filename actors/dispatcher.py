@@ -146,7 +146,7 @@ class DispatcherActor:
         self.ready = True
         last_claim = last_touch = time.monotonic()
         claim_every = self.delivery.claim_idle_ms / 1000.0 / 2
-        touch_every = self.delivery.claim_idle_ms / 1000.0 / 3
+        touch_every = self._touch_every_s()
         while not self._stopping:
             try:
                 free = self.delivery.max_inflight - len(self._inflight)
@@ -200,7 +200,17 @@ class DispatcherActor:
                 log.info("%s: resuming %d pending sends", self.consumer, len(fresh))
             self._start_all(fresh)
             while len(self._inflight) >= self.delivery.max_inflight:
-                await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+                # Touching as the main loop does: a slow send (a long backoff, an open
+                # breaker) must not let the others look abandoned and be claimed.
+                await asyncio.wait(
+                    list(self._inflight),
+                    timeout=self._touch_every_s(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                await self._touch()
+
+    def _touch_every_s(self) -> float:
+        return self.delivery.claim_idle_ms / 1000.0 / 3
 
     def _start_all(self, entries: list[lg.Entry]) -> None:
         loop = asyncio.get_running_loop()
@@ -299,6 +309,11 @@ class DispatcherActor:
             wait = bucket.reserve(time.monotonic())
             if wait > 0:
                 await asyncio.sleep(wait)
+                # Consent may have been withdrawn while this send waited for its turn.
+                reason = withdrawn(await ledger.consent(index, customer))
+                if reason is not None:
+                    await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
+                    return
             attempts += 1
             retry_after = None
             if not breaker.allow(time.monotonic()):
@@ -317,17 +332,26 @@ class DispatcherActor:
                     detail = await adapter.send(email)
                 except (TransientError, PermanentError) as exc:
                     failure = exc
+                except BaseException:
+                    breaker.release()  # no answer learned: a later call may probe
+                    marked.add_done_callback(_quietly)
+                    raise
+                # The breaker learns the answer before anything else can fail.
+                if failure is None or isinstance(failure, PermanentError):
+                    breaker.success()  # the ESP answered: it is up
+                else:
+                    breaker.failure(time.monotonic())
                 self.meters.esp_request(esp.name, "ok" if failure is None else "error")
-                await marked  # done before any final record, which it must not overwrite
+                # Done before any final record, which it must not overwrite. A mark
+                # that failed costs nothing but an attempt count a crash would lose.
+                with contextlib.suppress(RedisError, OSError):
+                    await marked
                 if failure is None:
-                    breaker.success()
-                    await self._finish(index, entry_id, send, lg.SENT, attempts, detail)
+                    await self._record_sent(index, entry_id, send, attempts, detail)
                     return
                 if isinstance(failure, PermanentError):
-                    breaker.success()  # the ESP answered: it is up
                     await self._dead(index, entry_id, send, attempts, failure.message)
                     return
-                breaker.failure(time.monotonic())
                 last_error, retry_after = failure.message, failure.retry_after
                 await ledger.count_failure(index, send)
                 self.stats["failed"] += 1
@@ -350,8 +374,13 @@ class DispatcherActor:
                 rand=self._rand,
             )
             await asyncio.sleep(max(delay, wait))
-            # Consent may have been withdrawn while this send waited to be retried.
-            reason = withdrawn(await ledger.consent(index, customer))
+            # Meanwhile another dispatcher may have claimed and finished it (this one
+            # looked stalled), or consent may have been withdrawn.
+            record, change = await ledger.record_and_consent(index, send["send_id"], customer)
+            if record is not None and record["state"] in lg.FINAL:
+                await ledger.ack(index, entry_id)
+                return
+            reason = withdrawn(change)
             if reason is not None:
                 await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
                 return
@@ -378,6 +407,23 @@ class DispatcherActor:
         except Exception as exc:
             log.debug("%s: recommendations unavailable (%r)", self.consumer, exc)
             return None
+
+    async def _record_sent(
+        self, index: int, entry_id: str, send: dict, attempts: int, detail: str
+    ) -> None:
+        # The ESP has taken the send: from here only the record is retried, never the
+        # call (a Redis error here used to rerun the whole delivery and send it again).
+        while True:
+            try:
+                await self._finish(index, entry_id, send, lg.SENT, attempts, detail)
+                return
+            except (RedisError, OSError) as exc:
+                if self._stopping:
+                    raise  # left pending: the mid-call case of docs/delivery.md
+                log.warning(
+                    "%s: %s sent, not yet recorded (%s)", self.consumer, send["send_id"], exc
+                )
+                await asyncio.sleep(0.5)
 
     async def _finish(
         self, index: int, entry_id: str, send: dict, state: str, attempts: int, detail: str
@@ -534,3 +580,9 @@ def stop_dispatchers(handles: list, timeout: float = 5.0) -> None:
     for handle in handles:
         with contextlib.suppress(Exception):
             ray.kill(handle, no_restart=True)
+
+
+def _quietly(future: asyncio.Future) -> None:
+    """Retrieve a background call's outcome nobody waits for (no 'never retrieved')."""
+    if not future.cancelled():
+        future.exception()

@@ -33,6 +33,28 @@ FINAL = frozenset({SENT, SUPPRESSED, HOLDOUT, DEAD})
 FAILED, DEAD_LETTERED, REPLAYED = "failed", "dead_lettered", "replayed"
 
 
+# Replay a dead letter only if this call is the one that removes it.
+_REPLAY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
+redis.call('DEL', KEYS[3])
+local entry = redis.call('XADD', KEYS[2], '*', 's', ARGV[2])
+redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
+return entry
+"""
+# XCLAIM (idle time back to 0) each id still pending under this consumer, no other.
+_TOUCH = """
+local touched = 0
+for i = 3, #ARGV do
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #held > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    touched = touched + 1
+  end
+end
+return touched
+"""
+
+
 def record_key(index: int, send_id: str) -> str:
     """The delivery record of one send."""
     return f"nudge:{shard_tag(index)}:d:{send_id}"
@@ -120,13 +142,6 @@ class Ledger:
             if deleted:  # deleted from the stream while pending: nothing to send
                 await self.redis.xack(key, GROUP, *deleted)
         return out
-
-    async def touch(self, consumer: str, index: int, ids: list[str]) -> None:
-        """Reset the idle time of entries still in progress, so nobody claims them."""
-        if ids:
-            await self.redis.xclaim(
-                self._keys[index], GROUP, consumer, min_idle_time=0, message_ids=ids, justid=True
-            )
 
     async def pending(self) -> int:
         """Entries read by some dispatcher and not yet finished, over all shards."""
@@ -277,13 +292,24 @@ class Ledger:
         letter = await self.dead_letter_get(letter_id)
         index, sid = _parse_letter_id(letter_id, self.shards)
         send = letter["send"]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(record_key(index, send["send_id"]))
-            pipe.xadd(outbox_key(index), {"s": orjson.dumps(send)})
-            pipe.xdel(dlq_key(index), sid)
-            pipe.hincrby(counts_key(index), _field(send, REPLAYED), 1)
-            replies = await pipe.execute()
-        return replies[1].decode()
+        keys = [dlq_key(index), outbox_key(index), record_key(index, send["send_id"])]
+        # Only the replay that removes the letter puts the send back: two at once (an
+        # HTTP retry, `--all` from two places) would otherwise send it twice.
+        entry = await self.redis.eval(
+            _REPLAY, 4, *keys, counts_key(index), sid, orjson.dumps(send), _field(send, REPLAYED)
+        )
+        if entry is None:
+            raise NotFound(f"dead letter {letter_id!r} was replayed meanwhile", field="id")
+        return entry.decode()
+
+    async def touch(self, consumer: str, index: int, ids: list[str]) -> None:
+        """Reset the idle time of `consumer`'s entries still in progress, so nobody claims them.
+
+        Only those it still holds: one another dispatcher has claimed (this one looked
+        dead) stays claimed, rather than passing back and forth between the two.
+        """
+        if ids:
+            await self.redis.eval(_TOUCH, 1, self._keys[index], GROUP, consumer, *ids)
 
 
 def _letter(index: int, sid: str, fields: dict) -> dict:

@@ -104,6 +104,10 @@ class CircuitBreaker:
         self.opened_at = None
         self._probing = False
 
+    def release(self) -> None:
+        """A call ended before its outcome was known (a bug, a cancel): free the probe."""
+        self._probing = False
+
     def failure(self, now: float) -> None:
         """A call failed (a 5xx, a timeout, a refused connection): count; open at the threshold."""
         self.failures += 1

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from engine.auth import ADMIN, KeyRing
 from engine.config import AuthConfig
 from engine.delivery.ledger import Ledger
-from engine.errors import ValidationError
+from engine.errors import NotFound, ValidationError
 
 _JSON = "application/json"
 
@@ -46,9 +46,18 @@ async def summary(ledger: Ledger) -> dict:
 
 async def replay(ledger: Ledger, ids: list[str] | None) -> list[dict]:
     """Replay the named dead letters (all of them when `ids` is None)."""
+    every = ids is None
     if ids is None:
         ids = [letter["id"] for letter in await ledger.dead_letters(count=100_000)]
-    return [{"id": letter_id, "outbox_id": await ledger.replay(letter_id)} for letter_id in ids]
+    replayed = []
+    for letter_id in ids:
+        try:
+            replayed.append({"id": letter_id, "outbox_id": await ledger.replay(letter_id)})
+        except NotFound:
+            if not every:
+                raise
+            # replayed by someone else since the list was read: it is not dead any more
+    return replayed
 
 
 def delivery_routes(*, auth: AuthConfig, ledger: Callable[[], Ledger]) -> list[Route]:

@@ -1,0 +1,290 @@
+"""A dispatcher under faults between the ESP call and its record: Redis errors, slow
+sends at restart, consent changing while a send waits, concurrent DLQ replays.
+Real DispatcherActors in process, a real Redis, real SMTP and webhook servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email
+import email.policy
+import threading
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from aiosmtpd.controller import Controller
+
+from actors.dispatcher import DispatcherActor
+from engine.config import Config
+from engine.delivery.config import EspConfig
+from engine.delivery.ledger import GROUP, Ledger, dlq_key, record_key
+from engine.errors import NotFound
+from engine.routing import shard_for
+from engine.store import consent_key, outbox_key
+from tests.conftest import free_port, test_config
+from tests.delivery.conftest import delivery_config
+from tests.delivery.servers import Hook
+
+
+class _ScriptedInbox:
+    """Answers DATA from `script` first (e.g. '451 try later'), then 250; keeps send ids."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = script
+        self.send_ids: list[str] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        with self.lock:
+            if self.script:
+                return self.script.pop(0)
+            message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            self.send_ids.append(message["X-Nudge-Send-Id"])
+        return "250 OK"
+
+
+@contextlib.contextmanager
+def smtp(*script: str) -> Iterator[tuple[EspConfig, _ScriptedInbox]]:
+    inbox = _ScriptedInbox(list(script))
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield EspConfig(name="default", kind="smtp", host="127.0.0.1", port=port), inbox
+    finally:
+        controller.stop()
+
+
+async def live(customer: str) -> dict:
+    return {"id": customer, "traits": {"email": f"{customer}@example.com"}, "consent": {}}
+
+
+def put(r: redis.Redis, customer: str, send_id: str, esp: str) -> bytes:
+    send = {
+        "send_id": send_id, "rule": "manual", "step": 1, "variant": None, "customer": customer,
+        "at": time.time(), "template": "cart-reminder-classic", "esp": esp, "payload": {},
+        "deliver": True, "instance": "i",
+    }  # fmt: skip
+    return r.xadd(outbox_key(shard_for(customer, 4)), {"s": orjson.dumps(send)})
+
+
+def config(esp: EspConfig, **delivery: object) -> Config:
+    return dataclasses.replace(test_config(), delivery=delivery_config(esp, **delivery))
+
+
+async def started(index: int, cfg: Config, redis_url: str, **options: object) -> DispatcherActor:
+    dispatcher = DispatcherActor(index, cfg, redis_url, profiles=live, autostart=False, **options)
+    await dispatcher.start()
+    await until(lambda: dispatcher.ready)
+    return dispatcher
+
+
+async def until(predicate, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+def record(r: redis.Redis, customer: str, send_id: str) -> dict | None:
+    raw = r.get(record_key(shard_for(customer, 4), send_id))
+    return orjson.loads(raw) if raw else None
+
+
+async def test_a_redis_error_after_the_esp_took_a_send_records_it_without_sending_again(
+    redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outcome's record failed on a connection reset: the whole delivery used to run
+    # again, and the SMTP server got the email twice, with no crash anywhere.
+    real_finish = Ledger.finish
+    failed = 0
+
+    async def reset_once(self: Ledger, *args: object, **kwargs: object) -> None:
+        nonlocal failed
+        if not failed:
+            failed += 1
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        await real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "finish", reset_once)
+    with smtp() as (esp, inbox):
+        dispatcher = await started(0, config(esp), redis_url)
+        try:
+            put(sync_redis, "ann", "send-ann", "default")
+            assert await until(
+                lambda: (record(sync_redis, "ann", "send-ann") or {}).get("state") == "sent"
+            )
+        finally:
+            await dispatcher.stop()
+    assert failed == 1 and inbox.send_ids == ["send-ann"]
+    assert sync_redis.xpending(outbox_key(shard_for("ann", 4)), GROUP)["pending"] == 0
+
+
+async def test_a_restarted_dispatcher_keeps_its_slow_pending_sends_from_being_claimed(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # Resuming, it waited for a free slot without touching what it held; a send in a
+    # long backoff let another dispatcher claim the rest, and both sent them.
+    shard = shard_for("bo", 4)
+    with smtp("451 4.3.0 try later", "451 4.3.0 try later") as (esp, inbox):
+        cfg = config(
+            esp, claim_idle_ms=300, max_inflight=1, backoff_initial_ms=1500, backoff_max_ms=1500
+        )
+        sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
+        put(sync_redis, "bo", "send-bo-1", "default")
+        put(sync_redis, "bo", "send-bo-2", "default")
+        # dispatcher-0 read both, then its process died (kill -9)
+        sync_redis.xreadgroup(GROUP, "dispatcher-0", {outbox_key(shard): ">"})
+        other = await started(1, cfg, redis_url, rand=lambda: 1.0)
+        restarted = await started(0, cfg, redis_url, rand=lambda: 1.0)
+        try:
+            assert await until(lambda: len(inbox.send_ids) >= 2, timeout=15)
+            # and nothing more once every entry is done
+            assert await until(
+                lambda: sync_redis.xpending(outbox_key(shard), GROUP)["pending"] == 0, timeout=15
+            )
+        finally:
+            await restarted.stop()
+            await other.stop()
+    assert sorted(inbox.send_ids) == ["send-bo-1", "send-bo-2"]
+
+
+async def test_an_unsubscribe_during_the_rate_limit_wait_stops_the_send(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # Consent was checked before the rate limiter's wait, which grows with a backlog.
+    hook = Hook(secret="k")
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k", rate_per_s=1)
+        dispatcher = await started(0, config(esp, dispatchers=1), redis_url)
+        try:
+            for n in range(4):
+                put(sync_redis, "cal", f"send-cal-{n}", "hook")
+            assert await until(lambda: len(hook.requests) >= 1)
+            # what the API notes with an Unsubscribed event, before answering 2xx
+            sync_redis.set(consent_key(shard_for("cal", 4), "cal"), "unsubscribed", ex=3600)
+            unsubscribed_at = time.time()
+            assert await until(
+                lambda: all(
+                    (record(sync_redis, "cal", f"send-cal-{n}") or {}).get("state")
+                    in ("sent", "suppressed")
+                    for n in range(4)
+                )
+            )
+        finally:
+            await dispatcher.stop()
+    assert len(hook.requests) == 1 and hook.requests[0]["at"] < unsubscribed_at
+    states = [record(sync_redis, "cal", f"send-cal-{n}")["state"] for n in range(4)]
+    assert sorted(states) == ["sent", "suppressed", "suppressed", "suppressed"]
+
+
+async def test_a_probe_whose_record_fails_does_not_jam_the_breaker(
+    redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The half-open probe's "sending" mark failed: the breaker never learned the
+    # ESP's answer and stayed probing, so every later send to a healthy ESP was
+    # dead-lettered as "circuit open", the accepted probe among them.
+    real_mark = Ledger.mark_sending
+    marks = 0
+
+    async def second_fails(self: Ledger, *args: object, **kwargs: object) -> None:
+        nonlocal marks
+        marks += 1
+        if marks == 2:  # the probe's, after the first attempt's 500 opened the breaker
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        await real_mark(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "mark_sending", second_fails)
+    hook = Hook(secret="k", script=[(500, {})])
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        cfg = config(
+            esp, breaker_failures=1, breaker_reset_s=0.3, max_attempts=4,
+            backoff_initial_ms=10, backoff_max_ms=20,
+        )  # fmt: skip
+        dispatcher = await started(0, cfg, redis_url)
+        try:
+            put(sync_redis, "eli", "send-eli-1", "hook")
+            assert await until(
+                lambda: (record(sync_redis, "eli", "send-eli-1") or {}).get("state") == "sent"
+            )
+            put(sync_redis, "eli", "send-eli-2", "hook")
+            assert await until(
+                lambda: (record(sync_redis, "eli", "send-eli-2") or {}).get("state") == "sent"
+            )
+            assert dispatcher.breakers["hook"].state(time.monotonic()) == "closed"
+        finally:
+            await dispatcher.stop()
+    assert marks >= 2 and sorted(hook.accepted) == ["send-eli-1", "send-eli-2"]
+    assert sync_redis.xlen(dlq_key(shard_for("eli", 4))) == 0
+
+
+async def test_two_replays_of_one_dead_letter_put_it_back_once(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # B read the letter, A replayed it whole, then B's transaction ran: two outbox
+    # entries for one send, both delivered.
+    shard = shard_for("dot", 4)
+    sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
+    sid = put(sync_redis, "dot", "send-dot", "hook").decode()
+    first, second = Ledger(aioredis.Redis.from_url(redis_url), 4), None
+    try:
+        send = {"send_id": "send-dot", "customer": "dot", "rule": "manual", "esp": "hook"}
+        letter = await first.dead_letter(shard, sid, send, error="x", attempts=6, now=time.time())
+        second = Ledger(aioredis.Redis.from_url(redis_url), 4)
+        read_letter = second.dead_letter_get
+
+        async def read_then_lose_the_race(letter_id: str) -> dict:
+            found = await read_letter(letter_id)
+            await first.replay(letter)  # the other replay lands in between
+            return found
+
+        second.dead_letter_get = read_then_lose_the_race
+        with pytest.raises(NotFound):
+            await second.replay(letter)
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
+    assert [orjson.loads(f[b"s"])["send_id"] for _, f in sync_redis.xrange(outbox_key(shard))] == [
+        "send-dot"
+    ]
+    assert sync_redis.xlen(dlq_key(shard)) == 0
+
+
+async def test_replaying_every_letter_passes_over_one_replayed_meanwhile(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from engine.delivery.routes import replay
+
+    shard = shard_for("eve", 4)
+    sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
+    ledger = Ledger(aioredis.Redis.from_url(redis_url), 4)
+    try:
+        letters = []
+        for n in range(3):
+            sid = put(sync_redis, "eve", f"send-eve-{n}", "hook").decode()
+            send = {"send_id": f"send-eve-{n}", "customer": "eve", "rule": "manual"}
+            letters.append(
+                await ledger.dead_letter(shard, sid, send, error="x", attempts=6, now=time.time())
+            )
+        real_replay = ledger.replay
+
+        async def someone_else_was_first(letter_id: str) -> str:
+            if letter_id == letters[1]:
+                await real_replay(letter_id)
+            return await real_replay(letter_id)
+
+        ledger.replay = someone_else_was_first
+        done = await replay(ledger, None)
+        assert [d["id"] for d in done] == [letters[0], letters[2]]
+        with pytest.raises(NotFound):  # named, it is an error
+            await replay(ledger, [letters[1]])
+    finally:
+        await ledger.close()
+    assert sync_redis.xlen(outbox_key(shard)) == 3 and sync_redis.xlen(dlq_key(shard)) == 0
