@@ -15,11 +15,10 @@ from collections import Counter
 from typing import Any
 
 from actors.reads import DirectChannel, RemoteReadError
+from engine.partition import MAX_ALIAS_HOPS
 from engine.routing import shard_for
 
 log = logging.getLogger(__name__)
-
-_MAX_HOPS = 3
 
 
 class LocalHandle:
@@ -163,7 +162,7 @@ class ShardClient:
     async def profile(self, customer: str, *, min_pos: dict[int, str] | None = None) -> dict | None:
         """The live profile of `customer` (following merges), or None if unknown."""
         current = customer
-        for _ in range(_MAX_HOPS + 1):
+        for _ in range(MAX_ALIAS_HOPS + 1):  # as far as shards forward events
             index = self.shard_of(current)
             found = await self._coalescers[index].submit(current, (min_pos or {}).get(index))
             if not isinstance(found, str):
@@ -174,7 +173,7 @@ class ShardClient:
     async def explain(self, customer: str) -> tuple[str, list[dict]] | None:
         """(canonical id, per-rule explanation) for `customer`, following merges."""
         current = customer
-        for _ in range(_MAX_HOPS + 1):
+        for _ in range(MAX_ALIAS_HOPS + 1):  # as far as shards forward events
             found = await self.call(self.shard_of(current), "explain", current)
             if not isinstance(found, str):
                 return None if found is None else (current, found)

@@ -36,7 +36,9 @@ from engine.profile import Limits, Profile, apply_event, merge_profiles, share_s
 from engine.rules import RuleSet, TimerIndex, merge_journey
 
 APPLIED, DUPLICATE, DROPPED, FORWARDED = "applied", "duplicate", "dropped", "forwarded"
-_MAX_HOPS = 4
+# Forwards along aliases, at most: a chain of renames (alias r0 to r1, r1 to r2, ...)
+# is followed this far, and a loop of merges (see _merge_in) is broken within it.
+MAX_ALIAS_HOPS = 16
 
 
 def erased_key(customer_id: str) -> str:
@@ -199,8 +201,25 @@ class Partition:
             if erased_key(customer) in self.erased:
                 return DROPPED
             if customer in self.aliases:  # merged away meanwhile: follow it
-                target = self.aliases[customer]
-                return self._forward(target, {**event, "customer": target})
+                path = event.get("path") or []
+                end = event.get("loop_end")
+                if end is None and customer in path:
+                    # Back where it passed before: these ids were merged into each
+                    # other at once (aliases A to B and B to A in one batch), each
+                    # profile left for the next, and all of them would bounce around
+                    # the loop until dropped. Every profile in it, having gone round
+                    # once, picks the same id (the least) to end the loop on.
+                    end = min(path[path.index(customer) :])
+                if end != customer:
+                    target = self.aliases[customer]
+                    onward = {**event, "customer": target, "path": [*path, customer]}
+                    if end is not None:
+                        onward["loop_end"] = end
+                    return self._forward(target, onward)
+                # The loop ends here: this id holds a profile again, and the others
+                # land on it.
+                del self.aliases[customer]
+                self._unalias(customer)
             source = event["from"]
             if self._pending:
                 self._before_change(customer)
@@ -346,7 +365,7 @@ class Partition:
 
     def _forward(self, target: str, event: dict) -> str:
         hops = event.get("_hops", 0) + 1
-        if hops > _MAX_HOPS:  # an alias cycle; refuse rather than loop
+        if hops > MAX_ALIAS_HOPS:  # an alias cycle; refuse rather than loop
             return DROPPED
         self._send(target, {**event, "_hops": hops})
         return FORWARDED

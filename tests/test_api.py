@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import time
 import uuid
 
@@ -240,6 +241,27 @@ def test_erase_removes_from_memory_and_redis(
     # Later events for an erased customer are dropped.
     api.post("/v1/track", auth=WRITE, json=track("gus"))
     assert api.get("/v1/profiles/gus", headers=ADMIN).status_code == 404
+
+
+def test_a_customer_renamed_many_times_is_read_and_erased_through_the_first_name(
+    api: httpx.Client,
+) -> None:
+    # Reads followed 3 aliases: after 4 renames the first name was unknown, and an
+    # erasure through it left the person, email and all, under the last one.
+    names = [f"rn{n}-{uuid.uuid4().hex[:6]}" for n in range(6)]
+    api.post("/v1/identify", auth=WRITE, json={"userId": names[0], "traits": {"email": "r@x.io"}})
+    for old, new in itertools.pairwise(names):
+        api.post("/v1/alias", auth=WRITE, json={"userId": new, "previousId": old})
+        for _ in range(200):  # each merge crosses shards through forwards
+            if api.get(f"/v1/profiles/{new}", headers=ADMIN).json().get("merged_ids") == [old]:
+                break
+    profile = api.get(f"/v1/profiles/{names[0]}", headers=ADMIN)
+    assert profile.status_code == 200 and profile.json()["id"] == names[-1]
+    assert profile.json()["traits"]["email"] == "r@x.io"
+    reply = api.delete(f"/v1/profiles/{names[0]}", headers=ADMIN)
+    assert reply.status_code == 200 and reply.json()["existed"] is True
+    assert set(reply.json()["erased"]) == {names[0], names[-1]}
+    assert api.get(f"/v1/profiles/{names[-1]}", headers=ADMIN).status_code == 404
 
 
 def test_health_and_readiness(api: httpx.Client) -> None:

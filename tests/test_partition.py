@@ -717,3 +717,64 @@ def test_a_timer_that_fails_for_one_customer_still_fires_the_others() -> None:
     assert failures == 1
     assert sends and {s["customer"] for s in sends} == {"good"}  # bad's timers are gone
     assert sends[0]["rule"] == "cart_abandonment"
+
+
+def _all_profiles(cluster: Cluster) -> dict[str, Profile]:
+    return {cid: p for part in cluster.parts for cid, p in part.profiles.items()}
+
+
+def test_ids_merged_into_each_other_at_once_end_in_one_profile() -> None:
+    # alias(A to B) and alias(B to A) in one batch: each shard gave its profile to the
+    # other, both became aliases of each other, and the profiles bounced until dropped.
+    cluster = Cluster()
+    a, b = on_shards("ann", "bob")
+    cluster.send(track(a, product_id="p1"))
+    cluster.send(track(b, "Product Added", product_id="p2", price=3.0))
+    cluster.append(alias(b, a))  # A into B
+    cluster.append(alias(a, b))  # B into A
+    cluster.settle()
+
+    [(survivor, profile)] = _all_profiles(cluster).items()
+    assert survivor == min(a, b)  # the same whichever order the shards took
+    assert (profile.counts["Product Viewed"], profile.counts["Product Added"]) == (1, 1)
+    assert cluster.lookup(a) is profile and cluster.lookup(b) is profile
+    cluster.send(track(a, product_id="p3"))  # later events reach it, from either id
+    cluster.send(track(b, product_id="p4"))
+    assert profile.counts["Product Viewed"] == 3
+    assert cluster.state() == _replayed(cluster)
+
+
+def test_a_loop_of_three_merges_ends_in_one_profile() -> None:
+    cluster = Cluster()
+    a, b, c = on_shards("ann", "bob", "cy")
+    for customer in (a, b, c):
+        cluster.send(track(customer, product_id=customer))
+    cluster.append(alias(b, a))
+    cluster.append(alias(c, b))
+    cluster.append(alias(a, c))
+    cluster.settle()
+    [profile] = _all_profiles(cluster).values()
+    assert profile.counts["Product Viewed"] == 3
+    assert {cluster.lookup(x).id for x in (a, b, c)} == {profile.id}
+
+
+def test_a_chain_of_renames_is_followed() -> None:
+    # Reads gave up after 3 hops and forwards after 4: a customer renamed five times
+    # was unknown under the first name, and an erasure through it missed the person.
+    cluster = Cluster()
+    names = [f"r{n}" for n in range(7)]
+    cluster.send(identify(names[0], email="r@example.com"))
+    for old, new in itertools.pairwise(names):
+        cluster.send(alias(new, old))
+    assert cluster.send(track(names[0], product_id="p1")) == FORWARDED
+    last = cluster.lookup(names[-1])
+    assert last.traits["email"] == "r@example.com" and last.counts["Product Viewed"] == 1
+    assert cluster.lookup(names[0]) is last
+
+
+def _replayed(cluster: Cluster) -> list[dict]:
+    """The state every partition reaches again from its checkpoint and stream."""
+    for index in range(cluster.shards):
+        cluster.crash(index)
+    cluster.settle()
+    return cluster.state()
