@@ -304,7 +304,7 @@ class DispatcherActor:
             await self._dead(index, entry_id, send, attempts, exc.message)
             return
         breaker, bucket = self.breakers[esp.name], self.buckets[esp.name]
-        last_error = ""
+        last_error = esp_error = ""  # what ended the last attempt; the ESP's own last error
         while True:
             wait = bucket.reserve(time.monotonic())
             if wait > 0:
@@ -317,7 +317,9 @@ class DispatcherActor:
             attempts += 1
             retry_after = None
             if not breaker.allow(time.monotonic()):
-                last_error = f"circuit open for ESP {esp.name!r} (last error: {last_error})"
+                last_error = f"circuit open for ESP {esp.name!r}" + (
+                    f" (last error: {esp_error})" if esp_error else ""
+                )
                 await ledger.count_failure(index, send)
                 self.stats["failed"] += 1
                 wait = breaker.retry_in(time.monotonic())
@@ -352,7 +354,8 @@ class DispatcherActor:
                 if isinstance(failure, PermanentError):
                     await self._dead(index, entry_id, send, attempts, failure.message)
                     return
-                last_error, retry_after = failure.message, failure.retry_after
+                last_error = esp_error = failure.message
+                retry_after = failure.retry_after
                 await ledger.count_failure(index, send)
                 self.stats["failed"] += 1
                 wait = 0.0

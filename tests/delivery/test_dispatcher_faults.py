@@ -288,3 +288,27 @@ async def test_replaying_every_letter_passes_over_one_replayed_meanwhile(
     finally:
         await ledger.close()
     assert sync_redis.xlen(outbox_key(shard)) == 3 and sync_redis.xlen(dlq_key(shard)) == 0
+
+
+async def test_a_dead_letter_names_the_open_circuit_once(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # Each attempt refused by the open breaker used to wrap the message again:
+    # "circuit open (last error: circuit open (last error: ...))".
+    hook = Hook(secret="k")
+    with hook.serve() as url:
+        esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
+        cfg = config(esp, breaker_failures=1, breaker_reset_s=0, max_attempts=4)
+        dispatcher = await started(0, cfg, redis_url)
+        breaker = dispatcher.breakers["hook"]
+        breaker.failure(time.monotonic())  # open, its probe taken by another send in flight
+        breaker._probing = True
+        try:
+            put(sync_redis, "fi", "send-fi", "hook")
+            assert await until(lambda: sync_redis.xlen(dlq_key(shard_for("fi", 4))) == 1)
+        finally:
+            await dispatcher.stop()
+    [(_, fields)] = sync_redis.xrange(dlq_key(shard_for("fi", 4)))
+    error = orjson.loads(fields[b"d"])["error"]
+    assert hook.requests == []
+    assert error == "gave up after 4 attempts: circuit open for ESP 'hook'"
