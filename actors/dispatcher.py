@@ -37,7 +37,7 @@ from engine.delivery.adapters import Adapter, make_adapter
 from engine.delivery.compose import Composer, suppression, withdrawn
 from engine.delivery.ledger import Ledger
 from engine.delivery.message import DeliveryError, PermanentError, TransientError
-from engine.delivery.policy import CircuitBreaker, TokenBucket, backoff
+from engine.delivery.policy import HALF_OPEN, CircuitBreaker, TokenBucket, backoff
 from engine.delivery.templates import TemplateError, TemplateSet
 from engine.metrics.delivery import DeliveryMetrics
 from engine.profile import RESUBSCRIBES
@@ -316,7 +316,9 @@ class DispatcherActor:
                     return
             attempts += 1
             retry_after = None
-            if not breaker.allow(time.monotonic()):
+            now = time.monotonic()
+            probe = breaker.state(now) == HALF_OPEN  # if allowed, this call is the probe
+            if not breaker.allow(now):
                 last_error = f"circuit open for ESP {esp.name!r}" + (
                     f" (last error: {esp_error})" if esp_error else ""
                 )
@@ -335,8 +337,11 @@ class DispatcherActor:
                 except (TransientError, PermanentError) as exc:
                     failure = exc
                 except BaseException:
-                    breaker.release()  # no answer learned: a later call may probe
-                    marked.add_done_callback(_quietly)
+                    if probe:
+                        breaker.release()  # no answer learned: a later call may probe
+                    # Settled before anything final is written, which it must not overwrite.
+                    with contextlib.suppress(RedisError, OSError):
+                        await marked
                     raise
                 # The breaker learns the answer before anything else can fail.
                 if failure is None or isinstance(failure, PermanentError):
@@ -583,9 +588,3 @@ def stop_dispatchers(handles: list, timeout: float = 5.0) -> None:
     for handle in handles:
         with contextlib.suppress(Exception):
             ray.kill(handle, no_restart=True)
-
-
-def _quietly(future: asyncio.Future) -> None:
-    """Retrieve a background call's outcome nobody waits for (no 'never retrieved')."""
-    if not future.cancelled():
-        future.exception()

@@ -202,17 +202,20 @@ class Partition:
                 return DROPPED
             if customer in self.aliases:  # merged away meanwhile: follow it
                 path = event.get("path") or []
-                end = event.get("loop_end")
-                if end is None and customer in path:
-                    # Back where it passed before: these ids were merged into each
-                    # other at once (aliases A to B and B to A in one batch), each
-                    # profile left for the next, and all of them would bounce around
-                    # the loop until dropped. Every profile in it, having gone round
-                    # once, picks the same id (the least) to end the loop on.
-                    end = min(path[path.index(customer) :])
+                target = self.aliases[customer]
+                end = None
+                if customer in path and target in path:
+                    # Back where it passed before, and still going round: these ids
+                    # were merged into each other at once (aliases A to B and B to A
+                    # in one batch), each profile left for the next, and all of them
+                    # would bounce around the loop until dropped. Every profile in it,
+                    # having gone round once, picks the same id (the least) to end the
+                    # loop on. (A loop broken since, its end merged on elsewhere, is
+                    # no loop any more: the profile follows the aliases like any other.)
+                    end = event.get("loop_end") or min(path[path.index(customer) :])
                 if end != customer:
-                    target = self.aliases[customer]
                     onward = {**event, "customer": target, "path": [*path, customer]}
+                    onward.pop("loop_end", None)
                     if end is not None:
                         onward["loop_end"] = end
                     return self._forward(target, onward)

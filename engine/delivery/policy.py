@@ -105,7 +105,7 @@ class CircuitBreaker:
         self._probing = False
 
     def release(self) -> None:
-        """A call ended before its outcome was known (a bug, a cancel): free the probe."""
+        """The probe ended before its outcome was known (a bug, a cancel): free its place."""
         self._probing = False
 
     def failure(self, now: float) -> None:

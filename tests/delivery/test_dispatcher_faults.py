@@ -312,3 +312,38 @@ async def test_a_dead_letter_names_the_open_circuit_once(
     error = orjson.loads(fields[b"d"])["error"]
     assert hook.requests == []
     assert error == "gave up after 4 attempts: circuit open for ESP 'hook'"
+
+
+async def test_a_call_that_fails_unexpectedly_leaves_a_final_record_and_anothers_probe(
+    redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An adapter bug (not a transient or permanent ESP error): its "sending" mark,
+    # left running, landed after the dead letter and left the record not final; and
+    # the call, started while the breaker was closed, freed the probe another call
+    # held once the breaker had opened meanwhile.
+    real_mark = Ledger.mark_sending
+
+    async def slow_mark(self: Ledger, *args: object, **kwargs: object) -> None:
+        await asyncio.sleep(0.05)
+        await real_mark(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "mark_sending", slow_mark)
+    monkeypatch.setattr("actors.dispatcher._MAX_SURPRISES", 1)
+    with smtp() as (esp, _inbox):
+        dispatcher = await started(0, config(esp), redis_url)
+        breaker = dispatcher.breakers["default"]
+
+        async def adapter_bug(email: object) -> str:
+            breaker.opened_at = time.monotonic() - breaker.reset_s  # others failed: half-open
+            assert breaker.allow(time.monotonic())  # ...and another call took the probe
+            raise RuntimeError("adapter bug")
+
+        dispatcher.adapters["default"].send = adapter_bug
+        try:
+            put(sync_redis, "ann", "send-ann", "default")
+            assert await until(lambda: dispatcher.stats["dead_lettered"] == 1)
+            await asyncio.sleep(0.1)  # past the slow mark, had it been left running
+        finally:
+            await dispatcher.stop()
+    assert record(sync_redis, "ann", "send-ann")["state"] == "dead"
+    assert breaker._probing  # still the other call's
