@@ -414,7 +414,15 @@ def _product_added(profile: Profile, props: dict, ts: float, event: dict, limits
         item["quantity"] = min(item.get("quantity", 1) + quantity, _MAX_QUANTITY)
     if props.get("cart_id") is not None:
         profile.cart_id = str(props["cart_id"])
-    profile.cart_updated = ts
+    _cart_changed(profile, ts)
+
+
+def _cart_changed(profile: Profile, ts: float) -> None:
+    # Every change moves it forward, even two in one second or a late event: content
+    # caches key a cart's blocks on it (a source's `vary`), so a change must never
+    # leave it where it was, or take it back to a value an older cart had.
+    last = profile.cart_updated
+    profile.cart_updated = ts if last is None or ts > last else last + 1e-6
 
 
 def _product_removed(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
@@ -427,7 +435,7 @@ def _product_removed(profile: Profile, props: dict, ts: float, event: dict, limi
         item["quantity"] = remaining
     else:
         del profile.cart[product]
-    profile.cart_updated = ts
+    _cart_changed(profile, ts)
 
 
 def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:
@@ -467,7 +475,7 @@ def _order_completed(profile: Profile, props: dict, ts: float, event: dict, limi
         del purchased[: len(purchased) - limits.purchased_max]
     profile.cart.clear()
     profile.cart_id = None
-    profile.cart_updated = ts
+    _cart_changed(profile, ts)
 
 
 def _email_opened(profile: Profile, props: dict, ts: float, event: dict, limits: Limits) -> None:

@@ -104,6 +104,19 @@ def test_adding_again_adds_quantities_and_keeps_the_first_add_time() -> None:
     assert profile.public()["cart_total"] == 9.25
 
 
+def test_every_cart_change_moves_cart_updated_forward() -> None:
+    # Content caches key cart blocks on it: two changes in one second, or a late
+    # event, left it where it was (or took it back), and the old block was served.
+    profile = build(
+        track("Product Added", T0, product_id="p1"),
+        track("Product Added", T0, product_id="p2"),
+    )
+    assert profile.cart_updated > T0
+    first = profile.cart_updated
+    apply_event(profile, track("Product Removed", T0 - 60, product_id="p1"), Limits())
+    assert profile.cart_updated > first and list(profile.cart) == ["p2"]
+
+
 @pytest.mark.parametrize(
     ("removed", "left"),
     [
