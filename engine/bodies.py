@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
+from engine.coerce import whole_number
 from engine.errors import PayloadTooLarge
 
 
@@ -14,7 +15,8 @@ async def read_limited(request: Request, limit: int, *, stated: int | None = Non
     """
     shown = limit if stated is None else stated
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = whole_number(declared) if declared is not None else None
+    if declared is not None and (size is None or size > limit):
         raise PayloadTooLarge(f"body is larger than {shown} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -1,4 +1,5 @@
-"""Config settings checked against the types of their defaults: every section reads through here."""
+"""Config settings checked against the types of their defaults: every section reads through
+here; and whole numbers read from request text."""
 
 from __future__ import annotations
 
@@ -75,3 +76,14 @@ def section_values(
         elif key in table:
             values[key] = coerce_setting(table[key], default, f"{section}.{key}")
     return values
+
+
+def whole_number(text: str, max_digits: int = 18) -> int | None:
+    """`text` as a non-negative int if it is at most `max_digits` ASCII digits, else None.
+
+    str.isdigit alone also accepts digits int() refuses ("²") and lengths past
+    int()'s 4,300-digit limit: either would be a 500 instead of a 4xx.
+    """
+    if len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from engine.coerce import whole_number
+
 COOKIE = "nudge_console"
 
 
@@ -35,6 +37,7 @@ class Sessions:
         if not value:
             return False
         expires, _, mac = value.partition(".")
-        if not expires.isdigit() or int(expires) < now:
+        at = whole_number(expires)
+        if at is None or at < now:
             return False
-        return hmac.compare_digest(mac, self._mac(int(expires)))
+        return hmac.compare_digest(mac.encode(), self._mac(at).encode())

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.coerce import whole_number
 from engine.content.config import FORMATS, ContentConfig
 from engine.errors import ValidationError
 
@@ -63,8 +64,8 @@ def _blocks(value: Any, config: ContentConfig, where: str) -> tuple[str, ...]:
 
 
 def _deadline(value: Any, config: ContentConfig, where: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        value = whole_number(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError("deadline_ms must be a whole number of milliseconds", field=where)
     if not config.reserve_ms < value <= config.max_deadline_ms:
@@ -85,8 +86,8 @@ def _limit(options: dict[str, dict[str, Any]]) -> None:
         if "limit" not in given:
             continue
         value = given["limit"]
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
+        if isinstance(value, str):
+            value = whole_number(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
             raise ValidationError(f"limit must be 1-{MAX_LIMIT}", field=f"{block}.limit")
         given["limit"] = value

@@ -18,6 +18,7 @@ import orjson
 from starlette.routing import Route
 
 from engine.auth import CONTENT, KeyRing
+from engine.coerce import whole_number
 from engine.config import AuthConfig
 from engine.content import request as req
 from engine.content import signing
@@ -116,7 +117,8 @@ class _Disconnected(Exception):
 
 
 async def _read_body(receive: Any, limit: int, declared: str | None) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = whole_number(declared) if declared is not None else None
+    if declared is not None and (size is None or size > limit):
         raise PayloadTooLarge(f"body is larger than {limit} bytes")
     chunks, size = [], 0
     while True:

@@ -18,6 +18,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, urlencode
 
+from engine.coerce import whole_number
 from engine.errors import AuthError
 
 SIG, EXP = "sig", "exp"
@@ -69,11 +70,14 @@ def verify(
     expiries = [v for k, v in pairs if k == EXP]
     if len(given) != 1:
         raise AuthError("give exactly one sig parameter", field=SIG)
-    if len(expiries) != 1 or not expiries[0].isdigit():
+    expires = whole_number(expiries[0]) if len(expiries) == 1 else None
+    if expires is None:
         raise AuthError("a signed URL needs one exp parameter (epoch seconds)", field=EXP)
-    if int(expiries[0]) < now:
+    if expires < now:
         raise AuthError("the signed URL has expired", field=EXP, code="signature_expired")
+    # Bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+    sig = given[0].encode("utf-8", "surrogatepass")
     for key in keys:
-        if hmac.compare_digest(signature(key, method, path, pairs, body), given[0]):
+        if hmac.compare_digest(signature(key, method, path, pairs, body).encode(), sig):
             return
     raise AuthError("bad signature", field=SIG, code="bad_signature")

@@ -83,6 +83,13 @@ def map_response(config: SourceConfig, body: bytes) -> Any:
             value = {out: lookup(value, path) for out, path in config.fields}
         else:
             raise BlockFailure("malformed", "the selected value is not an object or a list")
+    try:
+        # orjson reads deeper nesting than it writes: a value the answer (a few
+        # levels around it) could not encode would be a 500 for every request
+        # while it stays cached.
+        orjson.dumps([[[[[value]]]]])
+    except orjson.JSONEncodeError:
+        raise BlockFailure("malformed", "the answer is nested too deeply") from None
     return value
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from engine.coerce import whole_number
+
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 FILTERS = ("url", "money")
@@ -108,8 +110,8 @@ def lookup(context: Any, path: tuple[str, ...] | str) -> Any:
     for key in path:
         if type(value) is dict or isinstance(value, Mapping):
             value = value.get(key)
-        elif type(value) is list and key.isdigit() and int(key) < len(value):
-            value = value[int(key)]
+        elif type(value) is list and (at := whole_number(key)) is not None and at < len(value):
+            value = value[at]
         else:
             return None
     return value
@@ -162,6 +164,8 @@ def html_value(value: Any, filt: str) -> str:
 def url_value(value: Any, filt: str) -> str:
     """Percent-encode a value for any part of a URL (`/`, `?`, `&` included)."""
     text = _text(value, filt)
+    if text in (".", ".."):  # a path segment servers would resolve, not a value
+        return text.replace(".", "%2E")
     if _URL_SAFE.match(text):
         return text
     return quote(text, safe="")

@@ -22,6 +22,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from engine.coerce import whole_number
 from engine.errors import NotFound, StoreError
 from engine.routing import shard_tag
 from engine.store import consent_key, outbox_key
@@ -319,8 +320,9 @@ def _letter(index: int, sid: str, fields: dict) -> dict:
 
 def _parse_letter_id(letter_id: str, shards: int) -> tuple[int, str]:
     index, _, sid = letter_id.partition(":")
-    if not index.isdigit() or int(index) >= shards or not sid:
+    shard = whole_number(index)
+    if shard is None or shard >= shards or not sid:
         raise NotFound(
             f"no dead letter {letter_id!r} (ids look like 2:1700000000000-0)", field="id"
         )
-    return int(index), sid
+    return shard, sid

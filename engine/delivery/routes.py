@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.auth import ADMIN, KeyRing
+from engine.coerce import whole_number
 from engine.config import AuthConfig
 from engine.delivery.ledger import Ledger
 from engine.errors import NotFound, ValidationError
@@ -71,9 +72,10 @@ def delivery_routes(*, auth: AuthConfig, ledger: Callable[[], Ledger]) -> list[R
     async def list_letters(request: Request) -> Response:
         keys.require(request.headers.get("authorization"), ADMIN)
         raw = request.query_params.get("limit", "100")
-        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        limit = whole_number(raw)
+        if limit is None or not 1 <= limit <= 10_000:
             raise ValidationError("limit must be 1-10000", field="limit")
-        letters = await ledger().dead_letters(count=int(raw))
+        letters = await ledger().dead_letters(count=limit)
         return _json({"dead_letters": letters})
 
     async def get_letter(request: Request) -> Response:

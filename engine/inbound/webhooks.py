@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.coerce import whole_number
 from engine.errors import AuthError, ConfigError, ValidationError
 from engine.events import parse_time
 
@@ -255,8 +256,8 @@ def resolve(data: Any, path: str) -> Any:
     for part in path.split("."):
         if isinstance(value, dict):
             value = value.get(part)
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
+        elif isinstance(value, list) and (at := whole_number(part)) is not None and at < len(value):
+            value = value[at]
         else:
             return None
         if value is None:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.auth import ADMIN, KeyRing
+from engine.coerce import whole_number
 from engine.errors import NotFound, ValidationError
 from engine.recs.catalog import normalize_product
 from engine.recs.store import RecsStore
@@ -80,9 +81,10 @@ def recs_routes(keys: KeyRing, store: Callable[[], RecsStore], shards: Callable[
         keys.require(request.headers.get("authorization"), ADMIN)
         name = request.path_params["name"]
         raw = request.query_params.get("limit", "100")
-        if not raw.isdigit() or int(raw) > _MAX_MEMBERS:
+        limit = whole_number(raw)
+        if limit is None or limit > _MAX_MEMBERS:
             raise ValidationError(f"limit must be 0-{_MAX_MEMBERS}", field="limit")
-        found = await shards().segment_members(name, int(raw))
+        found = await shards().segment_members(name, limit)
         if found is None:
             raise NotFound(f"no segment {name!r}", field="name")
         return _json({"segment": name, **found})

@@ -59,6 +59,10 @@ def test_body_options() -> None:
         ([("deadline_ms", "soon")], "deadline_ms"),
         ([("recommendations.limit", "500")], "recommendations.limit"),
         ([("colour", "red")], "colour"),
+        # digits int() refuses, or too many for it: once a 500
+        ([("deadline_ms", "\u00b2")], "deadline_ms"),
+        ([("deadline_ms", "1" * 5000)], "deadline_ms"),
+        ([("recommendations.limit", "\u00b2")], "recommendations.limit"),
     ],
 )
 def test_query_errors_name_the_parameter(pairs: list, field: str) -> None:
@@ -76,6 +80,8 @@ def test_query_errors_name_the_parameter(pairs: list, field: str) -> None:
         ({"options": {"weather": {}}}, "body.options.weather"),
         ({"options": {"offers": {"x": {"deep": 1}}}}, "body.options.offers"),
         ({"deadline_ms": True}, "body.deadline_ms"),
+        ({"deadline_ms": "\u00b2"}, "body.deadline_ms"),
+        ({"options": {"recommendations": {"limit": "\u00b2"}}}, "recommendations.limit"),
     ],
 )
 def test_body_errors_name_the_field(body: object, field: str) -> None:

@@ -65,6 +65,20 @@ def test_expired_and_wrongly_keyed_urls_are_refused() -> None:
         verify([KEY], "GET", path, pairs, now=NOW)
 
 
+@pytest.mark.parametrize(
+    ("exp", "sig", "code"),
+    [
+        ("\u00b2", "x", "unauthorized"),  # a digit int() refuses
+        ("9" * 5000, "x", "unauthorized"),  # past int()'s digit limit
+        (str(NOW + 60), "\u00e9", "bad_signature"),  # compare_digest refuses non-ASCII str
+    ],
+)
+def test_odd_signed_parameters_are_refused_not_raised(exp: str, sig: str, code: str) -> None:
+    with pytest.raises(AuthError) as caught:
+        verify([KEY], "GET", "/v1/content/ann", [("exp", exp), ("sig", sig)], now=NOW)
+    assert caught.value.code == code
+
+
 def test_the_body_and_method_are_signed_too() -> None:
     body = b'{"blocks": ["cart"]}'
     path, pairs = split(

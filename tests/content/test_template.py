@@ -60,6 +60,14 @@ def test_url_values_are_percent_encoded() -> None:
     assert out == "https://api.example/x?c=a%20b%2Fc%3Fd%26e%3D%23&e=a%2Bb%40x.io"
 
 
+def test_dot_segments_are_encoded_in_urls() -> None:
+    # "..": servers and proxies resolve it, so the source got another resource
+    template = Template("https://api.example/c/{id}/x")
+    assert template.render({"id": ".."}, url_value) == "https://api.example/c/%2E%2E/x"
+    assert template.render({"id": "."}, url_value) == "https://api.example/c/%2E/x"
+    assert template.render({"id": "a.b"}, url_value) == "https://api.example/c/a.b/x"
+
+
 def test_missing_values_are_empty_and_paths_reach_into_lists() -> None:
     context = {"items": [{"name": "first"}], "n": 2.5}
     out = Template("{items.0.name}|{items.5.name}|{nope.x}|{n|money}").render(context, html_value)
@@ -118,3 +126,17 @@ def test_body_templates_keep_json_types() -> None:
     }
     assert body_fields(body) == {"cart", "id"}
     assert render_body(compile_body(body), context) == render_body(body, context)
+
+
+def test_a_source_answer_nested_past_what_can_be_encoded_is_malformed() -> None:
+    # orjson reads about 1,000 levels and writes 254: cached, such an answer made
+    # every request for the block a 500.
+    from engine.content.config import SourceConfig
+    from engine.content.sources import BlockFailure, map_response
+
+    deep = "[" * 300 + "]" * 300
+    source = SourceConfig(name="deep", url="https://d.example/")
+    with pytest.raises(BlockFailure) as caught:
+        map_response(source, b'{"title": "x", "deep": ' + deep.encode() + b"}")
+    assert caught.value.reason == "malformed"
+    assert map_response(source, b'{"title": "x", "deep": [[[1]]]}')["deep"] == [[[1]]]

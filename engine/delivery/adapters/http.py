@@ -6,6 +6,7 @@ import time
 
 import aiohttp
 
+from engine.coerce import whole_number
 from engine.delivery.message import TransientError, classify_http
 from engine.delivery.policy import parse_retry_after
 
@@ -25,9 +26,10 @@ async def post(
         ) as reply:
             content = await reply.read()
             retry_after = parse_retry_after(reply.headers.get("Retry-After"), time.time())
-            if retry_after is None and reply.headers.get("X-RateLimit-Reset", "").isdigit():
+            reset_at = whole_number(reply.headers.get("X-RateLimit-Reset", ""))
+            if retry_after is None and reset_at is not None:
                 # SendGrid's 429: the epoch second the limit resets.
-                reset = float(reply.headers["X-RateLimit-Reset"])
+                reset = float(reset_at)
                 retry_after = max(reset - time.time(), 0.0)
             classify_http(reply.status, content, retry_after)
             return reply.status, content

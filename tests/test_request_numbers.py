@@ -1,0 +1,26 @@
+"""Whole numbers in request text (headers, query parameters, cookies, signatures):
+digits int() refuses, or too many for it, are refused or ignored, never a 500."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.coerce import whole_number
+from engine.console.session import Sessions
+from engine.delivery.adapters import webhook
+
+ODD = ("\u00b2", "\u0663", "1" * 5000, "", "-1", "1.5", " 7")
+
+
+def test_whole_number_takes_plain_ascii_digits_only() -> None:
+    assert whole_number("0") == 0 and whole_number("1700000000") == 1_700_000_000
+    assert whole_number("9" * 18) == 10**18 - 1
+    for text in (*ODD, "9" * 19):
+        assert whole_number(text) is None
+
+
+@pytest.mark.parametrize("text", ODD)
+def test_odd_numbers_from_outside_are_refused_not_raised(text: str) -> None:
+    assert webhook.verify("k", b"{}", text, "v1=00", now=1_700_000_000) is False  # receiver
+    sessions = Sessions(("dev-admin-key",), ttl_s=60)
+    assert sessions.valid(f"{text}.mac", now=0.0) is False  # console cookie
