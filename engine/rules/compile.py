@@ -153,6 +153,8 @@ def _constant(value: Any) -> Fn:
 # -- runtime helpers (null-safe semantics) ----------------------------------------------
 def _get(value: Any, key: Any) -> Any:
     if isinstance(value, dict):
+        if isinstance(key, (list, dict)):
+            return None  # unhashable: no such key
         got = value.get(key)
         if got is None and not isinstance(key, str) and key is not None:
             got = value.get(str(key))

@@ -69,7 +69,20 @@ def _duration(arg: Arg | None, what: str) -> float | Fn | None:
     if arg is None:
         return None
     if not arg.is_const:
-        return arg.fn
+        fn = arg.fn
+
+        def computed(c: Any) -> float | None:
+            # a value from the data: a number of seconds or a duration like "7d", else none
+            value = fn(c)
+            if isinstance(value, bool) or value is None:
+                return None
+            try:
+                seconds = parse_duration(value)
+            except (ValueError, TypeError):
+                return None
+            return seconds if math.isfinite(seconds) else None
+
+        return computed
     value = arg.const
     if value is None:
         return None
@@ -446,8 +459,8 @@ def _build_round(number: Arg, digits: Arg | None = None) -> Fn:
 
     def rounded(c: Any) -> float | None:
         v = fn(c)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None  # round() of an infinity or NaN raises
         return round(v, places) if places else round(v)
 
     return rounded

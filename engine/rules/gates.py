@@ -17,6 +17,9 @@ HOLDOUT = "holdout"
 _BUCKETS = 10_000
 
 
+_UNSEEN = object()
+
+
 class Zones:
     """ZoneInfo by name, cached; unknown names fall back to the default zone."""
 
@@ -27,14 +30,18 @@ class Zones:
 
     def get(self, name: str | None) -> ZoneInfo:
         """The zone called `name`, or the default when it is missing or unknown."""
+        return self.find(name) or self.default
+
+    def find(self, name: str | None) -> ZoneInfo | None:
+        """The zone called `name`, or None when it is missing or unknown."""
         if not name:
-            return self.default
-        zone = self._cache.get(name)
-        if zone is None:
+            return None
+        zone = self._cache.get(name, _UNSEEN)
+        if zone is _UNSEEN:
             try:
                 zone = ZoneInfo(name)
             except (ZoneInfoNotFoundError, ValueError, TypeError):
-                zone = self.default
+                zone = None
             if len(self._cache) < self._limit:
                 self._cache[name] = zone
         return zone

@@ -226,9 +226,15 @@ class RuleSet:
 
     # -- helpers used by functions and explain --------------------------------------------
     def zone(self, profile: Any):
-        """The customer's time zone (profile, then traits, then the default)."""
-        name = profile.timezone or profile.traits.get("timezone")
-        return self.zones.get(name if isinstance(name, str) else None)
+        """The customer's time zone (profile, then traits, then the default).
+
+        A name that is no zone (context.timezone "GMT+05:30") is passed over.
+        """
+        for name in (profile.timezone, profile.traits.get("timezone")):
+            zone = self.zones.find(name) if isinstance(name, str) else None
+            if zone is not None:
+                return zone
+        return self.zones.default
 
     def local_time(self, profile: Any, at: float) -> datetime:
         """`at` on the customer's wall clock."""
@@ -247,7 +253,9 @@ class RuleSet:
         running = profile.journey.get("i")
         if running is not None and key in running.get(rule.name, _EMPTY):
             return False  # as start() would answer, before copying the trigger's properties
-        return state.start(profile.journey, rule, key, t, state.kept(props, rule.keep))
+        return state.start(
+            profile.journey, rule, key, t, state.kept(props, rule.keep), owner=profile.id
+        )
 
     def _cancel(self, profile: Any, rule: Rule, cancel: Any, ctx: Ctx, t: float) -> bool:
         journey = profile.journey
@@ -370,7 +378,7 @@ class RuleSet:
             return
         key = state.key_of(rule, ctx)
         if key is not None:
-            state.start(profile.journey, rule, key, due, {})
+            state.start(profile.journey, rule, key, due, {}, owner=profile.id)
 
     def _fire(self, profile: Any, rule: Rule, key: str, now: float, sends: list[Send]) -> None:
         """Run the due step of one instance: check every gate, then send, skip, defer or end."""
@@ -416,8 +424,11 @@ class RuleSet:
             assert rule.on_cap == DEFER
             state.defer(journey, rule, key, free, "frequency cap", _MAX_DEFERS)
             return
+        # The customer the instance began with: a merge since (an anonymous visitor
+        # who logged in) must not change its arm, nor the send ids a replay decides.
+        owner = inst.get("c", profile.id)
         variant = (
-            assign(rule.experiment, profile.id, rule.variants, rule.holdout)
+            assign(rule.experiment, owner, rule.variants, rule.holdout)
             if (rule.variants or rule.holdout)
             else None
         )
@@ -425,7 +436,7 @@ class RuleSet:
         number = inst["n"] + 1
         sends.append(
             Send(
-                send_id=send_id(rule.name, number, profile.id, inst["id"]),
+                send_id=send_id(rule.name, number, owner, inst["id"]),
                 rule=rule.name,
                 step=number,
                 variant=variant,

@@ -4,7 +4,8 @@ Shape (short keys: it is checkpointed with every changed profile)::
 
     {
       "i":    {rule: {key: {"id": "key@start", "s": start, "n": next step (0-based),
-                            "d": due, "t": {trigger properties kept}, "x": deferrals}}},
+                            "d": due, "t": {trigger properties kept}, "x": deferrals,
+                            "c": the customer id it began with (send ids, experiment arm)}}},
       "idle": {rule: deadline},          # inactivity rules: when silence becomes "inactive"
       "done": {rule: {key: [instance id, start, end]}},   # last ended instance, for replay/reentry
       "h":    [[ts, rule], ...],         # sends (holdouts too), oldest first, for caps/suppression
@@ -160,7 +161,7 @@ def _first(priority: dict[str, int], name: str, key: str, other: tuple[str, str,
     return (-priority.get(name, 0), name, key) < (-priority.get(other[1], 0), other[1], other[2])
 
 
-def start(journey: dict, rule: Any, key: str, t: float, trigger: dict) -> bool:
+def start(journey: dict, rule: Any, key: str, t: float, trigger: dict, *, owner: str) -> bool:
     """Open a trigger instance unless one is running for `key`, replayed, or too soon."""
     running = journey.get("i", {}).get(rule.name)
     if running is not None and key in running:
@@ -181,7 +182,10 @@ def start(journey: dict, rule: Any, key: str, t: float, trigger: dict) -> bool:
         oldest = min(running, key=lambda k: running[k]["s"])
         end(journey, rule, oldest, t, "evicted", f"more than {rule.max_instances} instances")
         running = journey.setdefault("i", {}).setdefault(rule.name, {})
-    running[key] = {"id": f"{key}@{t!r}", "s": t, "n": 0, "d": t + rule.steps[0].wait, "t": trigger}
+    running[key] = {
+        "id": f"{key}@{t!r}", "s": t, "n": 0, "d": t + rule.steps[0].wait, "t": trigger,
+        "c": owner,
+    }  # fmt: skip
     outcome(journey, rule, t, "entered", key)
     return True
 
@@ -307,7 +311,9 @@ def merge_journey(into: dict, other: dict) -> None:
     for name, done in other.get("done", {}).items():
         target = into.setdefault("done", {}).setdefault(name, {})
         for key, entry in done.items():
-            target.setdefault(key, entry)
+            # the later instance is the one remembered: reentry counts from it
+            if key not in target or target[key][1] < entry[1]:
+                target[key] = entry
     if other.get("h"):
         into["h"] = sorted(into.get("h", []) + other["h"], key=lambda e: e[0])[-MAX_HISTORY:]
     for name, deadline in other.get("idle", {}).items():

@@ -1,0 +1,129 @@
+"""Rule decisions across identity merges, time zones passed over, and expressions fed
+values that used to raise (each raise lost the event's effects on the rules)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from engine.profile import Limits, merge_profiles
+from engine.rules import RuleSet, merge_journey
+from engine.rules.files import STARTER
+from engine.rules.gates import assign
+from tests.rules.harness import DAY, HOUR, MIN, T0, Runner, rules
+
+
+def _starter() -> RuleSet:
+    return RuleSet.from_toml(STARTER.read_text(encoding="utf-8"), source="starter")
+
+
+def _merge(into: Runner, other: Runner) -> None:
+    merge_profiles(into.profile, other.profile, Limits())
+    merge_journey(into.profile.journey, other.profile.journey)
+
+
+def test_a_send_id_does_not_depend_on_whether_the_merge_came_before_the_timer() -> None:
+    # Live, the reminder fired under the anonymous id; a replay after a crash can
+    # apply the merge first. Different ids: the outbox's mark let a second email by.
+    ruleset = _starter()
+    live = Runner(ruleset, "anon-x")
+    live.at(T0, "Product Added", product_id="p1", price=10)
+    live.until(T0 + 16 * MIN)
+    replayed_anon = Runner(ruleset, "anon-x")
+    replayed_anon.at(T0, "Product Added", product_id="p1", price=10)
+    user = Runner(ruleset, "user-x")
+    _merge(user, replayed_anon)
+    user.until(T0 + 16 * MIN)
+    assert [s.send_id for s in live.sends] == [s.send_id for s in user.sends]
+    assert len(live.sends) == 1
+
+
+def test_an_instance_keeps_its_experiment_arm_across_a_merge() -> None:
+    ruleset = _starter()
+    rule = ruleset.by_name["cart_abandonment"]
+    held = next(
+        f"anon{i}"
+        for i in range(1000)
+        if assign(rule.experiment, f"anon{i}", rule.variants, rule.holdout) == "holdout"
+        and assign(rule.experiment, "user", rule.variants, rule.holdout) != "holdout"
+    )
+    anon = Runner(ruleset, held)
+    anon.at(T0, "Product Added", product_id="p1", price=10)
+    anon.until(T0 + 20 * MIN)
+    assert [(s.step, s.deliver) for s in anon.sends] == [(1, False)]
+    user = Runner(ruleset, "user")
+    _merge(user, anon)
+    user.until(T0 + 2 * DAY)
+    assert user.sends and all(s.variant == "holdout" and not s.deliver for s in user.sends)
+
+
+def test_a_merge_remembers_the_later_of_two_ended_instances() -> None:
+    ruleset = rules(
+        """
+[[rule]]
+name = "r"
+on = "Signed Up"
+reentry = "7d"
+[[rule.step]]
+template = "t"
+"""
+    )
+    user, anon = Runner(ruleset, "user"), Runner(ruleset, "anon")
+    user.at(T0 - 30 * DAY, "Signed Up")
+    anon.at(T0 - DAY, "Signed Up")
+    _merge(user, anon)
+    assert user.at(T0, "Signed Up") == []  # one day after the anonymous side's entry
+
+
+def test_a_time_zone_that_is_no_zone_is_passed_over_for_the_traits_one() -> None:
+    ruleset = rules(
+        """
+[rules]
+quiet_hours = "21:00-08:00"
+[[rule]]
+name = "r"
+on = "Signed Up"
+[[rule.step]]
+template = "t"
+"""
+    )
+    run = Runner(ruleset, "raj")
+    run.profile.timezone = "GMT+05:30"  # context.timezone as some SDKs send it
+    run.profile.traits["timezone"] = "Asia/Kolkata"
+    evening = datetime(2024, 3, 4, 18, 0).timestamp()  # UTC: 23:30 in Kolkata
+    assert run.at(evening, "Signed Up") == []  # quiet there: deferred
+    sent = run.until(evening + DAY)
+    local = datetime.fromtimestamp(sent[0].at, ruleset.zone(run.profile))
+    assert (local.hour, local.minute) == (8, 0)
+
+
+def test_expressions_fed_odd_values_are_null_not_errors() -> None:
+    ruleset = rules(
+        """
+[[rule]]
+name = "big"
+on = "Viewed"
+if = "round(event.price * 10) > 5"
+[[rule.step]]
+template = "t"
+
+[[rule]]
+name = "lookup"
+on = "Viewed"
+if = "traits[event.plan] == 'gold'"
+[[rule.step]]
+template = "t"
+
+[[rule]]
+name = "window"
+on = "Viewed"
+if = "count('Viewed', traits.window) >= 1"
+[[rule.step]]
+template = "t"
+"""
+    )
+    run = Runner(ruleset, "odd")
+    run.at(T0 - HOUR, "x", kind="identify", window="7d")
+    sends = run.at(T0, "Viewed", price=1e308, plan=["a"])
+    assert [s.rule for s in sends] == ["window"]  # a computed "7d" window works
+    run.profile.traits["window"] = {"not": "a duration"}
+    assert run.at(T0 + MIN, "Viewed", price=float("nan"), plan={"a": 1}) == []
