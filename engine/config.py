@@ -228,6 +228,10 @@ def validate(config: Config) -> None:
         ),
         (config.metrics.console_session_h > 0, "metrics.console_session_h", "must be positive"),
     ]
+    for role in ("write_keys", "content_keys", "admin_keys"):
+        # "" would be the key of a bare "Authorization: Bearer" (or "Basic Og==")
+        keys = getattr(config.auth, role)
+        checks.append((all(k.strip() for k in keys), f"auth.{role}", "must not hold an empty key"))
     for ok, path, problem in checks:
         if not ok:
             raise ConfigError(f"{path} {problem}", field=path)

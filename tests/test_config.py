@@ -97,3 +97,11 @@ def test_load_reports_missing_file_and_bad_toml(tmp_path: Path) -> None:
     bad.write_text("[server\nport = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         load(bad, env={})
+
+
+@pytest.mark.parametrize("role", ["write_keys", "content_keys", "admin_keys"])
+def test_an_empty_key_is_refused(role: str) -> None:
+    # "" was the key of a bare "Authorization: Bearer" (and of "Basic Og==")
+    with pytest.raises(ConfigError) as caught:
+        from_mapping({"auth": {role: ["a-real-key", " "]}}, env={})
+    assert caught.value.field == f"auth.{role}"

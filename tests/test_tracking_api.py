@@ -277,6 +277,11 @@ def test_one_click_unsubscribe_sent_as_multipart_form_data(tracked) -> None:
         (b"", FORM),
         (b"", {}),
         (b"List-Unsubscribe=One-Click", {"Content-Type": "multipart/form-data; boundary=x"}),
+        (  # a part in a charset no codec knows: once a 500
+            b"--xx\r\nContent-Disposition: form-data; name=List-Unsubscribe\r\n"
+            b"Content-Type: text/plain; charset=bogus\r\n\r\nOne-Click\r\n--xx--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=xx"},
+        ),
     ],
 )
 def test_an_unsubscribe_post_without_the_one_click_field_is_refused(
@@ -288,6 +293,32 @@ def test_an_unsubscribe_post_without_the_one_click_field_is_refused(
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["field"] == "List-Unsubscribe"
     assert stored_events(sync_redis) == []
+
+
+def test_unsubscribing_again_after_a_resubscribe_counts(tracked) -> None:
+    # The unsubscribe's messageId was one per send: the second click was confirmed,
+    # then dropped by the per-customer dedupe, and the customer stayed subscribed.
+    client, clock, signer = tracked
+    url = path_of(signer.unsubscribe_url("s12", "hal"))
+    assert client.post(url, content=b"List-Unsubscribe=One-Click", headers=FORM).status_code == 200
+    assert profile(client, "hal")["consent"]["unsubscribed"] is True
+    clock.advance(60)
+    optin = {"userId": "hal", "traits": {"email_opt_in": True}, "timestamp": at(60)}
+    assert client.post("/v1/identify", auth=WRITE, json=optin).status_code == 200
+    assert profile(client, "hal")["consent"]["unsubscribed"] is False
+    clock.advance(60)
+    assert client.post(url, content=b"List-Unsubscribe=One-Click", headers=FORM).status_code == 200
+    assert profile(client, "hal")["consent"]["unsubscribed"] is True
+
+
+def test_a_destination_too_long_to_sign_is_linked_untracked(tracked) -> None:
+    # The signer made tokens its own verifier refused (over 4,096 characters): the
+    # email's link answered 400.
+    client, _, signer = tracked
+    long_url = "https://shop.example/p?" + "x" * 5000
+    assert signer.click_url("s13", "ivy", long_url) == long_url
+    short = signer.click_url("s13", "ivy", "https://shop.example/p?" + "x" * 2000)
+    assert client.get(path_of(short), follow_redirects=False).status_code == 302
 
 
 def test_an_unsubscribe_link_stops_the_pending_cart_email(tracked, sync_redis: redis.Redis) -> None:

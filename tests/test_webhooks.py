@@ -79,6 +79,19 @@ def test_shopify_checkout_maps_to_checkout_started_and_one_product_added_per_lin
     assert normalized[0]["ts"] == datetime(2026, 11, 23, 15, 2, 11, tzinfo=UTC).timestamp()
 
 
+def test_a_shopify_custom_line_without_a_variant_keeps_the_rest_of_the_checkout(sources):
+    # Custom line items (draft orders) have variant_id null: the line's messageId
+    # template failed and the whole webhook was refused, so Shopify retried and dropped it.
+    payload = fixture("shopify_checkouts_create.json")
+    payload["line_items"][1]["variant_id"] = None
+    messages = map_payload(sources["shopify"], "checkouts/create", payload, delivery_id="d7")
+    assert [m["event"] for m in messages] == ["Checkout Started", "Product Added", "Product Added"]
+    ids = [m["messageId"] for m in messages]
+    assert ids[1].endswith("-line-44012345678901")
+    assert ids[2] == "shopify:d7-1-1"  # the delivery's own id: retries still dedupe
+    assert len(set(ids)) == 3
+
+
 def test_woocommerce_guest_checkout_then_paid_order_share_one_order_message_id(sources):
     order = fixture("woocommerce_order_created.json")
     created = map_payload(sources["woo"], "order.created", order, delivery_id="a")

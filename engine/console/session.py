@@ -23,6 +23,9 @@ class Sessions:
         material = b"\x00".join(k.encode() for k in sorted(admin_keys))
         self._key = hashlib.sha256(b"nudge-console\x00" + material).digest()
         self.ttl_s = ttl_s
+        # With no admin key the cookie key would be a public constant: nobody can log
+        # in then, and no cookie is valid.
+        self._enabled = bool(admin_keys)
 
     def _mac(self, expires: int) -> str:
         return hmac.new(self._key, str(expires).encode(), hashlib.sha256).hexdigest()[:32]
@@ -34,7 +37,7 @@ class Sessions:
 
     def valid(self, value: str | None, now: float) -> bool:
         """True for a cookie this engine issued that has not expired."""
-        if not value:
+        if not value or not self._enabled:
             return False
         expires, _, mac = value.partition(".")
         at = whole_number(expires)

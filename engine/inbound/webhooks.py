@@ -311,6 +311,10 @@ def _fill(root: Any, item: Any, pairs: tuple[tuple[str, str], ...]) -> dict:
     return out
 
 
+class _Missing(Exception):
+    pass
+
+
 def _message_id(template: str, root: Any, item: Any, fallback: str) -> str:
     if not template:
         return fallback
@@ -318,10 +322,19 @@ def _message_id(template: str, root: Any, item: Any, fallback: str) -> str:
     def sub(match: re.Match) -> str:
         value = _value(root, item, match.group(1), match.group(1))
         if value is None:
+            if match.group(1).startswith("item."):
+                raise _Missing
             raise ValidationError(f"{match.group(1)} is missing", field=match.group(1))
         return str(value)
 
-    return _PLACEHOLDER.sub(sub, template)
+    try:
+        return _PLACEHOLDER.sub(sub, template)
+    except _Missing:
+        # A value one element lacks (a Shopify custom line has no variant_id): the
+        # delivery's own id still dedupes the platform's retries, and refusing the
+        # whole webhook would lose its other events (platforms drop failing hooks).
+        # The object's own id (an order's) stays required.
+        return fallback
 
 
 def map_payload(source: WebhookSource, topic: str, payload: Any, *, delivery_id: str) -> list[dict]:

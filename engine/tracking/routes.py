@@ -7,8 +7,9 @@ durable path as any ingest, so rules can react to it and a crash loses nothing.
 
 messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
-proxies fetch the pixel several times), one click per send, link and minute,
-and one unsubscribe per send.
+proxies fetch the pixel several times) and one click per send, link and
+minute. Every unsubscribe counts (consent is a state: a repeat changes nothing,
+one after a resubscribe must not be taken for a duplicate).
 
 With Redis down, an open or a click is logged and lost rather than breaking the
 image or the link; an unsubscribe is answered 503, never a false "done".
@@ -22,6 +23,7 @@ import hashlib
 import html
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -87,7 +89,10 @@ def form_fields(body: bytes, content_type: str) -> dict[str, str]:
         fields = {}
         for part in message.iter_parts() if message.is_multipart() else ():
             name = part.get_param("name", header="content-disposition")
-            value = part.get_content()
+            try:
+                value = part.get_content()
+            except (LookupError, ValueError):  # a charset no codec knows, a broken part
+                continue
             if isinstance(name, str) and isinstance(value, str):
                 fields[name] = value.strip()
         return fields
@@ -186,7 +191,10 @@ def tracking_routes(
                 code="not_one_click",
             )
         now = clock()
-        event = tracking_event(token, "Unsubscribed", f"nudge-unsub:{token.send_id}", now)
+        # Its own messageId each time: unsubscribing again after a resubscribe must
+        # count, and an id anyone could send first must not turn it into a duplicate.
+        message_id = f"nudge-unsub:{token.send_id}:{uuid.uuid4().hex}"
+        event = tracking_event(token, "Unsubscribed", message_id, now)
         try:
             await append([event])
         except StoreError as exc:

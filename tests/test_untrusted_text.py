@@ -1,5 +1,6 @@
-"""Whole numbers in request text (headers, query parameters, cookies, signatures):
-digits int() refuses, or too many for it, are refused or ignored, never a 500."""
+"""Text from outside (headers, query parameters, cookies, signatures): digits int()
+refuses, or too many for it, are refused or ignored, never a 500; and console
+cookies nobody could have been issued."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def test_odd_numbers_from_outside_are_refused_not_raised(text: str) -> None:
     assert webhook.verify("k", b"{}", text, "v1=00", now=1_700_000_000) is False  # receiver
     sessions = Sessions(("dev-admin-key",), ttl_s=60)
     assert sessions.valid(f"{text}.mac", now=0.0) is False  # console cookie
+
+
+def test_with_no_admin_key_no_console_cookie_is_valid() -> None:
+    # The cookie key came from the admin keys alone: with none, it was a public
+    # constant, and anyone could make a cookie the console accepted.
+    keyless = Sessions((), ttl_s=60)
+    assert keyless.valid(keyless.issue(0.0), now=1.0) is False
+    keyed = Sessions(("an-admin-key",), ttl_s=60)
+    assert keyed.valid(keyed.issue(0.0), now=1.0) is True
