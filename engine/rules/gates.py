@@ -7,6 +7,7 @@ Pure functions over plain data; the customer's send history is a list of
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -71,11 +72,36 @@ def next_allowed(at: float, zone: ZoneInfo, quiet: tuple[int, int] | None) -> fl
     if not is_quiet(local, quiet):
         return at
     end_h, end_m = divmod(quiet[1], 60)
-    day = local.date()
-    if local.hour * 60 + local.minute >= quiet[1]:
-        day += timedelta(days=1)  # the quiet hours end tomorrow morning
-    end = datetime(day.year, day.month, day.day, end_h, end_m, tzinfo=zone)
-    return max(end.timestamp(), at)
+    found = []
+    for day in (local.date(), local.date() + timedelta(days=1)):
+        # Both readings of the end's wall-clock time: at a DST fall-back it happens
+        # twice (the second may be the one still ahead); in a spring-forward gap it
+        # never does, and the first allowed instant is where the clocks jump.
+        first, second = sorted(
+            datetime(day.year, day.month, day.day, end_h, end_m, tzinfo=zone, fold=f).timestamp()
+            for f in (0, 1)
+        )
+        for ts in (first, second):
+            if ts >= at and not is_quiet(datetime.fromtimestamp(ts, zone), quiet):
+                found.append(ts)
+        skipped = datetime.fromtimestamp(first, zone)
+        if (skipped.hour, skipped.minute) != (end_h, end_m) and second > max(first, at):
+            found.append(_first_allowed(max(first, at), second, zone, quiet))
+    return min(found) if found else at
+
+
+def _first_allowed(lo: float, hi: float, zone: ZoneInfo, quiet: tuple[int, int]) -> float:
+    """The first instant in [lo, hi] outside the quiet hours, to the second (hi is)."""
+    lo, hi = math.floor(lo), math.ceil(hi)
+    if not is_quiet(datetime.fromtimestamp(lo, zone), quiet):
+        return float(lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if is_quiet(datetime.fromtimestamp(mid, zone), quiet):
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
 
 
 def cap_free_at(

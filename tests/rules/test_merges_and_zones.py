@@ -127,3 +127,36 @@ template = "t"
     assert [s.rule for s in sends] == ["window"]  # a computed "7d" window works
     run.profile.traits["window"] = {"not": "a duration"}
     assert run.at(T0 + MIN, "Viewed", price=float("nan"), plan={"a": 1}) == []
+
+
+def test_quiet_hours_hold_through_the_repeated_hour_of_a_fall_back() -> None:
+    from zoneinfo import ZoneInfo
+
+    from engine.rules.gates import next_allowed
+
+    ny = ZoneInfo("America/New_York")
+    quiet = (22 * 60, 90)  # 22:00-01:30
+    # 01:10 the second time round (EST): 01:30 EDT is past, 01:30 EST is ahead
+    at = datetime(2024, 11, 3, 1, 10, fold=1, tzinfo=ny).timestamp()
+    allowed = datetime.fromtimestamp(next_allowed(at, ny, quiet), ny)
+    assert (allowed.hour, allowed.minute, allowed.utcoffset().total_seconds()) == (1, 30, -5 * 3600)
+    # the first time round (EDT): the first 01:30 is the end
+    early = datetime(2024, 11, 3, 1, 10, fold=0, tzinfo=ny).timestamp()
+    assert next_allowed(early, ny, quiet) == early + 20 * MIN
+
+
+def test_quiet_hours_ending_in_a_spring_forward_gap_end_when_the_clocks_jump() -> None:
+    from zoneinfo import ZoneInfo
+
+    from engine.rules.gates import next_allowed
+
+    ny = ZoneInfo("America/New_York")
+    at = datetime(2024, 3, 10, 1, 30, tzinfo=ny).timestamp()  # quiet 23:00-02:30
+    allowed = datetime.fromtimestamp(next_allowed(at, ny, (23 * 60, 150)), ny)
+    assert (allowed.hour, allowed.minute) == (3, 0)  # 02:30 never happens that night
+    paris = ZoneInfo("Europe/Paris")  # and an ordinary night is unchanged
+    t = datetime(2024, 3, 4, 22, 30, tzinfo=paris).timestamp()
+    assert (
+        next_allowed(t, paris, (21 * 60, 8 * 60))
+        == datetime(2024, 3, 5, 8, tzinfo=paris).timestamp()
+    )
