@@ -66,6 +66,8 @@ def _nesting_ok(value: dict | list, budget: int) -> bool:
     return True
 
 
+# messageIds the engine makes for its own events; refused from clients.
+RESERVED_ID_PREFIX = "nudge-"
 # Event times accepted (after clock-skew correction): 1970-01-01 up to 2100-01-01.
 _EARLIEST_TS, _LATEST_TS = 0.0, 4_102_444_800.0
 
@@ -85,11 +87,14 @@ def normalize(
     prefix: str = "",
     sent_at: float | None = None,
     batch_context: dict | None = None,
+    internal: bool = False,
 ) -> dict:
     """Validate one Segment message and return its normalized form.
 
     `kind` is the type the endpoint implies (None inside a batch, where each
     message names its own). Raises ValidationError naming the field at fault.
+    `internal` is for the engine's own events (tracking hits), whose messageIds
+    begin with the prefix no client may use.
     """
     if not isinstance(msg, dict):
         raise ValidationError(
@@ -155,6 +160,13 @@ def normalize(
         message_id = "nudge-" + uuid.uuid4().hex
     elif not isinstance(message_id, str) or not message_id:
         raise ValidationError("messageId must be a non-empty string", field=prefix + "messageId")
+    elif message_id.startswith(RESERVED_ID_PREFIX) and not internal:
+        # the engine's own ids (opens, clicks, unsubscribes): one sent first by a
+        # client would make the real event a duplicate, and drop it
+        raise ValidationError(
+            f"messageIds beginning {RESERVED_ID_PREFIX!r} are the engine's own",
+            field=prefix + "messageId",
+        )
 
     stamp_field = "timestamp" if msg.get("timestamp") is not None else "originalTimestamp"
     stamp = msg.get(stamp_field)

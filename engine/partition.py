@@ -235,7 +235,7 @@ class Partition:
             if event.get("profile") is not None:
                 other = Profile.from_dict(event["profile"])
                 merge_profiles(profile, other, self.limits)
-                merge_journey(profile.journey, other.journey)
+                merge_journey(profile.journey, other.journey, other.id)
                 if self.insight is not None:
                     self.insight.on_merged(profile, event["ts"])
                 if self.rules is not None:

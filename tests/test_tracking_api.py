@@ -311,6 +311,25 @@ def test_unsubscribing_again_after_a_resubscribe_counts(tracked) -> None:
     assert profile(client, "hal")["consent"]["unsubscribed"] is True
 
 
+def test_a_hammered_unsubscribe_link_counts_once_a_minute(tracked) -> None:
+    # A random id per POST let a link hammered (a provider's retries) add events
+    # without end, pushing the customer's dedupe memory out: an SDK retry of an
+    # order then counted twice.
+    client, _, signer = tracked
+    url = path_of(signer.unsubscribe_url("s14", "jay"))
+    for _ in range(5):
+        reply = client.post(url, content=b"List-Unsubscribe=One-Click", headers=FORM)
+        assert reply.status_code == 200
+    assert profile(client, "jay")["counts"] == {"Unsubscribed": 1}
+
+
+def test_clients_cannot_send_the_engines_own_message_ids(tracked) -> None:
+    client, _, _ = tracked
+    forged = {"userId": "kay", "event": "Page Viewed", "messageId": "nudge-unsub:s15:1"}
+    reply = client.post("/v1/track", auth=WRITE, json=forged)
+    assert reply.status_code == 400 and reply.json()["error"]["field"] == "messageId"
+
+
 def test_a_destination_too_long_to_sign_is_linked_untracked(tracked) -> None:
     # The signer made tokens its own verifier refused (over 4,096 characters): the
     # email's link answered 400.

@@ -311,30 +311,23 @@ def _fill(root: Any, item: Any, pairs: tuple[tuple[str, str], ...]) -> dict:
     return out
 
 
-class _Missing(Exception):
-    pass
-
-
-def _message_id(template: str, root: Any, item: Any, fallback: str) -> str:
+def _message_id(template: str, root: Any, item: Any, fallback: str, index: int | None) -> str:
     if not template:
         return fallback
 
     def sub(match: re.Match) -> str:
         value = _value(root, item, match.group(1), match.group(1))
         if value is None:
-            if match.group(1).startswith("item."):
-                raise _Missing
+            if index is not None and match.group(1).startswith("item."):
+                # A value one line lacks (a Shopify custom line has no variant_id): its
+                # place in the list stands in, so the id stays the same across the
+                # platform's deliveries of this object (and refusing the whole webhook
+                # would lose its other events). The object's own id stays required.
+                return f"#{index}"
             raise ValidationError(f"{match.group(1)} is missing", field=match.group(1))
         return str(value)
 
-    try:
-        return _PLACEHOLDER.sub(sub, template)
-    except _Missing:
-        # A value one element lacks (a Shopify custom line has no variant_id): the
-        # delivery's own id still dedupes the platform's retries, and refusing the
-        # whole webhook would lose its other events (platforms drop failing hooks).
-        # The object's own id (an order's) stays required.
-        return fallback
+    return _PLACEHOLDER.sub(sub, template)
 
 
 def map_payload(source: WebhookSource, topic: str, payload: Any, *, delivery_id: str) -> list[dict]:
@@ -365,13 +358,15 @@ def map_payload(source: WebhookSource, topic: str, payload: Any, *, delivery_id:
                     "each element must be an object", field=f"{emit.each}.{index}"
                 )
             suffix = f"-{number}" + ("" if index is None else f"-{index}")
-            message = _message(source, emit, payload, item, delivery_id + suffix)
+            message = _message(source, emit, payload, item, delivery_id + suffix, index)
             message["context"]["webhook"] = {"source": source.name, "topic": topic}
             messages.append(message)
     return messages
 
 
-def _message(source: WebhookSource, emit: Emit, root: dict, item: Any, fallback: str) -> dict:
+def _message(
+    source: WebhookSource, emit: Emit, root: dict, item: Any, fallback: str, index: int | None
+) -> dict:
     user_id = _identifier(root, item, emit.user_id)
     anonymous_id = _identifier(root, item, emit.anonymous_id)
     if user_id is None and anonymous_id is None:
@@ -394,7 +389,7 @@ def _message(source: WebhookSource, emit: Emit, root: dict, item: Any, fallback:
     message: dict[str, Any] = {
         "type": "track",
         "event": emit.event,
-        "messageId": f"{source.name}:" + _message_id(emit.message_id, root, item, fallback),
+        "messageId": f"{source.name}:" + _message_id(emit.message_id, root, item, fallback, index),
         "properties": properties,
         "context": {},
     }

@@ -9,7 +9,7 @@ Public surface:
     TimerIndex: schedule, next_deadline, pop_due, discard, rebuild
     lint(ruleset, known_events=None) -> list[Finding]
     read_rules(config_path) -> RuleSet      (resolves [rules] dir and files)
-    merge_journey(into, other)              (for profile merges)
+    merge_journey(into, other, other_id)    (for profile merges)
 """
 
 from __future__ import annotations

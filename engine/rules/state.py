@@ -290,7 +290,7 @@ def silence(journey: dict, ruleset: Any, t: float) -> None:
     journey.pop("due", None)
 
 
-def merge_journey(into: dict, other: dict) -> None:
+def merge_journey(into: dict, other: dict, other_id: str | None = None) -> None:
     """Fold the journey of a merged identity (e.g. anonymous) into the surviving one.
 
     Running instances and ended-instance records move over unless `into`
@@ -307,6 +307,9 @@ def merge_journey(into: dict, other: dict) -> None:
     for name, running in other.get("i", {}).items():
         target = into.setdefault("i", {}).setdefault(name, {})
         for key, inst in running.items():
+            if "c" not in inst and other_id is not None:
+                # begun before instances named their customer: it was `other_id`'s
+                inst = {**inst, "c": other_id}
             target.setdefault(key, inst)
     for name, done in other.get("done", {}).items():
         target = into.setdefault("done", {}).setdefault(name, {})

@@ -8,8 +8,8 @@ durable path as any ingest, so rules can react to it and a crash loses nothing.
 messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
 proxies fetch the pixel several times) and one click per send, link and
-minute. Every unsubscribe counts (consent is a state: a repeat changes nothing,
-one after a resubscribe must not be taken for a duplicate).
+minute, and one unsubscribe per send and minute (so one after a resubscribe
+counts). Clients may not send messageIds of the engine's own prefix.
 
 With Redis down, an open or a click is logged and lost rather than breaking the
 image or the link; an unsubscribe is answered 503, never a false "done".
@@ -23,7 +23,6 @@ import hashlib
 import html
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -67,7 +66,7 @@ def tracking_event(token: Token, name: str, message_id: str, received_at: float)
         "properties": props,
         "context": {"library": {"name": "nudge-tracking"}},
     }
-    return ev.normalize(msg, kind="track", received_at=received_at)
+    return ev.normalize(msg, kind="track", received_at=received_at, internal=True)
 
 
 def safe_destination(url: str | None) -> str:
@@ -191,9 +190,10 @@ def tracking_routes(
                 code="not_one_click",
             )
         now = clock()
-        # Its own messageId each time: unsubscribing again after a resubscribe must
-        # count, and an id anyone could send first must not turn it into a duplicate.
-        message_id = f"nudge-unsub:{token.send_id}:{uuid.uuid4().hex}"
+        # One per send and minute, as clicks: unsubscribing again after a resubscribe
+        # counts, and a link hammered (a provider's retries) cannot flood the profile
+        # and push out its dedupe memory. (Clients cannot send nudge- ids first.)
+        message_id = f"nudge-unsub:{token.send_id}:{int(now // 60)}"
         event = tracking_event(token, "Unsubscribed", message_id, now)
         try:
             await append([event])

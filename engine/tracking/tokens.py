@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -117,8 +118,9 @@ class TokenSigner:
         it is, untracked: a tracked link that answered 400 would be a broken link.
         """
         token = self.token(Token(CLICK, send_id, customer, url, **labels))
-        if len(token) > _MAX_TOKEN:
-            return url
+        parts = urlsplit(url)
+        if len(token) > _MAX_TOKEN and parts.scheme in ("http", "https") and parts.netloc:
+            return url  # (anything else stays behind the redirect, which refuses it)
         return f"{self.base_url}/t/c/{token}"
 
     def unsubscribe_url(self, send_id: str, customer: str, **labels: str | None) -> str:

@@ -160,3 +160,22 @@ def test_quiet_hours_ending_in_a_spring_forward_gap_end_when_the_clocks_jump() -
         next_allowed(t, paris, (21 * 60, 8 * 60))
         == datetime(2024, 3, 5, 8, tzinfo=paris).timestamp()
     )
+
+
+def test_an_instance_checkpointed_before_owners_were_kept_keeps_its_send_ids() -> None:
+    # Instances from before "c" name no customer: merged over, one would have
+    # taken the surviving profile's id for its sends.
+    ruleset = _starter()
+    live = Runner(ruleset, "anon-y")
+    live.at(T0, "Product Added", product_id="p1", price=10)
+    live.until(T0 + 16 * MIN)
+    old = Runner(ruleset, "anon-y")
+    old.at(T0, "Product Added", product_id="p1", price=10)
+    for running in old.profile.journey["i"].values():
+        for inst in running.values():
+            del inst["c"]
+    user = Runner(ruleset, "user-y")
+    merge_profiles(user.profile, old.profile, Limits())
+    merge_journey(user.profile.journey, old.profile.journey, old.profile.id)
+    user.until(T0 + 16 * MIN)
+    assert [s.send_id for s in user.sends] == [s.send_id for s in live.sends]
