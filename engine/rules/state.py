@@ -12,7 +12,8 @@ Shape (short keys: it is checkpointed with every changed profile)::
       "seg":  [segment, ...],            # current segment membership
       "last": {event: {"ts": ts, prop: value, ...}},  # latest event of the names rules read
       "o":    {rule: [ts, outcome, detail]},          # last thing each rule did, for explain
-      "silenced": ts,                    # latest event seen while the customer was opted out
+      "silenced": ts,                    # latest event seen while the customer was opted
+                                         # out, or the moment consent came back
       "ix":   {"product:Product Viewed": [n, held, newest, {product: [ts, ...]}]},
                                          # count()'s index of `recent` (engine.rules.index)
       "due":  earliest deadline,         # absent when nothing is pending
@@ -284,8 +285,8 @@ def silence(journey: dict, ruleset: Any, t: float) -> None:
         for key in list(running):
             if rule is None:
                 drop(journey, name, key)
-            else:
-                end(journey, rule, key, running[key]["d"], "consent", "customer unsubscribed")
+            else:  # ended now: a new entry once consent is back is no late duplicate
+                end(journey, rule, key, t, "consent", "customer unsubscribed")
     journey.pop("idle", None)
     journey.pop("due", None)
 
@@ -331,12 +332,12 @@ def merge_journey(into: dict, other: dict, other_id: str | None = None) -> None:
         into["silenced"] = silenced
         for name, running in list(into.get("i", {}).items()):
             for key, inst in list(running.items()):
-                if inst["s"] <= silenced:  # ended as silence() ends it: at its step's time
+                if inst["s"] <= silenced:  # ended as silence() ends it: at the opt-out
                     drop(into, name, key)
                     done = into.setdefault("done", {}).setdefault(name, {})
                     if key in done and done[key][1] >= inst["s"]:
                         continue  # the later of two instances is the one remembered
-                    end = max(inst["d"], inst["s"])
+                    end = max(min(inst["d"], silenced), inst["s"])
                     done[key] = [inst["id"], inst["s"], end]
                     into.setdefault("o", {})[name] = [end, "consent", "customer unsubscribed"]
     refresh_due(into)

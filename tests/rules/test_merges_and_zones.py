@@ -1,5 +1,6 @@
-"""Rule decisions across identity merges, time zones passed over, and expressions fed
-values that used to raise (each raise lost the event's effects on the rules)."""
+"""Rule decisions across identity merges, time zones passed over, consent coming back,
+and expressions fed values that used to raise (each raise lost the event's effects
+on the rules)."""
 
 from __future__ import annotations
 
@@ -179,3 +180,57 @@ def test_an_instance_checkpointed_before_owners_were_kept_keeps_its_send_ids() -
     merge_journey(user.profile.journey, old.profile.journey, old.profile.id)
     user.until(T0 + 16 * MIN)
     assert [s.send_id for s in user.sends] == [s.send_id for s in live.sends]
+
+
+def _feed(run: Runner, ev: dict, now: float) -> None:
+    """Apply one event at `now` (its own time may be earlier: a late delivery)."""
+    from engine.profile import apply_event
+
+    run.until(now, inclusive=False)
+    apply_event(run.profile, ev, run.limits)
+    run.sends += run.ruleset.on_event(run.profile, ev, now)
+
+
+def test_what_happened_while_opted_out_never_acts_whatever_the_order() -> None:
+    # In order, a cart filled while unsubscribed sent nothing; delivered after the
+    # resubscribe, the same event sent both reminders.
+    from tests.rules.harness import event
+
+    ruleset = _starter()
+    unsubscribed = event("Unsubscribed", T0)
+    added = event("Product Added", T0 + HOUR, product_id="p1", price=10)
+    resubscribed = event("x", T0 + 2 * HOUR, kind="identify", unsubscribed=False)
+    in_order, late = Runner(ruleset), Runner(ruleset)
+    for ev in (unsubscribed, added, resubscribed):
+        _feed(in_order, dict(ev), ev["ts"])
+    _feed(late, dict(unsubscribed), T0)
+    _feed(late, dict(resubscribed), T0 + 2 * HOUR)
+    _feed(late, {**added, "receivedAt": T0 + 2 * HOUR + MIN}, T0 + 2 * HOUR + MIN)
+    in_order.until(T0 + 3 * DAY)
+    late.until(T0 + 3 * DAY)
+    assert in_order.sends == [] and late.sends == []
+    # and what happens after consent is back acts as usual
+    late.at(T0 + 3 * DAY, "Product Added", product_id="p2", price=5)
+    assert [s.rule for s in late.until(T0 + 3 * DAY + HOUR)] == ["cart_abandonment"]
+
+
+def test_after_a_resubscribe_a_new_entry_is_not_taken_for_the_old_instance() -> None:
+    # Silenced instances were ended at their step's due time (three days on), so an
+    # entry after consent came back was refused as a late duplicate until then.
+    ruleset = rules(
+        """
+[[rule]]
+name = "welcome"
+on = "Signed Up"
+reentry = "1h"
+[[rule.step]]
+wait = "3d"
+template = "t"
+"""
+    )
+    run = Runner(ruleset)
+    run.at(T0, "Signed Up")
+    run.at(T0 + HOUR, "Unsubscribed")
+    run.at(T0 + 2 * HOUR, "x", kind="identify", unsubscribed=False)
+    run.at(T0 + DAY, "Signed Up")
+    assert [(s.rule, s.at) for s in run.until(T0 + 10 * DAY)] == [("welcome", T0 + 4 * DAY)]
