@@ -194,7 +194,7 @@ def create_app(
             parsed = _parse(body)
             if header is None:
                 keys.require(_body_key(parsed), WRITE)
-            accepted = [ev.normalize(parsed, kind=kind, received_at=received)]
+            accepted = [ev.normalize(parsed, kind=kind, received_at=received, client=True)]
             rejected = []
         await store().append(accepted)
         metered.count_ingest(accepted, rejected, time.perf_counter() - started)

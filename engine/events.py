@@ -87,14 +87,14 @@ def normalize(
     prefix: str = "",
     sent_at: float | None = None,
     batch_context: dict | None = None,
-    internal: bool = False,
+    client: bool = False,
 ) -> dict:
     """Validate one Segment message and return its normalized form.
 
     `kind` is the type the endpoint implies (None inside a batch, where each
     message names its own). Raises ValidationError naming the field at fault.
-    `internal` is for the engine's own events (tracking hits), whose messageIds
-    begin with the prefix no client may use.
+    `client`: from the public ingest API, where messageIds may not begin with the
+    prefix of the engine's own (tracking hits).
     """
     if not isinstance(msg, dict):
         raise ValidationError(
@@ -160,7 +160,7 @@ def normalize(
         message_id = "nudge-" + uuid.uuid4().hex
     elif not isinstance(message_id, str) or not message_id:
         raise ValidationError("messageId must be a non-empty string", field=prefix + "messageId")
-    elif message_id.startswith(RESERVED_ID_PREFIX) and not internal:
+    elif client and message_id.startswith(RESERVED_ID_PREFIX):
         # the engine's own ids (opens, clicks, unsubscribes): one sent first by a
         # client would make the real event a duplicate, and drop it
         raise ValidationError(
@@ -210,7 +210,7 @@ def normalize(
 def normalize_batch(
     body: Any, *, received_at: float, body_bytes: int
 ) -> tuple[list[dict], list[dict]]:
-    """Validate a /v1/batch body: (accepted events, rejections by index).
+    """Validate a /v1/batch body from a client: (accepted events, rejections by index).
 
     A rejection is `{"index", "code", "message", "field"}`; the caller decides
     what to answer when nothing was accepted.
@@ -246,6 +246,7 @@ def normalize_batch(
                     prefix=prefix,
                     sent_at=sent_at,
                     batch_context=batch_context,
+                    client=True,
                 )
             )
         except ValidationError as exc:

@@ -93,6 +93,18 @@ def test_a_shopify_custom_line_without_a_variant_keeps_the_rest_of_the_checkout(
     assert [m["messageId"] for m in again] == ids  # another delivery: the same ids
 
 
+def test_a_source_named_like_the_engines_own_ids_still_maps(sources) -> None:
+    # Only client ingest refuses messageIds beginning nudge-: a source named nudge-shop
+    # had every delivery refused.
+    (source,) = webhooks_from_mapping({"nudge-shop": {"secret": "s", "mapping": "shopify"}})
+    messages = map_payload(
+        source, "checkouts/create", fixture("shopify_checkouts_create.json"), delivery_id="d1"
+    )
+    assert ev.normalize(messages[0], kind=None, received_at=1e9)["messageId"].startswith(
+        "nudge-shop:"
+    )
+
+
 def test_woocommerce_guest_checkout_then_paid_order_share_one_order_message_id(sources):
     order = fixture("woocommerce_order_created.json")
     created = map_payload(sources["woo"], "order.created", order, delivery_id="a")

@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from engine.profile import RESUBSCRIBES, consent_change
 from engine.rules import plan, state
 from engine.rules.compile import Ctx
 from engine.rules.gates import HOLDOUT, Zones, assign, cap_free_at, next_allowed
@@ -118,11 +117,12 @@ class RuleSet:
             if silenced is not None:
                 if t <= silenced:
                     return []  # from before consent was withdrawn: it may not act after it
-                if consent_change(event) == RESUBSCRIBES:
-                    # Consent is back from here: an event from while the customer was
-                    # opted out, delivered late, may not act either, as it could not
-                    # have in order.
-                    journey["silenced"] = t
+                if journey.pop("optout", None):
+                    # This event gave consent back (nothing else ends an opt-out): one
+                    # from while the customer was opted out, delivered late, may not
+                    # act either, as it could not have in order. Events at this same
+                    # instant may.
+                    journey["silenced"] = t - 1e-6
             due = journey.get("due")
             if due is not None and due < t:
                 self._run_due(profile, t, now, sends, strict=True)

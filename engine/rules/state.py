@@ -14,6 +14,8 @@ Shape (short keys: it is checkpointed with every changed profile)::
       "o":    {rule: [ts, outcome, detail]},          # last thing each rule did, for explain
       "silenced": ts,                    # latest event seen while the customer was opted
                                          # out, or the moment consent came back
+      "optout": true,                    # while opted out (set by silence, cleared when
+                                         # an event finds consent back)
       "ix":   {"product:Product Viewed": [n, held, newest, {product: [ts, ...]}]},
                                          # count()'s index of `recent` (engine.rules.index)
       "due":  earliest deadline,         # absent when nothing is pending
@@ -280,6 +282,7 @@ def silence(journey: dict, ruleset: Any, t: float) -> None:
     """
     if journey.get("silenced", -math.inf) < t:
         journey["silenced"] = t
+    journey["optout"] = True  # until an event finds consent back (RuleSet.on_event)
     for name, running in list(journey.get("i", {}).items()):
         rule = ruleset.by_name.get(name)
         for key in list(running):
@@ -327,6 +330,8 @@ def merge_journey(into: dict, other: dict, other_id: str | None = None) -> None:
         last = into.setdefault("last", {})
         if name not in last or last[name]["ts"] < entry["ts"]:
             last[name] = entry
+    if other.get("optout"):
+        into["optout"] = True
     silenced = max(into.get("silenced", -math.inf), other.get("silenced", -math.inf))
     if silenced > -math.inf:
         into["silenced"] = silenced

@@ -8,8 +8,10 @@ durable path as any ingest, so rules can react to it and a crash loses nothing.
 messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
 proxies fetch the pixel several times) and one click per send, link and
-minute, and one unsubscribe per send and minute (so one after a resubscribe
-counts). Clients may not send messageIds of the engine's own prefix.
+minute, and one unsubscribe per send and minute: one after a resubscribe
+counts from the next minute (within the same minute it is taken for the first;
+the consent note in Redis still stops sends for an hour). Clients may not send
+messageIds of the engine's own prefix.
 
 With Redis down, an open or a click is logged and lost rather than breaking the
 image or the link; an unsubscribe is answered 503, never a false "done".
@@ -66,7 +68,7 @@ def tracking_event(token: Token, name: str, message_id: str, received_at: float)
         "properties": props,
         "context": {"library": {"name": "nudge-tracking"}},
     }
-    return ev.normalize(msg, kind="track", received_at=received_at, internal=True)
+    return ev.normalize(msg, kind="track", received_at=received_at)
 
 
 def safe_destination(url: str | None) -> str:

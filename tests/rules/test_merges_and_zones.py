@@ -234,3 +234,48 @@ template = "t"
     run.at(T0 + 2 * HOUR, "x", kind="identify", unsubscribed=False)
     run.at(T0 + DAY, "Signed Up")
     assert [(s.rule, s.at) for s in run.until(T0 + 10 * DAY)] == [("welcome", T0 + 4 * DAY)]
+
+
+def test_an_opt_in_when_already_subscribed_changes_nothing() -> None:
+    # Apps send email_opt_in: true with every identify. Each one moved the consent
+    # line forward: a cart event 31 s late was refused, one at the same second too,
+    # and a merge ended the anonymous visitor's running cart as "unsubscribed".
+    cart = rules(
+        """
+[[rule]]
+name = "cart"
+on = "Product Added"
+[[rule.step]]
+wait = "1h"
+template = "t"
+"""
+    )
+    from tests.rules.harness import event
+
+    def opted_out_once(run: Runner) -> Runner:
+        run.at(T0, "Unsubscribed")
+        run.at(T0 + HOUR, "x", kind="identify", unsubscribed=False)
+        return run
+
+    later = T0 + 5 * DAY
+    added = event("Product Added", later, product_id="p1")
+    opt_in = event("x", later + 30, kind="identify", email_opt_in=True)
+    in_order, swapped = opted_out_once(Runner(cart)), opted_out_once(Runner(cart))
+    _feed(in_order, dict(added), later)
+    _feed(in_order, dict(opt_in), later + 30)
+    _feed(swapped, dict(opt_in), later + 30)
+    _feed(swapped, dict(added), later + 31)  # the cart event 31 s late
+    in_order.until(later + DAY)
+    swapped.until(later + DAY)
+    assert len(in_order.sends) == len(swapped.sends) == 1
+
+    same_second = opted_out_once(Runner(cart))
+    same_second.at(later, "x", kind="identify", email_opt_in=True)
+    same_second.at(later, "Product Added", product_id="p1")
+    assert [s.rule for s in same_second.until(later + DAY)] == ["cart"]
+
+    user, anon = opted_out_once(Runner(cart, "user")), Runner(cart, "anon-1")
+    anon.at(later, "Product Added", product_id="p1")
+    user.at(later + 10 * MIN, "x", kind="identify", email_opt_in=True)
+    _merge(user, anon)
+    assert [s.rule for s in user.until(later + DAY)] == ["cart"]
