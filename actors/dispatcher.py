@@ -149,6 +149,12 @@ class DispatcherActor:
         touch_every = self._touch_every_s()
         while not self._stopping:
             try:
+                now = time.monotonic()
+                if now - last_touch >= touch_every:
+                    # Before anything else: with every slot held by slow sends (a long
+                    # backoff, an open breaker) they must still not look abandoned.
+                    last_touch = now
+                    await self._touch()
                 free = self.delivery.max_inflight - len(self._inflight)
                 if free <= 0:
                     await asyncio.wait(
@@ -164,9 +170,6 @@ class DispatcherActor:
                 )
                 self._start_all(entries)
                 now = time.monotonic()
-                if now - last_touch >= touch_every:
-                    last_touch = now
-                    await self._touch()
                 if now - last_claim >= claim_every:
                     last_claim = now
                     claimed = await self._ledger.claim(
@@ -200,7 +203,7 @@ class DispatcherActor:
                 log.info("%s: resuming %d pending sends", self.consumer, len(fresh))
             self._start_all(fresh)
             while len(self._inflight) >= self.delivery.max_inflight:
-                # Touching as the main loop does: a slow send (a long backoff, an open
+                # Touching, as the main loop does: a slow send (a long backoff, an open
                 # breaker) must not let the others look abandoned and be claimed.
                 await asyncio.wait(
                     list(self._inflight),

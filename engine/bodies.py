@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from engine.coerce import whole_number
-from engine.errors import PayloadTooLarge
+from engine.errors import PayloadTooLarge, ValidationError
 
 
 async def read_limited(request: Request, limit: int, *, stated: int | None = None) -> bytes:
@@ -15,9 +15,14 @@ async def read_limited(request: Request, limit: int, *, stated: int | None = Non
     """
     shown = limit if stated is None else stated
     declared = request.headers.get("content-length")
-    size = whole_number(declared) if declared is not None else None
-    if declared is not None and (size is None or size > limit):
-        raise PayloadTooLarge(f"body is larger than {shown} bytes")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise ValidationError(
+                "Content-Length must be a number of bytes", field="Content-Length"
+            )
+        size = whole_number(declared)  # None: more digits than any body could have
+        if size is None or size > limit:
+            raise PayloadTooLarge(f"body is larger than {shown} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

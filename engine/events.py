@@ -145,7 +145,9 @@ def normalize(
         category = msg.get("category")
         if category is not None:
             if category.__class__ not in (str, int, float):
-                raise ValidationError("category must be a string", field=prefix + "category")
+                raise ValidationError(
+                    "category must be a string or a number", field=prefix + "category"
+                )
             out["category"] = str(category)
     elif msg_type == "group":
         group_id = _identifier(msg, "groupId", prefix)

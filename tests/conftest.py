@@ -186,3 +186,11 @@ def local_api(redis_url: str) -> Iterator[tuple[str, LocalShards]]:
     shards = LocalShards(config, redis_url)
     with serve_app(create_app(config, redis_url, shards.connect)) as base:
         yield base, shards
+
+
+async def poll_until(predicate, timeout: float = 10.0) -> bool:
+    """Await until `predicate()` is truthy or `timeout` passes; its last value."""
+    end = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+    return bool(predicate())

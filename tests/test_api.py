@@ -252,9 +252,10 @@ def test_a_customer_renamed_many_times_is_read_and_erased_through_the_first_name
     api.post("/v1/identify", auth=WRITE, json={"userId": names[0], "traits": {"email": "r@x.io"}})
     for old, new in itertools.pairwise(names):
         api.post("/v1/alias", auth=WRITE, json={"userId": new, "previousId": old})
-        for _ in range(200):  # each merge crosses shards through forwards
-            if api.get(f"/v1/profiles/{new}", headers=ADMIN).json().get("merged_ids") == [old]:
-                break
+        deadline = time.monotonic() + 10  # each merge crosses shards through forwards
+        while old not in api.get(f"/v1/profiles/{new}", headers=ADMIN).json().get("merged_ids", []):
+            assert time.monotonic() < deadline, f"{old} was never merged into {new}"
+            time.sleep(0.01)
     profile = api.get(f"/v1/profiles/{names[0]}", headers=ADMIN)
     assert profile.status_code == 200 and profile.json()["id"] == names[-1]
     assert profile.json()["traits"]["email"] == "r@x.io"

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -787,10 +788,8 @@ def _step(cluster: Cluster, *shards: int) -> None:
         cluster.checkpoint(index)
 
 
-def test_a_loop_broken_and_merged_on_elsewhere_is_followed_not_broken_again() -> None:
-    # Ended on A, A was then merged into D while A's own profile still went round
-    # with the loop's end: it took A back from D, splitting the person (and erasing
-    # D left that copy under A).
+def _loop_ended_then_merged_on() -> tuple[Cluster, str, str, str]:
+    """A loop of merges ended on A, A then merged into D, A's own profile still going round."""
     cluster = Cluster()
     a, b, d = on_shards("ann", "bob", "dan")
     assert a < b
@@ -809,12 +808,25 @@ def test_a_loop_broken_and_merged_on_elsewhere_is_followed_not_broken_again() ->
     _step(cluster, sa)
     assert cluster.parts[sa].aliases[a] == d
     cluster.settle()  # A's own profile, still going round, lands on D
+    return cluster, a, b, d
 
+
+def test_a_loop_broken_and_merged_on_elsewhere_is_followed_not_broken_again() -> None:
+    # It took A back from D, splitting the person (and erasing D left that copy under A).
+    cluster, a, b, d = _loop_ended_then_merged_on()
     [profile] = _all_profiles(cluster).values()  # one person, one profile
     assert profile.id == d and cluster.lookup(a) is profile and cluster.lookup(b) is profile
-    # Known loss in this race: A's own first profile arrives at D as a merge from A,
-    # which D has already taken (the A that ended the loop), so it counts as a
-    # duplicate and its one view is not added.
-    assert profile.counts["Product Viewed"] == 2
     cluster.send(erase(d))
     assert _all_profiles(cluster) == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="merges are deduplicated by their source id: A's own first profile reaches D "
+    "as a merge from A, which D took already (the A that ended the loop), so its view is "
+    "counted as a duplicate. Known, rare (a loop of merges and a merge on, in one race).",
+)
+def test_a_loop_broken_and_merged_on_elsewhere_keeps_every_event() -> None:
+    cluster, _, _, _ = _loop_ended_then_merged_on()
+    [profile] = _all_profiles(cluster).values()
+    assert profile.counts["Product Viewed"] == 3

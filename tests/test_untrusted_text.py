@@ -4,11 +4,16 @@ cookies nobody could have been issued."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from starlette.requests import Request
+
+from engine.bodies import read_limited
 from engine.coerce import whole_number
 from engine.console.session import Sessions
 from engine.delivery.adapters import webhook
+from engine.errors import PayloadTooLarge, ValidationError
 
 ODD = ("\u00b2", "\u0663", "1" * 5000, "", "-1", "1.5", " 7")
 
@@ -34,3 +39,20 @@ def test_with_no_admin_key_no_console_cookie_is_valid() -> None:
     assert keyless.valid(keyless.issue(0.0), now=1.0) is False
     keyed = Sessions(("an-admin-key",), ttl_s=60)
     assert keyed.valid(keyed.issue(0.0), now=1.0) is True
+
+
+def test_a_content_length_that_is_no_number_is_a_400_naming_it() -> None:
+    def request(length: str) -> Request:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        headers = [(b"content-length", length.encode("latin-1"))]
+        return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+    for odd in ("\u00b2", "12a", "-1"):
+        with pytest.raises(ValidationError) as caught:
+            asyncio.run(read_limited(request(odd), 100))
+        assert caught.value.field == "Content-Length"
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_limited(request("9" * 30), 100))
+    assert asyncio.run(read_limited(request("2"), 100)) == b"{}"

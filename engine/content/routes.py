@@ -117,9 +117,14 @@ class _Disconnected(Exception):
 
 
 async def _read_body(receive: Any, limit: int, declared: str | None) -> bytes:
-    size = whole_number(declared) if declared is not None else None
-    if declared is not None and (size is None or size > limit):
-        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise ValidationError(
+                "Content-Length must be a number of bytes", field="Content-Length"
+            )
+        size = whole_number(declared)  # None: more digits than any body could have
+        if size is None or size > limit:
+            raise PayloadTooLarge(f"body is larger than {limit} bytes")
     chunks, size = [], 0
     while True:
         message = await receive()

@@ -22,16 +22,12 @@ _UNSEEN = object()
 
 
 class Zones:
-    """ZoneInfo by name, cached; unknown names fall back to the default zone."""
+    """ZoneInfo by name, cached (None for unknown names), and the default zone."""
 
     def __init__(self, default: str = "UTC", *, limit: int = 1024):
         self.default = ZoneInfo(default)
         self._cache: dict[str, ZoneInfo] = {}
         self._limit = limit
-
-    def get(self, name: str | None) -> ZoneInfo:
-        """The zone called `name`, or the default when it is missing or unknown."""
-        return self.find(name) or self.default
 
     def find(self, name: str | None) -> ZoneInfo | None:
         """The zone called `name`, or None when it is missing or unknown."""

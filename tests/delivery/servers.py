@@ -28,13 +28,23 @@ from tests.conftest import free_port, serve_app
 
 # -- SMTP ---------------------------------------------------------------------------------
 class _Inbox:
-    def __init__(self) -> None:
+    def __init__(self, script: tuple[str, ...] = ()) -> None:
+        self.script = list(script)  # answers to give first (e.g. "451 try later")
         self.messages: list[email.message.EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.raw: list[bytes] = []
         self.lock = threading.Lock()
 
+    @property
+    def send_ids(self) -> list[str]:
+        """The X-Nudge-Send-Id of each message accepted, in order."""
+        with self.lock:
+            return [m["X-Nudge-Send-Id"] for m in self.messages]
+
     async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            if self.script:
+                return self.script.pop(0)
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.lock:
             self.messages.append(parsed)
@@ -45,14 +55,18 @@ class _Inbox:
 
 @contextlib.contextmanager
 def smtp_server(
-    *, tls_dir: str | None = None, login: tuple[str, str] | None = None
+    *,
+    tls_dir: str | None = None,
+    login: tuple[str, str] | None = None,
+    script: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, _Inbox]]:
     """A real aiosmtpd server on a loopback port; yields (port, inbox).
 
     With `tls_dir` it offers and requires STARTTLS (a self-signed certificate made
-    there); with `login` it requires AUTH with that user name and password.
+    there); with `login` it requires AUTH with that user name and password; `script`
+    answers the first messages (e.g. "451 4.3.0 try later") before accepting.
     """
-    inbox = _Inbox()
+    inbox = _Inbox(script)
     port = free_port()
     options: dict = {}
     if tls_dir is not None:

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import email
-import email.policy
-import threading
 import time
 from collections.abc import Iterator
 
@@ -17,7 +14,6 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from aiosmtpd.controller import Controller
 
 from actors.dispatcher import DispatcherActor
 from engine.config import Config
@@ -26,38 +22,15 @@ from engine.delivery.ledger import GROUP, Ledger, dlq_key, record_key
 from engine.errors import NotFound
 from engine.routing import shard_for
 from engine.store import consent_key, outbox_key
-from tests.conftest import free_port, test_config
+from tests.conftest import poll_until, test_config
 from tests.delivery.conftest import delivery_config
-from tests.delivery.servers import Hook
-
-
-class _ScriptedInbox:
-    """Answers DATA from `script` first (e.g. '451 try later'), then 250; keeps send ids."""
-
-    def __init__(self, script: list[str]) -> None:
-        self.script = script
-        self.send_ids: list[str] = []
-        self.lock = threading.Lock()
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        with self.lock:
-            if self.script:
-                return self.script.pop(0)
-            message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-            self.send_ids.append(message["X-Nudge-Send-Id"])
-        return "250 OK"
+from tests.delivery.servers import Hook, smtp_server
 
 
 @contextlib.contextmanager
-def smtp(*script: str) -> Iterator[tuple[EspConfig, _ScriptedInbox]]:
-    inbox = _ScriptedInbox(list(script))
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+def smtp(*script: str) -> Iterator[tuple[EspConfig, object]]:
+    with smtp_server(script=script) as (port, inbox):
         yield EspConfig(name="default", kind="smtp", host="127.0.0.1", port=port), inbox
-    finally:
-        controller.stop()
 
 
 async def live(customer: str) -> dict:
@@ -80,15 +53,8 @@ def config(esp: EspConfig, **delivery: object) -> Config:
 async def started(index: int, cfg: Config, redis_url: str, **options: object) -> DispatcherActor:
     dispatcher = DispatcherActor(index, cfg, redis_url, profiles=live, autostart=False, **options)
     await dispatcher.start()
-    await until(lambda: dispatcher.ready)
+    await poll_until(lambda: dispatcher.ready)
     return dispatcher
-
-
-async def until(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < end:
-        await asyncio.sleep(0.02)
-    return predicate()
 
 
 def record(r: redis.Redis, customer: str, send_id: str) -> dict | None:
@@ -116,7 +82,7 @@ async def test_a_redis_error_after_the_esp_took_a_send_records_it_without_sendin
         dispatcher = await started(0, config(esp), redis_url)
         try:
             put(sync_redis, "ann", "send-ann", "default")
-            assert await until(
+            assert await poll_until(
                 lambda: (record(sync_redis, "ann", "send-ann") or {}).get("state") == "sent"
             )
         finally:
@@ -143,15 +109,83 @@ async def test_a_restarted_dispatcher_keeps_its_slow_pending_sends_from_being_cl
         other = await started(1, cfg, redis_url, rand=lambda: 1.0)
         restarted = await started(0, cfg, redis_url, rand=lambda: 1.0)
         try:
-            assert await until(lambda: len(inbox.send_ids) >= 2, timeout=15)
+            assert await poll_until(lambda: len(inbox.send_ids) >= 2, timeout=15)
             # and nothing more once every entry is done
-            assert await until(
+            assert await poll_until(
                 lambda: sync_redis.xpending(outbox_key(shard), GROUP)["pending"] == 0, timeout=15
             )
         finally:
             await restarted.stop()
             await other.stop()
     assert sorted(inbox.send_ids) == ["send-bo-1", "send-bo-2"]
+
+
+async def test_a_dispatcher_with_every_slot_held_keeps_touching_what_it_holds(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # With every slot full the loop only waited, never touching: a send in a long
+    # backoff looked abandoned, another dispatcher claimed it, and both could send.
+    with smtp("451 4.3.0 try later") as (esp, inbox):
+        cfg = config(esp, claim_idle_ms=600, max_inflight=1, backoff_initial_ms=2000,
+                     backoff_max_ms=2000)  # fmt: skip
+        holder = await started(0, cfg, redis_url, rand=lambda: 1.0)
+        other = None
+        try:
+            put(sync_redis, "cy", "send-cy", "default")
+            assert await poll_until(lambda: holder.stats["failed"] == 1)  # the 451: backing off
+            other = await started(1, cfg, redis_url, rand=lambda: 1.0)
+            assert await poll_until(lambda: inbox.send_ids == ["send-cy"], timeout=15)
+            assert await poll_until(lambda: holder.stats["sent"] == 1)
+        finally:
+            if other is not None:
+                await other.stop()
+            await holder.stop()
+    assert other.stats["sent"] == 0
+
+
+async def test_touch_leaves_an_entry_another_dispatcher_has_claimed(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # Touch was an XCLAIM of every id: it took back an entry a second dispatcher had
+    # claimed (this one having looked stalled), and the two passed it back and forth.
+    shard = shard_for("dee", 4)
+    sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
+    sid = put(sync_redis, "dee", "send-dee", "hook").decode()
+    sync_redis.xreadgroup(GROUP, "dispatcher-0", {outbox_key(shard): ">"})
+    sync_redis.xclaim(outbox_key(shard), GROUP, "dispatcher-1", 0, [sid])
+    ledger = Ledger(aioredis.Redis.from_url(redis_url), 4)
+    try:
+        await ledger.touch("dispatcher-0", shard, [sid])
+        [held] = sync_redis.xpending_range(outbox_key(shard), GROUP, min="-", max="+", count=9)
+        assert held["consumer"] == b"dispatcher-1"
+        await ledger.touch("dispatcher-1", shard, [sid])  # its holder's touch works
+        [held] = sync_redis.xpending_range(outbox_key(shard), GROUP, min="-", max="+", count=9)
+        assert held["consumer"] == b"dispatcher-1" and held["times_delivered"] >= 1
+    finally:
+        await ledger.close()
+
+
+async def test_a_send_finished_elsewhere_during_a_backoff_is_not_sent_again(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # After its backoff a send went straight to its next attempt: one another
+    # dispatcher had claimed and finished meanwhile went out twice.
+    with smtp("451 4.3.0 try later") as (esp, inbox):
+        cfg = config(esp, backoff_initial_ms=1000, backoff_max_ms=1000)
+        dispatcher = await started(0, cfg, redis_url, rand=lambda: 1.0)
+        try:
+            put(sync_redis, "flo", "send-flo", "default")
+            assert await poll_until(lambda: dispatcher.stats["failed"] == 1)  # backing off
+            finished = {"state": "sent", "attempts": 2, "at": time.time(), "detail": "other"}
+            sync_redis.set(
+                record_key(shard_for("flo", 4), "send-flo"), orjson.dumps(finished)
+            )  # what the other dispatcher's finish left
+            assert await poll_until(
+                lambda: sync_redis.xpending(outbox_key(shard_for("flo", 4)), GROUP)["pending"] == 0
+            )
+        finally:
+            await dispatcher.stop()
+    assert inbox.send_ids == [] and dispatcher.stats["sent"] == 0
 
 
 async def test_an_unsubscribe_during_the_rate_limit_wait_stops_the_send(
@@ -165,11 +199,11 @@ async def test_an_unsubscribe_during_the_rate_limit_wait_stops_the_send(
         try:
             for n in range(4):
                 put(sync_redis, "cal", f"send-cal-{n}", "hook")
-            assert await until(lambda: len(hook.requests) >= 1)
+            assert await poll_until(lambda: len(hook.requests) >= 1)
             # what the API notes with an Unsubscribed event, before answering 2xx
             sync_redis.set(consent_key(shard_for("cal", 4), "cal"), "unsubscribed", ex=3600)
             unsubscribed_at = time.time()
-            assert await until(
+            assert await poll_until(
                 lambda: all(
                     (record(sync_redis, "cal", f"send-cal-{n}") or {}).get("state")
                     in ("sent", "suppressed")
@@ -210,11 +244,11 @@ async def test_a_probe_whose_record_fails_does_not_jam_the_breaker(
         dispatcher = await started(0, cfg, redis_url)
         try:
             put(sync_redis, "eli", "send-eli-1", "hook")
-            assert await until(
+            assert await poll_until(
                 lambda: (record(sync_redis, "eli", "send-eli-1") or {}).get("state") == "sent"
             )
             put(sync_redis, "eli", "send-eli-2", "hook")
-            assert await until(
+            assert await poll_until(
                 lambda: (record(sync_redis, "eli", "send-eli-2") or {}).get("state") == "sent"
             )
             assert dispatcher.breakers["hook"].state(time.monotonic()) == "closed"
@@ -305,7 +339,7 @@ async def test_a_dead_letter_names_the_open_circuit_once(
         breaker._probing = True
         try:
             put(sync_redis, "fi", "send-fi", "hook")
-            assert await until(lambda: sync_redis.xlen(dlq_key(shard_for("fi", 4))) == 1)
+            assert await poll_until(lambda: sync_redis.xlen(dlq_key(shard_for("fi", 4))) == 1)
         finally:
             await dispatcher.stop()
     [(_, fields)] = sync_redis.xrange(dlq_key(shard_for("fi", 4)))
@@ -322,10 +356,12 @@ async def test_a_call_that_fails_unexpectedly_leaves_a_final_record_and_anothers
     # the call, started while the breaker was closed, freed the probe another call
     # held once the breaker had opened meanwhile.
     real_mark = Ledger.mark_sending
+    marks_done = []
 
     async def slow_mark(self: Ledger, *args: object, **kwargs: object) -> None:
         await asyncio.sleep(0.05)
         await real_mark(self, *args, **kwargs)
+        marks_done.append(1)
 
     monkeypatch.setattr(Ledger, "mark_sending", slow_mark)
     monkeypatch.setattr("actors.dispatcher._MAX_SURPRISES", 1)
@@ -341,8 +377,8 @@ async def test_a_call_that_fails_unexpectedly_leaves_a_final_record_and_anothers
         dispatcher.adapters["default"].send = adapter_bug
         try:
             put(sync_redis, "ann", "send-ann", "default")
-            assert await until(lambda: dispatcher.stats["dead_lettered"] == 1)
-            await asyncio.sleep(0.1)  # past the slow mark, had it been left running
+            assert await poll_until(lambda: dispatcher.stats["dead_lettered"] == 1)
+            assert await poll_until(lambda: marks_done)  # the slow mark has landed
         finally:
             await dispatcher.stop()
     assert record(sync_redis, "ann", "send-ann")["state"] == "dead"

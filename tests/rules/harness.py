@@ -57,6 +57,14 @@ class Runner:
         self.sends += got
         return out + got
 
+    def feed(self, ev: dict, now: float) -> list[Send]:
+        """Apply a ready-made event at `now` (its own time may be earlier: a late delivery)."""
+        out = self.until(now, inclusive=False)
+        apply_event(self.profile, ev, self.limits)
+        got = self.ruleset.on_event(self.profile, ev, now)
+        self.sends += got
+        return out + got
+
     def until(self, t: float, *, inclusive: bool = True) -> list[Send]:
         """Fire every timer due up to `t`, each at its own deadline (as a shard would)."""
         out = []

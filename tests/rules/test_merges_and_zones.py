@@ -5,12 +5,13 @@ on the rules)."""
 from __future__ import annotations
 
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from engine.profile import Limits, merge_profiles
 from engine.rules import RuleSet, merge_journey
 from engine.rules.files import STARTER
-from engine.rules.gates import assign
-from tests.rules.harness import DAY, HOUR, MIN, T0, Runner, rules
+from engine.rules.gates import assign, next_allowed
+from tests.rules.harness import DAY, HOUR, MIN, T0, Runner, event, rules
 
 
 def _starter() -> RuleSet:
@@ -131,10 +132,6 @@ template = "t"
 
 
 def test_quiet_hours_hold_through_the_repeated_hour_of_a_fall_back() -> None:
-    from zoneinfo import ZoneInfo
-
-    from engine.rules.gates import next_allowed
-
     ny = ZoneInfo("America/New_York")
     quiet = (22 * 60, 90)  # 22:00-01:30
     # 01:10 the second time round (EST): 01:30 EDT is past, 01:30 EST is ahead
@@ -147,10 +144,6 @@ def test_quiet_hours_hold_through_the_repeated_hour_of_a_fall_back() -> None:
 
 
 def test_quiet_hours_ending_in_a_spring_forward_gap_end_when_the_clocks_jump() -> None:
-    from zoneinfo import ZoneInfo
-
-    from engine.rules.gates import next_allowed
-
     ny = ZoneInfo("America/New_York")
     at = datetime(2024, 3, 10, 1, 30, tzinfo=ny).timestamp()  # quiet 23:00-02:30
     allowed = datetime.fromtimestamp(next_allowed(at, ny, (23 * 60, 150)), ny)
@@ -182,30 +175,19 @@ def test_an_instance_checkpointed_before_owners_were_kept_keeps_its_send_ids() -
     assert [s.send_id for s in user.sends] == [s.send_id for s in live.sends]
 
 
-def _feed(run: Runner, ev: dict, now: float) -> None:
-    """Apply one event at `now` (its own time may be earlier: a late delivery)."""
-    from engine.profile import apply_event
-
-    run.until(now, inclusive=False)
-    apply_event(run.profile, ev, run.limits)
-    run.sends += run.ruleset.on_event(run.profile, ev, now)
-
-
 def test_what_happened_while_opted_out_never_acts_whatever_the_order() -> None:
     # In order, a cart filled while unsubscribed sent nothing; delivered after the
     # resubscribe, the same event sent both reminders.
-    from tests.rules.harness import event
-
     ruleset = _starter()
     unsubscribed = event("Unsubscribed", T0)
     added = event("Product Added", T0 + HOUR, product_id="p1", price=10)
     resubscribed = event("x", T0 + 2 * HOUR, kind="identify", unsubscribed=False)
     in_order, late = Runner(ruleset), Runner(ruleset)
     for ev in (unsubscribed, added, resubscribed):
-        _feed(in_order, dict(ev), ev["ts"])
-    _feed(late, dict(unsubscribed), T0)
-    _feed(late, dict(resubscribed), T0 + 2 * HOUR)
-    _feed(late, {**added, "receivedAt": T0 + 2 * HOUR + MIN}, T0 + 2 * HOUR + MIN)
+        in_order.feed(dict(ev), ev["ts"])
+    late.feed(dict(unsubscribed), T0)
+    late.feed(dict(resubscribed), T0 + 2 * HOUR)
+    late.feed({**added, "receivedAt": T0 + 2 * HOUR + MIN}, T0 + 2 * HOUR + MIN)
     in_order.until(T0 + 3 * DAY)
     late.until(T0 + 3 * DAY)
     assert in_order.sends == [] and late.sends == []
@@ -250,7 +232,6 @@ wait = "1h"
 template = "t"
 """
     )
-    from tests.rules.harness import event
 
     def opted_out_once(run: Runner) -> Runner:
         run.at(T0, "Unsubscribed")
@@ -261,10 +242,10 @@ template = "t"
     added = event("Product Added", later, product_id="p1")
     opt_in = event("x", later + 30, kind="identify", email_opt_in=True)
     in_order, swapped = opted_out_once(Runner(cart)), opted_out_once(Runner(cart))
-    _feed(in_order, dict(added), later)
-    _feed(in_order, dict(opt_in), later + 30)
-    _feed(swapped, dict(opt_in), later + 30)
-    _feed(swapped, dict(added), later + 31)  # the cart event 31 s late
+    in_order.feed(dict(added), later)
+    in_order.feed(dict(opt_in), later + 30)
+    swapped.feed(dict(opt_in), later + 30)
+    swapped.feed(dict(added), later + 31)  # the cart event 31 s late
     in_order.until(later + DAY)
     swapped.until(later + DAY)
     assert len(in_order.sends) == len(swapped.sends) == 1
