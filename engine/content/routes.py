@@ -18,7 +18,7 @@ import orjson
 from starlette.routing import Route
 
 from engine.auth import CONTENT, KeyRing
-from engine.coerce import whole_number
+from engine.bodies import check_declared_length
 from engine.config import AuthConfig
 from engine.content import request as req
 from engine.content import signing
@@ -117,14 +117,7 @@ class _Disconnected(Exception):
 
 
 async def _read_body(receive: Any, limit: int, declared: str | None) -> bytes:
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            raise ValidationError(
-                "Content-Length must be a number of bytes", field="Content-Length"
-            )
-        size = whole_number(declared)  # None: more digits than any body could have
-        if size is None or size > limit:
-            raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    check_declared_length(declared, limit)
     chunks, size = [], 0
     while True:
         message = await receive()

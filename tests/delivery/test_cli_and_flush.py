@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from actors.shard import ShardActor
+from engine.config import Config
 from engine.events import normalize
 from engine.store import Store, connect, outbox_key
 from tests.conftest import test_config
@@ -50,16 +51,22 @@ def test_render_previews_a_fixture(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "no template 'no-such'" in capsys.readouterr().err
 
 
-async def test_a_decided_send_reaches_the_outbox_long_before_the_checkpoint_interval(
-    redis_url: str, sync_redis: redis.Redis
-) -> None:
-    config = test_config(shards=1, checkpoint_interval_ms=5_000)
+async def immediate_shard(config: Config, redis_url: str) -> ShardActor:
+    """One shard in process with the IMMEDIATE rule, started and ready."""
     shard = ShardActor(
         0, 1, config.engine, redis_url, rules=((IMMEDIATE, "t.toml"),), autostart=False
     )
     await shard.start()
     while not shard.ready:
         await asyncio.sleep(0.005)
+    return shard
+
+
+async def test_a_decided_send_reaches_the_outbox_long_before_the_checkpoint_interval(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    config = test_config(shards=1, checkpoint_interval_ms=5_000)
+    shard = await immediate_shard(config, redis_url)
     store = Store(connect(redis_url), 1)
     try:
         await asyncio.sleep(0.1)  # past the start, where the checkpoint clock begins
@@ -130,12 +137,7 @@ async def test_a_send_held_by_a_loop_cancelled_at_stop_leaves_with_the_final_che
         shards=1, checkpoint_interval_ms=600_000, checkpoint_events=10**9,
         urgent_checkpoint_ms=600_000,
     )  # fmt: skip
-    shard = ShardActor(
-        0, 1, config.engine, redis_url, rules=((IMMEDIATE, "t.toml"),), autostart=False
-    )
-    await shard.start()
-    while not shard.ready:
-        await asyncio.sleep(0.005)
+    shard = await immediate_shard(config, redis_url)
     store = Store(connect(redis_url), 1)
     real_append = shard._store.append_sends
     redis_back = asyncio.Event()
