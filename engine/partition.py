@@ -10,7 +10,7 @@ to the owners' streams (at least once: every receiver here is idempotent).
 
 Internal event types, written by the engine and never accepted from clients:
   _merge_out  at the old id's shard: give its profile to `userId`, leave an alias
-  _merge_in   at the new id's shard: fold the carried profile in (once per id)
+  _merge_in   at the new id's shard: fold the carried profile in (once per merge)
   _erase      remove a customer for good; later events for the id are dropped
   _unalias    drop an alias to an erased customer
 
@@ -44,6 +44,15 @@ MAX_ALIAS_HOPS = 16
 def erased_key(customer_id: str) -> str:
     """The digest kept for an erased customer, so the id itself is not retained."""
     return hashlib.blake2b(customer_id.encode(), digest_size=16).hexdigest()
+
+
+def merge_id(customer_id: str, other_id: str, message_id: str) -> str:
+    """The id of the merge of `other_id` into `customer_id` that message `message_id` began.
+
+    The same on a replay of that message, and short, as each merged profile keeps them.
+    """
+    key = f"{customer_id}\0{other_id}\0{message_id}".encode()
+    return hashlib.blake2b(key, digest_size=9).hexdigest()
 
 
 @dataclass
@@ -167,7 +176,13 @@ class Partition:
             profile.merging.append(other)
             self._send(
                 other,
-                {"type": "_merge_out", "customer": other, "userId": customer, "ts": event["ts"]},
+                {
+                    "type": "_merge_out",
+                    "customer": other,
+                    "userId": customer,
+                    "merge": merge_id(customer, other, event["messageId"]),
+                    "ts": event["ts"],
+                },
             )
 
     def _internal(self, kind: str, customer: str, event: dict) -> str:
@@ -193,6 +208,7 @@ class Partition:
                     "customer": target,
                     "from": customer,
                     "profile": profile.to_dict() if profile is not None else None,
+                    "merge": event.get("merge"),
                     "ts": event["ts"],
                 },
             )
@@ -230,7 +246,14 @@ class Partition:
             if profile is None:
                 profile = self.profiles[customer] = Profile(customer)
                 self._deleted.discard(customer)
-            if source in profile.merged_ids:
+            merge = event.get("merge")
+            if merge is None:  # sent before merges had ids: the source id is all there is
+                if source in profile.merged_ids:
+                    return DUPLICATE
+            elif profile.merges is not None and merge in profile.merges:
+                # The same merge again (forwards are delivered at least once). Not by
+                # source id: after a loop of merges (above), two profiles can come from
+                # one id, the loop's end and the id's own first profile still going round.
                 return DUPLICATE
             if event.get("profile") is not None:
                 other = Profile.from_dict(event["profile"])
@@ -240,7 +263,12 @@ class Partition:
                     self.insight.on_merged(profile, event["ts"])
                 if self.rules is not None:
                     self.timers.schedule(customer, self.rules.next_deadline(profile))
-            profile.merged_ids.append(source)
+            if source not in profile.merged_ids:
+                profile.merged_ids.append(source)
+            if merge is not None:
+                if profile.merges is None:
+                    profile.merges = []
+                profile.merges.append(merge)
             if source in profile.merging:
                 profile.merging.remove(source)
             self._dirty.add(customer)

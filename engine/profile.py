@@ -93,7 +93,7 @@ def _flag(value: Any) -> bool | None:
 
 
 # Fields added without a format change: checkpoints written before them load as None.
-_ADDED_LATER = frozenset({"order_log", "rfm", "scores"})
+_ADDED_LATER = frozenset({"merges", "order_log", "rfm", "scores"})
 
 
 class Profile:
@@ -115,6 +115,7 @@ class Profile:
         "last_order_id",
         "last_seen",
         "merged_ids",
+        "merges",
         "merging",
         "order_log",
         "orders",
@@ -159,6 +160,9 @@ class Profile:
         self.timezone: str | None = None
         self.groups: dict[str, dict] = {}
         self.merged_ids: list[str] = []
+        # Ids of the merges folded in (Partition._start_merge), so a merge delivered
+        # twice counts once; None until the first.
+        self.merges: list[str] | None = None
         self.merging: list[str] = []
         self.seen: dict[str, float] = {}  # messageId -> receivedAt, oldest first
         # Trigger-rule state (instances, timers, cap history); owned by engine.rules.
@@ -192,7 +196,7 @@ class Profile:
     def public(self) -> dict:
         """The profile as the API shows it (without dedupe bookkeeping)."""
         data = self.to_dict()
-        del data["seen"], data["merging"], data["v"]
+        del data["seen"], data["merges"], data["merging"], data["v"]
         data["cart_total"] = round(
             sum(_number(i.get("price")) * i.get("quantity", 1) for i in self.cart.values()), 2
         )
@@ -552,3 +556,6 @@ def merge_profiles(into: Profile, other: Profile, limits: Limits) -> None:
     for merged in other.merged_ids:
         if merged not in into.merged_ids:
             into.merged_ids.append(merged)
+    if other.merges:
+        known = into.merges or []
+        into.merges = known + [m for m in other.merges if m not in known]
