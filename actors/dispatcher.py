@@ -309,12 +309,16 @@ class DispatcherActor:
         breaker, bucket = self.breakers[esp.name], self.buckets[esp.name]
         last_error = esp_error = ""  # what ended the last attempt; the ESP's own last error
         while True:
-            wait = bucket.reserve(time.monotonic())
+            # A call the breaker refuses takes no token: refused attempts used to spend
+            # the rate limit, and the calls behind them waited for nothing.
+            reserved = not breaker.refuses(time.monotonic())
+            wait = bucket.reserve(time.monotonic()) if reserved else 0.0
             if wait > 0:
                 await asyncio.sleep(wait)
                 # Consent may have been withdrawn while this send waited for its turn.
                 reason = withdrawn(await ledger.consent(index, customer))
                 if reason is not None:
+                    bucket.refund()
                     await self._finish(index, entry_id, send, lg.SUPPRESSED, attempts, reason)
                     return
             attempts += 1
@@ -322,6 +326,8 @@ class DispatcherActor:
             now = time.monotonic()
             probe = breaker.state(now) == HALF_OPEN  # if allowed, this call is the probe
             if not breaker.allow(now):
+                if reserved:  # the breaker opened, or another took the probe, meanwhile
+                    bucket.refund()
                 last_error = f"circuit open for ESP {esp.name!r}" + (
                     f" (last error: {esp_error})" if esp_error else ""
                 )
@@ -424,11 +430,22 @@ class DispatcherActor:
     ) -> None:
         # The ESP has taken the send: from here only the record is retried, never the
         # call (a Redis error here used to rerun the whole delivery and send it again).
+        retry = False
         while True:
             try:
+                if retry:
+                    # An error may have come after the record was written (a lost
+                    # reply): finishing again would count the send twice.
+                    found, _ = await self._ledger.record_and_consent(
+                        index, send["send_id"], send["customer"]
+                    )
+                    if found is not None and found["state"] in lg.FINAL:
+                        await self._ledger.ack(index, entry_id)
+                        return
                 await self._finish(index, entry_id, send, lg.SENT, attempts, detail)
                 return
             except (RedisError, OSError) as exc:
+                retry = True
                 if self._stopping:
                     raise  # left pending: the mid-call case of docs/delivery.md
                 log.warning(

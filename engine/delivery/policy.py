@@ -95,6 +95,11 @@ class CircuitBreaker:
             return True
         return False
 
+    def refuses(self, now: float) -> bool:
+        """True if `allow(now)` would say no (open, or half-open with its probe out)."""
+        state = self.state(now)
+        return state == OPEN or (state == HALF_OPEN and self._probing)
+
     def retry_in(self, now: float) -> float:
         """Seconds until the breaker lets a probe through (0 when closed)."""
         if self.opened_at is None:
@@ -140,3 +145,8 @@ class TokenBucket:
         self.updated = now
         self.tokens -= 1.0
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def refund(self) -> None:
+        """Give back a reserved token that was not used (the call never went out)."""
+        if self.rate > 0:
+            self.tokens = min(self.burst, self.tokens + 1.0)

@@ -91,6 +91,36 @@ async def test_a_redis_error_after_the_esp_took_a_send_records_it_without_sendin
     assert sync_redis.xpending(outbox_key(shard_for("ann", 4)), GROUP)["pending"] == 0
 
 
+async def test_a_record_whose_reply_was_lost_is_not_counted_twice(
+    redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The record was written but its reply lost: writing it again counted the send twice.
+    real_finish = Ledger.finish
+    calls = 0
+
+    async def lose_first_reply(self: Ledger, *args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        await real_finish(self, *args, **kwargs)
+        if calls == 1:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(Ledger, "finish", lose_first_reply)
+    with smtp() as (esp, inbox):
+        dispatcher = await started(0, config(esp), redis_url)
+        try:
+            put(sync_redis, "ann", "send-ann", "default")
+            stream = outbox_key(shard_for("ann", 4))
+            assert await poll_until(
+                lambda: calls >= 1 and sync_redis.xpending(stream, GROUP)["pending"] == 0
+            )
+            counts = await dispatcher._ledger.counts()
+        finally:
+            await dispatcher.stop()
+    assert calls == 1 and inbox.send_ids == ["send-ann"]
+    assert [row["sent"] for row in counts] == [1]
+
+
 async def test_a_restarted_dispatcher_keeps_its_slow_pending_sends_from_being_claimed(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
@@ -383,3 +413,22 @@ async def test_a_call_that_fails_unexpectedly_leaves_a_final_record_and_anothers
             await dispatcher.stop()
     assert record(sync_redis, "ann", "send-ann")["state"] == "dead"
     assert breaker._probing  # still the other call's
+
+
+async def test_attempts_the_open_breaker_refuses_take_no_token(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    # Each refused attempt spent a rate-limit token, so the calls after the breaker
+    # closed again queued behind attempts that never went out.
+    with smtp() as (esp, inbox):
+        esp = dataclasses.replace(esp, rate_per_s=0.01)  # a burst of one, then one per 100 s
+        dispatcher = await started(0, config(esp, breaker_reset_s=3600.0), redis_url)
+        try:
+            breaker, bucket = dispatcher.breakers["default"], dispatcher.buckets["default"]
+            breaker.opened_at = time.monotonic()  # open, as after failures in a row
+            put(sync_redis, "ann", "send-ann", "default")
+            assert await poll_until(lambda: dispatcher.stats["failed"] >= 1)
+            assert bucket.tokens == pytest.approx(1.0, abs=0.01)  # still there for the next
+            assert inbox.send_ids == []
+        finally:
+            await dispatcher.stop()

@@ -66,10 +66,12 @@ def test_breaker_opens_after_failures_in_a_row_and_probes_once() -> None:
     breaker.success()  # a success resets the count
     for t in range(3):
         breaker.failure(float(t))
-    assert breaker.state(2.0) == OPEN and not breaker.allow(5.0)
+    assert breaker.state(2.0) == OPEN and not breaker.allow(5.0) and breaker.refuses(5.0)
     assert breaker.retry_in(5.0) == pytest.approx(7.0)
     assert breaker.state(12.0) == HALF_OPEN
+    assert not breaker.refuses(12.0)
     assert breaker.allow(12.0) and not breaker.allow(12.0)  # one probe at a time
+    assert breaker.refuses(12.0)  # its probe is out
     breaker.failure(12.5)  # the probe failed: open again for reset_s
     assert breaker.state(20.0) == OPEN and breaker.state(22.5) == HALF_OPEN
     assert breaker.allow(22.5)
@@ -83,3 +85,14 @@ def test_token_bucket_spaces_sends_at_the_rate() -> None:
     assert waits == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3])
     assert bucket.reserve(1.0) == 0.0  # refilled after a second
     assert TokenBucket(0).reserve(0.0) == 0.0  # 0: unlimited
+
+
+def test_a_refunded_token_is_as_if_never_taken() -> None:
+    bucket = TokenBucket(10.0, burst=2, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(3)] == pytest.approx([0.0, 0.0, 0.1])
+    bucket.refund()  # the third call never went out
+    assert bucket.reserve(0.0) == pytest.approx(0.1)  # not 0.2
+    bucket.refund()
+    bucket.refund()
+    bucket.refund()  # never above the burst
+    assert [bucket.reserve(0.0) for _ in range(3)] == pytest.approx([0.0, 0.0, 0.1])
