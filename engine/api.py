@@ -341,7 +341,12 @@ def create_app(
     routes += metrics_routes(config.metrics, keys, collector)
     routes += console_routes(config, keys, collector, shards=shards, store=store)
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
-    routes += tracking_routes(signer, lambda events: store().append(events), clock=clock)
+    routes += tracking_routes(
+        signer,
+        lambda events: store().append(events),
+        clock=clock,
+        consent_note=lambda customer: store().consent_note(customer),
+    )
     routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     routes += recs_routes(keys, lambda: state["recs"], shards)
     routes += webhook_routes(config.webhooks, store=store) + sdk_routes()

@@ -191,6 +191,15 @@ class Store:
         ids = replies[: len(order)]  # the marks' replies follow
         return {index: sid.decode() for index, sid in zip(order, ids, strict=True)}
 
+    async def consent_note(self, customer: str) -> str | None:
+        """The consent change last noted for `customer` within the hour (see append_groups)."""
+        key = consent_key(shard_for(customer, self.shards), customer)
+        try:
+            note = await self.redis.get(key)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"could not read a consent note: {exc}") from exc
+        return note.decode() if note is not None else None
+
     async def tail(self, index: int) -> str:
         """The newest id in shard `index`'s stream, or 0-0 when it is empty."""
         try:

@@ -311,6 +311,26 @@ def test_unsubscribing_again_after_a_resubscribe_counts(tracked) -> None:
     assert profile(client, "hal")["consent"]["unsubscribed"] is True
 
 
+def test_unsubscribing_again_within_the_minute_of_a_resubscribe_counts(tracked) -> None:
+    # One unsubscribe per send and minute: the second, after a resubscribe in the same
+    # minute, passed for the first one's duplicate, and once the consent note in
+    # Redis expired (an hour) the customer got email again.
+    client, clock, signer = tracked
+    url = path_of(signer.unsubscribe_url("s13", "ida"))
+    one_click = {"content": b"List-Unsubscribe=One-Click", "headers": FORM}
+    assert client.post(url, **one_click).status_code == 200
+    clock.advance(10)
+    optin = {"userId": "ida", "traits": {"email_opt_in": True}, "timestamp": at(10)}
+    assert client.post("/v1/identify", auth=WRITE, json=optin).status_code == 200
+    assert profile(client, "ida")["consent"]["unsubscribed"] is False
+    clock.advance(10)
+    for _ in range(3):  # and hammered again: once more, not three times
+        assert client.post(url, **one_click).status_code == 200
+    seen = profile(client, "ida")
+    assert seen["consent"]["unsubscribed"] is True
+    assert seen["counts"]["Unsubscribed"] == 2
+
+
 def test_a_hammered_unsubscribe_link_counts_once_a_minute(tracked) -> None:
     # A random id per POST let a link hammered (a provider's retries) add events
     # without end, pushing the customer's dedupe memory out: an SDK retry of an

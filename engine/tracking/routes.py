@@ -8,10 +8,9 @@ durable path as any ingest, so rules can react to it and a crash loses nothing.
 messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
 proxies fetch the pixel several times) and one click per send, link and
-minute, and one unsubscribe per send and minute: one after a resubscribe
-counts from the next minute (within the same minute it is taken for the first;
-the consent note in Redis still stops sends for an hour). Clients may not send
-messageIds of the engine's own prefix.
+minute, and one unsubscribe per send and minute, except that one made after a
+resubscribe (the consent note in Redis says so) always counts. Clients may not
+send messageIds of the engine's own prefix.
 
 With Redis down, an open or a click is logged and lost rather than breaking the
 image or the link; an unsubscribe is answered 503, never a false "done".
@@ -25,7 +24,7 @@ import hashlib
 import html
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,6 +36,7 @@ from engine import events as ev
 from engine.bodies import read_limited
 from engine.errors import StoreError, ValidationError
 from engine.metrics import process as metered
+from engine.profile import RESUBSCRIBES
 from engine.tracking.tokens import CLICK, OPEN, UNSUBSCRIBE, BadToken, Token, TokenSigner
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,10 @@ def tracking_routes(
     append: Callable[[list[dict]], Any],
     *,
     clock: Callable[[], float] = time.time,
+    consent_note: Callable[[str], Awaitable[str | None]] | None = None,
 ) -> list[Route]:
-    """The /t/o, /t/c and /u routes; `append(events)` is the durable ingest path."""
+    """The /t/o, /t/c and /u routes; `append(events)` is the durable ingest path and
+    `consent_note(customer)` the latest consent change noted (Store.consent_note)."""
 
     async def record_or_lose(event: dict) -> bool:
         # An open or a click is worth less than the image or the link it rides on:
@@ -196,13 +198,18 @@ def tracking_routes(
         # counts, and a link hammered (a provider's retries) cannot flood the profile
         # and push out its dedupe memory. (Clients cannot send nudge- ids first.)
         message_id = f"nudge-unsub:{token.send_id}:{int(now // 60)}"
-        event = tracking_event(token, "Unsubscribed", message_id, now)
         try:
+            # Consent came back since the last unsubscribe (maybe this minute): this
+            # one must count, not pass for that one's duplicate. Once it is stored the
+            # note says "unsubscribed", and a hammered link is one a minute again.
+            if consent_note is not None and await consent_note(token.customer) == RESUBSCRIBES:
+                message_id = f"nudge-unsub:{token.send_id}:{int(now * 1000)}ms"
+            event = tracking_event(token, "Unsubscribed", message_id, now)
             await append([event])
         except StoreError as exc:
             # Saying "unsubscribed" without a durable event would be a lie: a 503 the
             # mailbox provider retries, with no Redis internals for the public to read.
-            log.warning("Unsubscribed %s not stored: %s", event["messageId"], exc)
+            log.warning("Unsubscribed %s not stored: %s", message_id, exc)
             raise StoreError(
                 "the unsubscribe could not be recorded just now; please try again shortly"
             ) from exc
