@@ -9,11 +9,15 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import orjson
+import redis
 
 from engine.api import create_app
 from engine.clock import ManualClock
 from engine.config import Config, load
 from engine.delivery.config import DeliveryConfig, EspConfig
+from engine.routing import shard_for
+from engine.store import outbox_key
 from tests.conftest import ROOT, LocalShards, serve_app, test_config
 
 WRITE = ("dev-write-key", "")
@@ -53,6 +57,16 @@ def delivery_config(*esps: EspConfig, **settings: object) -> DeliveryConfig:
     base = {"max_attempts": 4, "backoff_initial_ms": 10, "backoff_max_ms": 50}
     base.update(settings)
     return DeliveryConfig(esps=tuple(esps), **base)
+
+
+def put_send(r: redis.Redis, customer: str, send_id: str, esp: str, **fields: object) -> bytes:
+    """Append a send for `customer` to its shard's outbox (4 shards), as a shard would."""
+    send = {
+        "send_id": send_id, "rule": "manual", "step": 1, "variant": None, "customer": customer,
+        "at": time.time(), "template": "cart-reminder-classic", "esp": esp, "payload": {},
+        "deliver": True, "instance": "i", **fields,
+    }  # fmt: skip
+    return r.xadd(outbox_key(shard_for(customer, 4)), {"s": orjson.dumps(send)})
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from engine.routing import shard_for
 from engine.rules.gates import assign
 from engine.store import outbox_key
 from engine.tracking import TokenSigner
-from tests.delivery.conftest import ADMIN, WRITE, delivery_config, engine, wait_for
+from tests.delivery.conftest import ADMIN, WRITE, delivery_config, engine, put_send, wait_for
 from tests.delivery.servers import Hook, smtp_server
 
 MORNING = datetime(2026, 11, 18, 10, 0, tzinfo=UTC).timestamp()
@@ -142,24 +142,6 @@ def test_an_order_inside_the_window_means_no_email(redis_url: str) -> None:
     assert not [r for r in outcomes if r["rule"] == "cart_abandonment"]
 
 
-def _put(sync_redis: redis.Redis, customer: str, send_id: str, esp: str, **extra) -> None:
-    send = {
-        "send_id": send_id,
-        "rule": "manual",
-        "step": 1,
-        "variant": None,
-        "customer": customer,
-        "at": MORNING,
-        "template": "cart-reminder-classic",
-        "esp": esp,
-        "payload": {},
-        "deliver": True,
-        "instance": "i",
-        **extra,
-    }
-    sync_redis.xadd(outbox_key(shard_for(customer, 4)), {"s": orjson.dumps(send)})
-
-
 def test_an_esp_answering_500_then_200_delivers_once(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
@@ -169,7 +151,7 @@ def test_an_esp_answering_500_then_200_delivers_once(
         with engine(redis_url, delivery_config(esp), rules=False) as (client, _, _config):
             identify(client, "cy", first_name="Cy")
             client.get("/v1/profiles/cy", headers=ADMIN)
-            _put(sync_redis, "cy", "send-cy", "hook")
+            put_send(sync_redis, "cy", "send-cy", "hook")
             assert wait_for(lambda: hook.accepted)
             time.sleep(0.3)
             outcomes = client.get("/v1/delivery", headers=ADMIN).json()["outcomes"]
@@ -193,8 +175,8 @@ def test_unsubscribed_after_the_decision_is_suppressed_at_send_time(
             unsub = {"userId": "dee", "event": "Unsubscribed", "timestamp": at(0)}
             assert client.post("/v1/track", auth=WRITE, json=unsub).status_code == 200
             client.get("/v1/profiles/dee", headers=ADMIN)
-            _put(sync_redis, "dee", "send-dee", "hook")
-            _put(sync_redis, "dee", "send-dee-holdout", "hook", deliver=False)
+            put_send(sync_redis, "dee", "send-dee", "hook")
+            put_send(sync_redis, "dee", "send-dee-holdout", "hook", deliver=False)
             rows = wait_for(
                 lambda: (
                     client.get("/v1/delivery", headers=ADMIN).json()["outcomes"]
@@ -220,9 +202,9 @@ def test_a_recent_profile_copy_on_the_send_stands_in_for_the_live_profile(
             identify(client, "ivy")  # live: ivy@example.com
             client.get("/v1/profiles/ivy", headers=ADMIN)
             now = time.time()
-            _put(sync_redis, "ivy", "send-fresh", "hook", profile=copy, profile_at=now)
-            _put(sync_redis, "ivy", "send-old", "hook", profile=copy, profile_at=now - 120)
-            _put(sync_redis, "ivy", "send-dead", "nowhere", profile=copy, profile_at=now)
+            put_send(sync_redis, "ivy", "send-fresh", "hook", profile=copy, profile_at=now)
+            put_send(sync_redis, "ivy", "send-old", "hook", profile=copy, profile_at=now - 120)
+            put_send(sync_redis, "ivy", "send-dead", "nowhere", profile=copy, profile_at=now)
             assert wait_for(lambda: len(hook.accepted) == 2)
             assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("ivy", 4))))
             [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
@@ -258,9 +240,9 @@ def test_consent_stored_after_the_send_left_decides_over_its_profile_copy(
             client.get("/v1/profiles/gil", headers=ADMIN)
             now = time.time()
             # Each send left its shard "before" the change: its copy does not show it.
-            _put(sync_redis, "eve", "send-eve", "hook", profile=subscribed, profile_at=now)
-            _put(sync_redis, "fox", "send-fox", "hook", profile=subscribed, profile_at=now)
-            _put(sync_redis, "gil", "send-gil", "hook", profile=withdrawn, profile_at=now)
+            put_send(sync_redis, "eve", "send-eve", "hook", profile=subscribed, profile_at=now)
+            put_send(sync_redis, "fox", "send-fox", "hook", profile=subscribed, profile_at=now)
+            put_send(sync_redis, "gil", "send-gil", "hook", profile=withdrawn, profile_at=now)
             assert wait_for(
                 lambda: all(
                     _detail(sync_redis, c, f"send-{c}") is not None for c in ("eve", "fox", "gil")
@@ -282,7 +264,7 @@ def test_an_unsubscribe_during_a_retry_backoff_stops_the_next_attempt(
         with engine(redis_url, delivery_config(esp), rules=False) as (client, _, _config):
             identify(client, "hal")
             client.get("/v1/profiles/hal", headers=ADMIN)
-            _put(sync_redis, "hal", "send-hal", "hook")
+            put_send(sync_redis, "hal", "send-hal", "hook")
             assert wait_for(lambda: hook.requests)  # the first attempt was refused
             unsub = {"userId": "hal", "event": "Unsubscribed", "timestamp": at(0)}
             assert client.post("/v1/track", auth=WRITE, json=unsub).status_code == 200
@@ -305,7 +287,7 @@ def test_esp_down_for_good_dead_letters_then_dlq_replay_delivers(
         with engine(redis_url, delivery, rules=False) as (client, _, _config):
             identify(client, "eve")
             client.get("/v1/profiles/eve", headers=ADMIN)
-            _put(sync_redis, "eve", "send-eve", "hook")
+            put_send(sync_redis, "eve", "send-eve", "hook")
             shard = shard_for("eve", 4)
             assert wait_for(lambda: sync_redis.xlen(dlq_key(shard)))
             assert len(hook.requests) == 4 and hook.accepted == {}
@@ -341,7 +323,7 @@ def test_a_429_retry_after_is_honoured(redis_url: str, sync_redis: redis.Redis) 
         with engine(redis_url, delivery_config(esp), rules=False) as (client, _, _config):
             identify(client, "fay")
             client.get("/v1/profiles/fay", headers=ADMIN)
-            _put(sync_redis, "fay", "send-fay", "hook")
+            put_send(sync_redis, "fay", "send-fay", "hook")
             assert wait_for(lambda: hook.accepted)
     first, second = hook.requests
     # The backoff alone would be at most 10 ms; the server asked for a second.
@@ -355,7 +337,7 @@ def test_a_send_to_an_unconfigured_esp_is_dead_lettered_with_the_reason(
     with engine(redis_url, delivery_config(), rules=False) as (client, _, _config):
         identify(client, "gus")
         client.get("/v1/profiles/gus", headers=ADMIN)
-        _put(sync_redis, "gus", "send-gus", "default")
+        put_send(sync_redis, "gus", "send-gus", "default")
         assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("gus", 4))))
         [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
     assert "no ESP named 'default'" in letter["error"]
@@ -389,8 +371,8 @@ def test_smtp_with_starttls_and_auth(redis_url: str, sync_redis: redis.Redis, tm
         with engine(redis_url, delivery, rules=False) as (client, _, _config):
             identify(client, "hal", first_name="Hal")
             client.get("/v1/profiles/hal", headers=ADMIN)
-            _put(sync_redis, "hal", "send-hal", "mx")
-            _put(sync_redis, "hal", "send-hal-bad", "mx-bad")
+            put_send(sync_redis, "hal", "send-hal", "mx")
+            put_send(sync_redis, "hal", "send-hal-bad", "mx-bad")
             assert wait_for(lambda: inbox.messages)
             assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("hal", 4))))
             [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
@@ -412,8 +394,8 @@ def test_sendgrid_wire_format_is_accepted_by_a_validating_server(
         with engine(redis_url, delivery_config(esp, wrong_key), rules=False) as (client, _, _c):
             identify(client, "ivy", first_name="Ivy")
             client.get("/v1/profiles/ivy", headers=ADMIN)
-            _put(sync_redis, "ivy", "send-ivy", "sg")
-            _put(sync_redis, "ivy", "send-ivy-2", "sg-bad")
+            put_send(sync_redis, "ivy", "send-ivy", "sg")
+            put_send(sync_redis, "ivy", "send-ivy-2", "sg-bad")
             assert wait_for(lambda: fake.accepted)
             assert wait_for(lambda: sync_redis.xlen(dlq_key(shard_for("ivy", 4))))
             [letter] = client.get("/v1/dlq", headers=ADMIN).json()["dead_letters"]
@@ -436,7 +418,7 @@ def test_entries_a_vanished_consumer_held_are_claimed_and_delivered(
         esp = EspConfig(name="hook", kind="webhook", url=url, secret="k")
         delivery = delivery_config(esp, claim_idle_ms=200)
         sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
-        _put(sync_redis, "jo", "send-jo", "hook")
+        put_send(sync_redis, "jo", "send-jo", "hook")
         # A consumer that read the entry and vanished (a dispatcher removed from the pool).
         taken = sync_redis.xreadgroup(GROUP, "dispatcher-9", {outbox_key(shard): ">"})
         assert len(taken[0][1]) == 1
@@ -461,7 +443,7 @@ def test_rate_limit_beyond_the_burst(redis_url: str, sync_redis: redis.Redis) ->
             identify(client, "lou")
             client.get("/v1/profiles/lou", headers=ADMIN)
             for n in range(10):
-                _put(sync_redis, "lou", f"send-lou-{n}", "hook")
+                put_send(sync_redis, "lou", f"send-lou-{n}", "hook")
             assert wait_for(lambda: len(hook.accepted) == 10)
     times = sorted(r["at"] for r in hook.requests)
     # Burst of 5 at once, then one every 0.2 s: the tenth no sooner than 1 s after the first.
@@ -488,8 +470,8 @@ async def test_a_profile_read_that_fails_is_retried_then_dead_lettered(
         config = dataclasses.replace(test_config(), delivery=delivery_config(esp))
         dispatcher = DispatcherActor(0, config, redis_url, profiles=flaky, autostart=False)
         await dispatcher.start()
-        _put(sync_redis, "once", "send-once", "hook")
-        _put(sync_redis, "never", "send-never", "hook")
+        put_send(sync_redis, "once", "send-once", "hook")
+        put_send(sync_redis, "never", "send-never", "hook")
         for _ in range(500):
             if hook.accepted and sync_redis.xlen(dlq_key(shard_for("never", 4))):
                 break
@@ -511,6 +493,6 @@ def test_dispatchers_recreate_their_group_after_redis_is_emptied(
             client.get("/v1/profiles/max", headers=ADMIN)
             sync_redis.delete(outbox_key(shard_for("max", 4)))  # the group goes with it
             time.sleep(0.5)
-            _put(sync_redis, "max", "send-max", "hook")
+            put_send(sync_redis, "max", "send-max", "hook")
             assert wait_for(lambda: hook.accepted)
     assert list(hook.accepted) == ["send-max"]

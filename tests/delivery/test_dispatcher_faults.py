@@ -23,7 +23,7 @@ from engine.errors import NotFound
 from engine.routing import shard_for
 from engine.store import consent_key, outbox_key
 from tests.conftest import poll_until, test_config
-from tests.delivery.conftest import delivery_config
+from tests.delivery.conftest import delivery_config, put_send
 from tests.delivery.servers import Hook, smtp_server
 
 
@@ -35,15 +35,6 @@ def smtp(*script: str) -> Iterator[tuple[EspConfig, object]]:
 
 async def live(customer: str) -> dict:
     return {"id": customer, "traits": {"email": f"{customer}@example.com"}, "consent": {}}
-
-
-def put(r: redis.Redis, customer: str, send_id: str, esp: str) -> bytes:
-    send = {
-        "send_id": send_id, "rule": "manual", "step": 1, "variant": None, "customer": customer,
-        "at": time.time(), "template": "cart-reminder-classic", "esp": esp, "payload": {},
-        "deliver": True, "instance": "i",
-    }  # fmt: skip
-    return r.xadd(outbox_key(shard_for(customer, 4)), {"s": orjson.dumps(send)})
 
 
 def config(esp: EspConfig, **delivery: object) -> Config:
@@ -81,7 +72,7 @@ async def test_a_redis_error_after_the_esp_took_a_send_records_it_without_sendin
     with smtp() as (esp, inbox):
         dispatcher = await started(0, config(esp), redis_url)
         try:
-            put(sync_redis, "ann", "send-ann", "default")
+            put_send(sync_redis, "ann", "send-ann", "default")
             assert await poll_until(
                 lambda: (record(sync_redis, "ann", "send-ann") or {}).get("state") == "sent"
             )
@@ -109,7 +100,7 @@ async def test_a_record_whose_reply_was_lost_is_not_counted_twice(
     with smtp() as (esp, inbox):
         dispatcher = await started(0, config(esp), redis_url)
         try:
-            put(sync_redis, "ann", "send-ann", "default")
+            put_send(sync_redis, "ann", "send-ann", "default")
             stream = outbox_key(shard_for("ann", 4))
             assert await poll_until(
                 lambda: calls >= 1 and sync_redis.xpending(stream, GROUP)["pending"] == 0
@@ -132,8 +123,8 @@ async def test_a_restarted_dispatcher_keeps_its_slow_pending_sends_from_being_cl
             esp, claim_idle_ms=300, max_inflight=1, backoff_initial_ms=1500, backoff_max_ms=1500
         )
         sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
-        put(sync_redis, "bo", "send-bo-1", "default")
-        put(sync_redis, "bo", "send-bo-2", "default")
+        put_send(sync_redis, "bo", "send-bo-1", "default")
+        put_send(sync_redis, "bo", "send-bo-2", "default")
         # dispatcher-0 read both, then its process died (kill -9)
         sync_redis.xreadgroup(GROUP, "dispatcher-0", {outbox_key(shard): ">"})
         other = await started(1, cfg, redis_url, rand=lambda: 1.0)
@@ -161,7 +152,7 @@ async def test_a_dispatcher_with_every_slot_held_keeps_touching_what_it_holds(
         holder = await started(0, cfg, redis_url, rand=lambda: 1.0)
         other = None
         try:
-            put(sync_redis, "cy", "send-cy", "default")
+            put_send(sync_redis, "cy", "send-cy", "default")
             assert await poll_until(lambda: holder.stats["failed"] == 1)  # the 451: backing off
             other = await started(1, cfg, redis_url, rand=lambda: 1.0)
             assert await poll_until(lambda: inbox.send_ids == ["send-cy"], timeout=15)
@@ -180,7 +171,7 @@ async def test_touch_leaves_an_entry_another_dispatcher_has_claimed(
     # claimed (this one having looked stalled), and the two passed it back and forth.
     shard = shard_for("dee", 4)
     sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
-    sid = put(sync_redis, "dee", "send-dee", "hook").decode()
+    sid = put_send(sync_redis, "dee", "send-dee", "hook").decode()
     sync_redis.xreadgroup(GROUP, "dispatcher-0", {outbox_key(shard): ">"})
     sync_redis.xclaim(outbox_key(shard), GROUP, "dispatcher-1", 0, [sid])
     ledger = Ledger(aioredis.Redis.from_url(redis_url), 4)
@@ -204,7 +195,7 @@ async def test_a_send_finished_elsewhere_during_a_backoff_is_not_sent_again(
         cfg = config(esp, backoff_initial_ms=1000, backoff_max_ms=1000)
         dispatcher = await started(0, cfg, redis_url, rand=lambda: 1.0)
         try:
-            put(sync_redis, "flo", "send-flo", "default")
+            put_send(sync_redis, "flo", "send-flo", "default")
             assert await poll_until(lambda: dispatcher.stats["failed"] == 1)  # backing off
             finished = {"state": "sent", "attempts": 2, "at": time.time(), "detail": "other"}
             sync_redis.set(
@@ -228,7 +219,7 @@ async def test_an_unsubscribe_during_the_rate_limit_wait_stops_the_send(
         dispatcher = await started(0, config(esp, dispatchers=1), redis_url)
         try:
             for n in range(4):
-                put(sync_redis, "cal", f"send-cal-{n}", "hook")
+                put_send(sync_redis, "cal", f"send-cal-{n}", "hook")
             assert await poll_until(lambda: len(hook.requests) >= 1)
             # what the API notes with an Unsubscribed event, before answering 2xx
             sync_redis.set(consent_key(shard_for("cal", 4), "cal"), "unsubscribed", ex=3600)
@@ -273,11 +264,11 @@ async def test_a_probe_whose_record_fails_does_not_jam_the_breaker(
         )  # fmt: skip
         dispatcher = await started(0, cfg, redis_url)
         try:
-            put(sync_redis, "eli", "send-eli-1", "hook")
+            put_send(sync_redis, "eli", "send-eli-1", "hook")
             assert await poll_until(
                 lambda: (record(sync_redis, "eli", "send-eli-1") or {}).get("state") == "sent"
             )
-            put(sync_redis, "eli", "send-eli-2", "hook")
+            put_send(sync_redis, "eli", "send-eli-2", "hook")
             assert await poll_until(
                 lambda: (record(sync_redis, "eli", "send-eli-2") or {}).get("state") == "sent"
             )
@@ -295,7 +286,7 @@ async def test_two_replays_of_one_dead_letter_put_it_back_once(
     # entries for one send, both delivered.
     shard = shard_for("dot", 4)
     sync_redis.xgroup_create(outbox_key(shard), GROUP, id="0", mkstream=True)
-    sid = put(sync_redis, "dot", "send-dot", "hook").decode()
+    sid = put_send(sync_redis, "dot", "send-dot", "hook").decode()
     first, second = Ledger(aioredis.Redis.from_url(redis_url), 4), None
     try:
         send = {"send_id": "send-dot", "customer": "dot", "rule": "manual", "esp": "hook"}
@@ -332,7 +323,7 @@ async def test_replaying_every_letter_passes_over_one_replayed_meanwhile(
     try:
         letters = []
         for n in range(3):
-            sid = put(sync_redis, "eve", f"send-eve-{n}", "hook").decode()
+            sid = put_send(sync_redis, "eve", f"send-eve-{n}", "hook").decode()
             send = {"send_id": f"send-eve-{n}", "customer": "eve", "rule": "manual"}
             letters.append(
                 await ledger.dead_letter(shard, sid, send, error="x", attempts=6, now=time.time())
@@ -368,7 +359,7 @@ async def test_a_dead_letter_names_the_open_circuit_once(
         breaker.failure(time.monotonic())  # open, its probe taken by another send in flight
         breaker._probing = True
         try:
-            put(sync_redis, "fi", "send-fi", "hook")
+            put_send(sync_redis, "fi", "send-fi", "hook")
             assert await poll_until(lambda: sync_redis.xlen(dlq_key(shard_for("fi", 4))) == 1)
         finally:
             await dispatcher.stop()
@@ -406,7 +397,7 @@ async def test_a_call_that_fails_unexpectedly_leaves_a_final_record_and_anothers
 
         dispatcher.adapters["default"].send = adapter_bug
         try:
-            put(sync_redis, "ann", "send-ann", "default")
+            put_send(sync_redis, "ann", "send-ann", "default")
             assert await poll_until(lambda: dispatcher.stats["dead_lettered"] == 1)
             assert await poll_until(lambda: marks_done)  # the slow mark has landed
         finally:
@@ -426,7 +417,7 @@ async def test_attempts_the_open_breaker_refuses_take_no_token(
         try:
             breaker, bucket = dispatcher.breakers["default"], dispatcher.buckets["default"]
             breaker.opened_at = time.monotonic()  # open, as after failures in a row
-            put(sync_redis, "ann", "send-ann", "default")
+            put_send(sync_redis, "ann", "send-ann", "default")
             assert await poll_until(lambda: dispatcher.stats["failed"] >= 1)
             assert bucket.tokens == pytest.approx(1.0, abs=0.01)  # still there for the next
             assert inbox.send_ids == []

@@ -19,9 +19,8 @@ from engine.api import create_app
 from engine.delivery.config import EspConfig
 from engine.delivery.ledger import record_key
 from engine.routing import shard_for
-from engine.store import outbox_key
 from tests.conftest import serve_app, test_config
-from tests.delivery.conftest import ADMIN, WRITE, delivery_config, wait_for
+from tests.delivery.conftest import ADMIN, WRITE, delivery_config, put_send, wait_for
 from tests.delivery.servers import Hook
 
 pytestmark = pytest.mark.ray
@@ -63,20 +62,7 @@ def test_kill_9_of_a_dispatcher_mid_batch_gives_no_loss_and_no_duplicate(
                 dispatchers = ensure_dispatchers(config, redis_url)
                 wait_dispatchers(dispatchers)
                 for customer, send_id in sends:
-                    send = {
-                        "send_id": send_id,
-                        "rule": "r",
-                        "step": 1,
-                        "variant": None,
-                        "customer": customer,
-                        "at": 0.0,
-                        "template": "cart-reminder-classic",
-                        "esp": "hook",
-                        "payload": {},
-                        "deliver": True,
-                        "instance": "i",
-                    }
-                    sync_redis.xadd(outbox_key(shard_for(customer, 4)), {"s": orjson.dumps(send)})
+                    put_send(sync_redis, customer, send_id, "hook", rule="r", at=0.0)
                 assert wait_for(lambda: len(hook.requests) >= 60)
                 victim = ray.get(dispatchers[0].status.remote(), timeout=10)
                 assert victim["inflight"] > 0  # mid-batch: sends in flight at the ESP
