@@ -19,9 +19,9 @@ from typing import Any
 from engine.insight.features import FEATURE_EVENTS, features
 from engine.insight.rfm import Population, rfm_record, values_of
 from engine.profile import product_key
+from engine.recs.catalog import event_facts
 from engine.recs.cooccur import ADD, PURCHASE, VIEW, CoCounts, CoSettings, history_of
 
-_PRODUCT_FIELDS = ("name", "category", "price", "url", "image_url", "brand")
 _ENRICHED = ("category", "name", "price", "url", "image_url")
 _SEEN_MAX = 10_000  # products described per flush, at most
 
@@ -114,7 +114,7 @@ class LiveInsight:
     def _describe(self, product: str, props: dict) -> None:
         if len(self.described) >= _SEEN_MAX:
             return
-        described = {k: props[k] for k in _PRODUCT_FIELDS if props.get(k) is not None}
+        described = event_facts(props)
         if described:
             self.described[product] = described
 

@@ -77,6 +77,32 @@ def normalize_product(data: Any, product_id: str | None = None, *, prefix: str =
     return out
 
 
+def event_facts(props: Any) -> dict:
+    """What a product event's properties say about the product, well-typed or left out.
+
+    Events are not checked as catalog entries are (a list for a category, a price
+    in words): what is kept here is shown and ranked as if it came from the catalog.
+    """
+    if not isinstance(props, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("name", "url", "image_url", "category", "brand"):
+        value = props.get(name)
+        if value.__class__ in (int, float) and name == "category" and math.isfinite(value):
+            value = str(value)  # as the API takes a page's category
+        if isinstance(value, str) and value:
+            out[name] = value
+    price = props.get("price")
+    if price.__class__ is str:
+        try:
+            price = float(price)
+        except ValueError:
+            price = None
+    if price.__class__ in (int, float) and math.isfinite(price) and price >= 0:
+        out["price"] = price
+    return out
+
+
 def read_products(text: str, *, fmt: str) -> Iterator[tuple[int, dict | ValidationError]]:
     """(line number, product or the error on that line) for each record of a CSV or JSONL text."""
     if fmt == "jsonl":

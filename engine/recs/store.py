@@ -26,6 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from engine.errors import StoreError
+from engine.recs.catalog import event_facts
 from engine.recs.cooccur import CoCounts
 
 CATALOG, SEEN, VERSION = "nudge:catalog", "nudge:catalog:seen", "nudge:catalog:version"
@@ -145,7 +146,9 @@ class RecsStore:
             if own is not None:
                 out[pid] = {**orjson.loads(own), "source": "catalog"}
             elif described is not None:
-                out[pid] = {"id": pid, **orjson.loads(described), "source": "events"}
+                # checked again: a description stored before event_facts may hold anything
+                facts = event_facts(orjson.loads(described))
+                out[pid] = {"id": pid, **facts, "source": "events"}
         return out
 
     async def catalog_version(self) -> int:

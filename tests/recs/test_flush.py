@@ -159,3 +159,41 @@ async def test_shard_0_drops_the_retired_mass_zset_at_start(redis_url: str, sync
     await first.close()
     assert not sync_redis.exists("nudge:recs:mass")
     assert sync_redis.zscore(pop_key(""), "p1") == 1.0
+
+
+async def test_ill_typed_product_facts_in_events_never_reach_recommendations(
+    redis_url: str, sync_redis
+) -> None:
+    # A list for a category (events are not checked as catalog entries are) was kept
+    # as the product's description, and ranking a shortlist holding it raised for
+    # every customer: the recommendations block fell back shop-wide.
+    from engine.recs.recommender import CollaborativeRecommender
+
+    partition = Partition(lambda c: True, insight=LiveInsight(co=CoSettings()))
+    facts = [
+        {"category": "Shoes", "price": "12.5", "name": "Runner"},
+        {"category": ["Shoes", "Sale"], "price": float("nan"), "name": {"en": "Lamp"}},
+        {"category": 7, "price": -1, "url": "https://shop.example/p3"},
+    ]
+    for n, props in enumerate(facts):
+        partition.apply(event("Product Viewed", T0 + n, "a", product_id=f"p{n + 1}", **props))
+    shard = ShardInsight(0, 1, None)
+    await shard.start(connect(redis_url))
+    await shard.flush(partition)
+    await shard.close()
+    # and one stored before the check, as a shop upgrading may have them
+    sync_redis.hset("nudge:catalog:seen", "p4", '{"category": {"a": 1}, "price": "x"}')
+    sync_redis.zadd(pop_key(""), {"p4": 1.0})
+    recommender = CollaborativeRecommender(redis_url, RecsConfig())
+    try:
+        items = await recommender.recommend({"id": "zed", "recent": [], "cart": {}}, limit=5)
+        products = await recommender.store.get_products(["p1", "p2", "p3", "p4"])
+    finally:
+        await recommender.close()
+    assert sorted(item["product_id"] for item in items) == ["p1", "p2", "p3", "p4"]
+    # p2 said nothing usable, so nothing is kept for it
+    assert {pid: {k: v for k, v in p.items() if k != "id"} for pid, p in products.items()} == {
+        "p1": {"category": "Shoes", "price": 12.5, "name": "Runner", "source": "events"},
+        "p3": {"category": "7", "url": "https://shop.example/p3", "source": "events"},
+        "p4": {"source": "events"},
+    }
