@@ -70,10 +70,16 @@ class LiveInsight:
         if name is None:
             return False
         changed = False
+        # Counted as of when it arrived, if the client's timestamp is later: forward
+        # decay weighs by time, and one view stamped in 2099 outweighed a shop's traffic.
+        ts = event["ts"]
+        received = event.get("receivedAt")
+        if received is not None and ts > received:
+            ts = received
         if name == PURCHASE:
             props = event.get("properties") or {}
             if self.counts is not None:
-                self._count_order(profile, props, event["ts"])
+                self._count_order(profile, props, ts)
             if self.rfm:
                 changed = self._rescore_rfm(profile, event["ts"])
         elif name in (VIEW, ADD):
@@ -82,9 +88,7 @@ class LiveInsight:
             if product is not None:
                 if self.counts is not None:
                     weight = self.co.view_weight if name == VIEW else self.co.add_weight
-                    self.counts.observe_one(
-                        profile, product, weight, event["ts"], props.get("category")
-                    )
+                    self.counts.observe_one(profile, product, weight, ts, props.get("category"))
                 if product not in self.catalog and product not in self.described:
                     self._describe(product, props)
         if self.models and name in FEATURE_EVENTS:

@@ -25,6 +25,16 @@ from itertools import chain
 from typing import Any
 
 EPOCH = 1_600_000_000.0  # 2020-09-13: forward decay is relative to it
+# Scales must stay finite (with room for sums) until the API's last accepted year.
+HORIZON = 4_102_444_800.0  # 2100-01-01
+MAX_EXPONENT = 960.0
+
+
+def min_half_life_s() -> float:
+    """The shortest forward-decay half-life whose scale stays finite until HORIZON."""
+    return (HORIZON - EPOCH) / MAX_EXPONENT
+
+
 VIEW, ADD, PURCHASE = "Product Viewed", "Product Added", "Order Completed"
 
 

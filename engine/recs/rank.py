@@ -88,8 +88,10 @@ def score(
             item_mass = mass.get(item) or 0.0
             if item_mass <= 0:
                 continue
-            scores[item] = scores.get(item, 0.0) + seed_weight * co / math.sqrt(
-                seed_mass * item_mass
+            # Two roots, not the root of a product: masses grow with forward decay
+            # (engine.recs.cooccur), and their product would overflow long before either.
+            scores[item] = scores.get(item, 0.0) + seed_weight * co / (
+                math.sqrt(seed_mass) * math.sqrt(item_mass)
             )
     return scores
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from engine.errors import ConfigError
-from engine.recs.cooccur import CoSettings
+from engine.recs.cooccur import CoSettings, min_half_life_s
 from engine.recs.rank import RankSettings
 
 DAY = 86400.0
@@ -86,6 +87,14 @@ def check(config: RecsConfig) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"recs.{name} must be positive", field=f"recs.{name}")
+    shortest = math.ceil(min_half_life_s() / DAY)
+    if config.half_life_days < shortest:
+        raise ConfigError(
+            f"recs.half_life_days must be at least {shortest}: forward decay scales each "
+            "contribution by 2^(days since 2020 / half-life), which a shorter half-life "
+            "overflows before 2100 (docs/recommendations.md)",
+            field="recs.half_life_days",
+        )
     for name in ("view_weight", "add_weight", "purchase_weight", "popularity_blend"):
         if getattr(config, name) < 0:
             raise ConfigError(f"recs.{name} must be 0 or more", field=f"recs.{name}")

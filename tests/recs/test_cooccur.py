@@ -162,6 +162,7 @@ def test_the_hot_path_counts_exactly_what_observe_with_history_counts() -> None:
     ("section", "data", "field"),
     [
         ("recs", {"half_life_days": 0}, "recs.half_life_days"),
+        ("recs", {"half_life_days": 14}, "recs.half_life_days"),  # overflows before 2100
         ("recs", {"category_limits": ["Socks"]}, "recs.category_limits[0]"),
         ("recs", {"history_items": 0}, "recs.history_items"),
         ("rfm", {"sketch_accuracy": 0.9}, "rfm.sketch_accuracy"),
@@ -405,3 +406,44 @@ def test_the_nth_largest_weight_whatever_the_sample_suggests() -> None:
     values = [9.0 if i % 24 == 1 else 1.0 for i in range(100_000)]
     assert _nth_largest(values, 4000) == 9.0 and _nth_largest(values, 4200) == 1.0
     assert _nth_largest(list(range(100_000)), 2500) == 97_500
+
+
+def test_forward_decay_stays_finite_until_2100_at_the_shortest_half_life() -> None:
+    from engine.config import from_mapping
+    from engine.recs.cooccur import HORIZON
+    from engine.recs.settings import co_settings
+
+    config = from_mapping({"recs": {"half_life_days": 31}}, {}).recs
+    settings = co_settings(config)
+    counts = CoCounts(settings)
+    for _ in range(1000):  # a busy product, every contribution at the horizon
+        counts.observe(["a", "b"], settings.purchase_weight, HORIZON, [])
+    assert math.isfinite(counts.mass["a"]) and math.isfinite(counts.pairs[("a", "b")])
+    # and ranking divides by both masses' roots: their product is far past a float
+    got = recommend(
+        {"a": 1.0}, {"a": counts.neighbors("a", 5)}, dict(counts.mass), [], limit=1,
+        exclude=set(), settings=RankSettings(),
+    )  # fmt: skip
+    assert [item["product_id"] for item in got] == ["b"] and got[0]["score"] > 0
+
+
+def test_a_view_stamped_in_the_future_counts_as_of_its_arrival() -> None:
+    # Forward decay weighs by time: one view a client's clock put in 2099 (the API
+    # takes timestamps up to 2100) outweighed 2,000 real ones for decades.
+    from engine.events import normalize
+    from engine.insight.live import LiveInsight
+    from engine.partition import Partition
+
+    now = EPOCH + 5 * 365 * DAY
+    partition = Partition(lambda c: True, insight=LiveInsight(co=CoSettings()))
+    for n in range(200):
+        view = {"type": "track", "event": "Product Viewed", "userId": f"c{n}",
+                "messageId": f"m{n}", "properties": {"product_id": "real"}}  # fmt: skip
+        partition.apply(normalize(view, kind=None, received_at=now + n))
+    skewed = {"type": "track", "event": "Product Viewed", "userId": "skew", "messageId": "s",
+              "timestamp": "2099-01-01T00:00:00Z",
+              "properties": {"product_id": "skewed"}}  # fmt: skip
+    partition.apply(normalize(skewed, kind=None, received_at=now + 200))
+    popular = partition.insight.counts.popular[""]
+    assert popular["skewed"] == pytest.approx(popular["real"] / 200, rel=0.01)
+    assert partition.lookup("skew").recent[-1][0] > now + 70 * 365 * DAY  # its own time is kept
