@@ -106,6 +106,23 @@ class ShardInsight:
             except (RedisError, OSError) as exc:
                 log.warning("shard 0: could not drop retired recommendation keys: %s", exc)
 
+    async def prime(self, insight: LiveInsight) -> None:
+        """Load the catalog and every shard's merged population, as the flushes do.
+
+        Before a (re)started shard applies any event: replayed after a crash, or
+        new after a start, its events are enriched and scored against what the
+        shard had before, not against nothing until the first flush, up to
+        `flush_interval_s` later (a replay decided differently from the live run).
+        Redis errors are raised: the shard's recovery retries.
+        """
+        if self.store is None:
+            return
+        insight.merged = _merge(await self.store.populations(self.shards))
+        if self.settings.recs.enrich_events:
+            version = await self.store.catalog_version()
+            insight.catalog = await self.store.load_catalog()
+            self.catalog_version = version
+
     async def close(self) -> None:
         if self._retraining is not None:
             self._retraining.cancel()
@@ -194,14 +211,7 @@ class ShardInsight:
             return
         try:
             parts = await self.store.publish_population(self.index, population, self.shards)
-            merged = None
-            for part in parts:
-                one = Population.from_dict(part)
-                if merged is None:
-                    merged = one
-                else:
-                    merged.merge(one)
-            insight.merged = merged
+            insight.merged = _merge(parts)
             version = await self.store.catalog_version()
             if self.settings.recs.enrich_events and version != self.catalog_version:
                 insight.catalog = await self.store.load_catalog()
@@ -265,3 +275,15 @@ class ShardInsight:
         if counts is None:
             return {"carried": 0, "dropped": 0}
         return {"carried": counts.pair_count(), "dropped": counts.dropped}
+
+
+def _merge(parts: list[dict]) -> Population | None:
+    """One population of every shard's published one (None if none was)."""
+    merged = None
+    for part in parts:
+        one = Population.from_dict(part)
+        if merged is None:
+            merged = one
+        else:
+            merged.merge(one)
+    return merged

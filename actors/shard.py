@@ -233,6 +233,8 @@ class ShardActor:
             insight=self.insight.live(),
         )
         self.partition.restore(profiles, aliases, erased)
+        if self.partition.insight is not None:
+            await self.insight.prime(self.partition.insight)
         self.pos = self.checkpoint_pos = pos
         await self._store.deliver_forwards(self.index)
         self.last_checkpoint_at = time.monotonic()

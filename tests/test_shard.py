@@ -14,10 +14,12 @@ from actors.shard import ShardActor
 from engine.config import EngineConfig
 from engine.routing import shard_for
 from engine.store import Store, connect
+from tests.conftest import poll_until
 from tests.factories import normalized, track
 from tests.faults import transactions_fail
 
 SHARDS = 1
+T0 = 1_700_000_000.0
 
 
 def settings(**overrides: object) -> EngineConfig:
@@ -384,3 +386,78 @@ async def test_a_checkpoint_that_dies_before_its_fold_is_recovered_whole(
     assert again.partition.profiles["ann"].counts["Product Viewed"] == 6
     assert set(again.partition.profiles) == {"ann", "bob"}
     await again.stop()
+
+
+async def test_events_are_enriched_from_the_catalog_at_once_and_again_on_replay(
+    redis_url: str, store: Store
+) -> None:
+    # The catalog came with the first insight flush, seconds after start: the first
+    # events of a started shard, and every event replayed after a crash, went
+    # without the catalog's category, and the rules saw a different event.
+    from engine.recs.catalog import normalize_product
+    from engine.recs.store import RecsStore
+
+    recs = RecsStore(connect(redis_url))
+    boot = normalize_product({"name": "Boot", "category": "Shoes", "price": 80}, "p1")
+    await recs.put_products([boot])
+    await recs.close()
+    config = settings(checkpoint_interval_ms=60_000)  # nothing checkpointed before the crash
+    first = await started(redis_url, config)
+    view = normalized(track("ann", "Product Viewed", product_id="p1"))
+    last = (await store.append([view]))[0]
+    assert await first.wait_applied(last, timeout=5)
+    [live] = await first.get_profiles(["ann"])
+    assert live["recent"][-1][2:] == ["p1", "Shoes"]
+    await crash(first)
+    second = await started(redis_url, config)
+    try:
+        assert await second.wait_applied(last, timeout=5)
+        [replayed] = await second.get_profiles(["ann"])
+    finally:
+        await second.stop()
+    assert replayed["recent"] == live["recent"]
+
+
+async def test_orders_replayed_after_a_crash_are_scored_against_every_shards_buyers(
+    redis_url: str, store: Store, sync_redis: redis.Redis
+) -> None:
+    # Before its first flush a recovered shard scored RFM against its own buyers
+    # only: an order replayed after a crash got another segment than it had live
+    # (champions against new customers), and a segment rule could send an email
+    # never decided live.
+    import orjson
+
+    from engine.insight.rfm import Population
+    from engine.recs.store import rfm_key
+
+    others = Population()  # another shard's published buyers: big spenders
+    for i in range(50):
+        others.add((T0 - i * 86400, float(1 + i % 10), 100.0 * (1 + i)))
+    sync_redis.set(rfm_key(1), orjson.dumps(others.to_dict(), option=orjson.OPT_NON_STR_KEYS))
+    config = settings(shards=2, checkpoint_interval_ms=60_000)
+    two = Store(connect(redis_url), 2)
+    ann = next(c for c in (f"ann{i}" for i in range(100)) if shard_for(c, 2) == 0)
+
+    async def shard_0() -> ShardActor:
+        actor = ShardActor(0, 2, config, redis_url, autostart=False)
+        await actor.start()
+        assert await poll_until(lambda: actor.ready)
+        return actor
+
+    try:
+        first = await shard_0()
+        order = track(ann, "Order Completed", order_id="o1", revenue=120.0, products=[])
+        last = (await two.append([normalized(order, at=T0)]))[0]
+        assert await first.wait_applied(last, timeout=5)
+        [live] = await first.get_profiles([ann])
+        await crash(first)
+        second = await shard_0()
+        try:
+            assert await second.wait_applied(last, timeout=5)
+            [replayed] = await second.get_profiles([ann])
+        finally:
+            await second.stop()
+    finally:
+        await two.close()
+    assert live["rfm"]["segment"] != "champions"  # ranked among every shard's buyers
+    assert replayed["rfm"] == live["rfm"]

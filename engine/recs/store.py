@@ -220,6 +220,11 @@ class RecsStore:
             _, parts = await pipe.execute()
         return [orjson.loads(p) for p in parts if p is not None]
 
+    async def populations(self, shards: int) -> list[dict]:
+        """Every shard's last published RFM population (a recovering shard reads them)."""
+        parts = await self.redis.mget([rfm_key(i) for i in range(shards)])
+        return [orjson.loads(p) for p in parts if p is not None]
+
     # -- reading for recommendations ------------------------------------------------
     async def neighbors(
         self, seeds: list[str], n: int, categories: list[str], popular_n: int
