@@ -447,3 +447,16 @@ def test_a_view_stamped_in_the_future_counts_as_of_its_arrival() -> None:
     popular = partition.insight.counts.popular[""]
     assert popular["skewed"] == pytest.approx(popular["real"] / 200, rel=0.01)
     assert partition.lookup("skew").recent[-1][0] > now + 70 * 365 * DAY  # its own time is kept
+
+
+def test_the_lines_of_a_huge_order_pair_only_among_the_first_few() -> None:
+    # Pairs grew with the square of an order's lines: 1,400 lines (a 30 KB event)
+    # made a million pairs and held the shard for a quarter of a second.
+    from engine.recs.cooccur import BASKET_ITEMS
+
+    counts = CoCounts(FLAT)
+    lines = [f"p{n:04d}" for n in range(1400)]
+    bought(counts, lines)
+    assert counts.pair_count() == BASKET_ITEMS * (BASKET_ITEMS - 1) // 2
+    assert len(counts.mass) == 1400  # every line still counts for itself
+    assert counts.pairs[("p0000", "p0001")] == 5
