@@ -85,23 +85,35 @@ class CollaborativeRecommender:
                 if len(shortlist) >= want:
                     break
         products = await store.get_products(list(shortlist))
-        items = pick(
-            (entry for entry in stream if entry[0] in shortlist),
-            limit=limit,
-            exclude=exclude,
-            settings=self.rank,
-            category_of=lambda item: (products.get(item) or {}).get("category"),
-            in_stock=lambda item: (products.get(item) or {}).get("in_stock", True),
-        )
+        candidates = [entry for entry in stream if entry[0] in shortlist]
+        seen_in: dict[str, str] = {}  # a category the customer's own events gave
+
+        def picked() -> list[dict]:
+            return pick(
+                candidates,
+                limit=limit,
+                exclude=exclude,
+                settings=self.rank,
+                category_of=lambda item: (
+                    (products.get(item) or {}).get("category") or seen_in.get(item)
+                ),
+                in_stock=lambda item: (products.get(item) or {}).get("in_stock", True),
+            )
+
+        items = picked()
         if len(items) < limit:
-            # nothing counted yet (a new shop) or a thin history: what this customer looked at
-            taken = {item["product_id"] for item in items}
-            for item in recent_interest(profile, limit=limit):
-                if len(items) >= limit:
-                    break
-                product = products.get(item["product_id"]) or {}
-                if item["product_id"] not in taken and product.get("in_stock", True):
-                    items.append(item)
+            # Nothing counted yet (a new shop) or a thin history: what this customer
+            # looked at comes after, through the same filters (stock, category caps).
+            fill = []
+            for entry in recent_interest(profile, limit=want):
+                if entry["product_id"] not in shortlist:
+                    fill.append((entry["product_id"], entry["score"], "recent_interest"))
+                    if entry["category"]:
+                        seen_in[entry["product_id"]] = entry["category"]
+            if fill:
+                products.update(await store.get_products([item for item, _, _ in fill]))
+                candidates += fill
+                items = picked()
         for item in items:
             product = products.get(item["product_id"]) or {}
             for name in _SHOWN:

@@ -197,3 +197,42 @@ async def test_ill_typed_product_facts_in_events_never_reach_recommendations(
         "p3": {"category": "7", "url": "https://shop.example/p3", "source": "events"},
         "p4": {"source": "events"},
     }
+
+
+async def test_the_recent_interest_fill_obeys_stock_and_category_caps(redis_url: str) -> None:
+    # The fill after the ranked list skipped both filters for products outside the
+    # shortlist: a lamp the catalog marks sold out was recommended.
+    from engine.recs.catalog import normalize_product
+    from engine.recs.recommender import CollaborativeRecommender
+    from engine.recs.store import RecsStore
+
+    recs = RecsStore(connect(redis_url))
+    await recs.put_products(
+        [
+            normalize_product({"name": "Mug", "price": 5}, "mug"),
+            normalize_product({"name": "Lamp", "price": 90, "in_stock": False}, "lamp"),
+        ]
+    )
+    await recs.close()
+    partition = Partition(lambda c: True, insight=LiveInsight(co=CoSettings()))
+    partition.apply(event("Product Viewed", T0, "bob", product_id="mug"))  # the shop so far
+    shard = ShardInsight(0, 1, None)
+    await shard.start(connect(redis_url))
+    await shard.flush(partition)
+    await shard.close()
+    recent = [
+        [T0 + 5, "Product Viewed", "lamp", "Home"],
+        [T0 + 6, "Product Viewed", "sock-1", "Socks"],
+        [T0 + 7, "Product Viewed", "sock-2", "Socks"],
+    ]
+    ann = {"id": "ann", "recent": recent, "purchased": [], "cart": {}}
+    recommender = CollaborativeRecommender(redis_url, RecsConfig(max_per_category=1))
+    try:
+        items = await recommender.recommend(ann, limit=4)
+    finally:
+        await recommender.close()
+    assert [(item["product_id"], item["reason"]) for item in items] == [
+        ("mug", "popular"),
+        ("sock-2", "recent_interest"),  # one Socks at most; the lamp is sold out
+    ]
+    assert items[1]["category"] == "Socks"
