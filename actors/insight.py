@@ -8,7 +8,7 @@ Every `flush_interval_s`: co-occurrence deltas and product descriptions go to
 Redis (ZINCRBY: Redis is the merge), this shard's RFM population is published
 and every shard's read back and merged; the catalog is reloaded if its
 version moved. Every `score_interval_ms`: customers whose features changed
-are scored in one batch per model. Every `reload_interval_s`: model files are
+are scored in batches of up to SCORE_BATCH per model. Every `reload_interval_s`: model files are
 checked; a bad one is refused and the previous model keeps serving.
 """
 

@@ -98,3 +98,21 @@ def test_train_command_reports_model_and_baseline(tmp_path: Path, capsys) -> Non
     assert model.version == 1
     main(["churn", "--data", str(data), "--out", str(tmp_path), "--folds", "3"])
     assert load_model(tmp_path / "churn.model").version == 2
+
+
+def test_a_backlog_of_customers_is_scored_a_batch_at_a_time(tmp_path: Path) -> None:
+    # A model listed before its file existed queued everyone, and the first scoring
+    # was one batch of them all (20,000 customers held the shard loop 335 ms).
+    from engine.insight.live import SCORE_BATCH
+
+    partition = Partition(lambda c: True, insight=LiveInsight(co=None, models=True))
+    customers = SCORE_BATCH + 500
+    for n in range(customers):
+        partition.apply(order(f"c{n}", T0 + n, 10.0 + n % 50, n))
+    assert len(partition.insight.to_score) == customers
+    models = {"churn": load_model(write_model(tmp_path), name="churn")}
+    assert partition.score(models, T0 + customers) == SCORE_BATCH
+    assert len(partition.insight.to_score) == 500
+    assert partition.score(models, T0 + customers) == 500
+    scored = [p for p in partition.profiles.values() if p.scores and "churn" in p.scores]
+    assert len(scored) == customers and not partition.insight.to_score
