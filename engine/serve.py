@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
+import shutil
 import signal
+import tempfile
 import time
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from engine.config import Config, load, warn_dev_keys
+from engine.errors import Unavailable
 from engine.metrics.multiproc import prepare_multiproc_dir, remove_multiproc_dir
 from engine.redis_server import EmbeddedRedis
 
@@ -26,12 +31,38 @@ def _shards_factory(config: Config):
     return connect
 
 
+# The resolved Config, for uvicorn's worker processes: a private file named by this
+# variable. Each worker used to load() ./config.toml itself, without the --config
+# file, the command line's overrides or the parent's checks (the dev keys on a
+# public address were served that way).
+WORKER_CONFIG_ENV = "NUDGE_WORKER_CONFIG"
+
+
+def _hand_to_workers(config: Config) -> str:
+    """Write `config` where the workers read it (owner-only: it holds the keys); its dir."""
+    where = tempfile.mkdtemp(prefix="nudge-workers-")
+    path = os.path.join(where, "config.pickle")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        pickle.dump(config, out)
+    os.environ[WORKER_CONFIG_ENV] = path
+    return where
+
+
+def worker_config() -> Config:
+    """The Config the parent `nudge serve` resolved (load() when run some other way)."""
+    path = os.environ.get(WORKER_CONFIG_ENV)
+    if not path:
+        return load()
+    with open(path, "rb") as handed:
+        return pickle.load(handed)  # written by our own parent, owner-only (see above)
+
+
 def worker_app():
     """App factory for uvicorn worker processes (several workers): joins the running Ray."""
     from actors.cluster import start_ray
     from engine.api import create_app
 
-    config = load()
+    config = worker_config()
     # ray.init installs its own SIGTERM handler; keep uvicorn's, so workers drain.
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
@@ -52,6 +83,38 @@ class _AnnouncingServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             print(self.line, flush=True)
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, remembering if a signal stopped it
+    (it returns the same way when a worker could not start)."""
+
+    asked_to_stop = False
+
+    def handle_int(self) -> None:
+        self.asked_to_stop = True
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.asked_to_stop = True
+        super().handle_term()
+
+
+def _run_workers(workers: int, options: dict, listening: str) -> bool:
+    """Serve with `workers` processes, as uvicorn.run does; True if stopped by a signal."""
+    config = uvicorn.Config("engine.serve:worker_app", factory=True, workers=workers, **options)
+    sock = config.bind_socket()
+    try:
+        # Listening from here (each worker's server only listens once it has started,
+        # seconds later: until then connections were refused after the line below),
+        # so requests wait in the backlog until a worker accepts them.
+        sock.listen(config.backlog)
+        print(listening, flush=True)
+        supervisor = _Supervisor(config, sockets=[sock])
+        supervisor.run()
+    finally:
+        sock.close()
+    return supervisor.asked_to_stop
 
 
 class _Stop(Exception):
@@ -85,6 +148,8 @@ def serve(config: Config) -> None:
     dispatchers: list = []
     joined = bool(config.engine.ray_address)
     metrics_dir = None
+    handoff = None
+    failed = False
     try:
         gcs = start_ray(config.engine.ray_address, namespace=config.engine.ray_namespace)
         handles = ensure_shards(
@@ -117,18 +182,16 @@ def serve(config: Config) -> None:
         signal.signal(signal.SIGTERM, _raise_stop)
         if config.server.workers > 1:
             metrics_dir = prepare_multiproc_dir(config.engine.data_dir)
-            os.environ["NUDGE_REDIS_URL"] = redis_url
-            os.environ["NUDGE_RAY_ADDRESS"] = gcs
-            # uvicorn binds the socket first thing, in this process, and only then
-            # starts the workers: requests wait in its backlog until one accepts.
-            print(listening, flush=True)
-            uvicorn.run(
-                "engine.serve:worker_app", factory=True, workers=config.server.workers, **uv_options
-            )
+            handoff = _hand_to_workers(config)  # with this Redis and Ray
+            if not _run_workers(config.server.workers, uv_options, listening):
+                failed = True
         else:
             app = create_app(config, redis_url, _shards_factory(config), quiet_heap=True)
             # Printed once bound and started, so a client may call at once.
             _AnnouncingServer(uvicorn.Config(app, **uv_options), listening).run()
+            # It returns by itself only when it could not serve: a stop by signal
+            # comes back as an exception (see _raise_stop).
+            failed = True
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
@@ -148,4 +211,11 @@ def serve(config: Config) -> None:
             embedded.stop()
         if metrics_dir is not None:
             remove_multiproc_dir(metrics_dir)
+        if handoff is not None:
+            shutil.rmtree(handoff, ignore_errors=True)
         print(f"nudge: stopped cleanly in {time.monotonic() - stopping:.1f} s", flush=True)
+    if failed:
+        raise Unavailable(
+            "the HTTP server stopped without being asked to (see the log above)",
+            code="server_stopped",
+        )

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ WRITE = ("dev-write-key", "")
 class Engine:
     """One `nudge serve` process on its own data dir."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *args: str):
         self.data_dir = data_dir
+        self.args = args
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -46,6 +48,7 @@ class Engine:
                 str(self.port),
                 "--data-dir",
                 str(self.data_dir),
+                *self.args,
             ],
             env=env,
             cwd=self.data_dir.parent,
@@ -60,7 +63,7 @@ class Engine:
             # As the README says: once this line is out, the engine answers.
             if not self.listening.wait(90) or self.proc.poll() is not None:
                 raise AssertionError("no 'listening' line:\n" + self.output(timeout=1))
-            assert httpx.get(f"{self.base}/healthz", timeout=5).status_code == 200
+            assert httpx.get(f"{self.base}/healthz", timeout=15).status_code == 200
         except BaseException:
             self.proc.send_signal(signal.SIGTERM)  # leave no engine behind a failed start
             self.proc.wait(30)
@@ -161,3 +164,55 @@ def test_serve_stop_restart_and_kill_9(tmp_path: Path) -> None:
     finally:
         engine.proc.send_signal(signal.SIGINT)
         engine.proc.wait(15)
+
+
+def test_workers_serve_the_config_and_flags_the_engine_was_started_with(tmp_path: Path) -> None:
+    # Each uvicorn worker loaded ./config.toml by itself: --config and the flags were
+    # ignored, so the dev keys answered on an address the parent refused them on,
+    # and a --shards other than the file's left the workers looking for shards
+    # that did not exist (and `nudge serve` exited 0).
+    own = tmp_path / "own.toml"
+    own.write_text(
+        '[auth]\nwrite_keys = ["own-write"]\ncontent_keys = ["own-content"]\n'
+        'admin_keys = ["own-admin"]\n'
+    )
+    handoffs = set(Path(tempfile.gettempdir()).glob("nudge-workers-*"))
+    engine = Engine(tmp_path / "data", "--config", str(own), "--workers", "2", "--shards", "2")
+    engine.start()
+    try:
+        with httpx.Client(base_url=engine.base, timeout=15) as client:
+            for _ in range(8):  # new connections: both workers answer some
+                client.headers["Connection"] = "close"
+                status = client.get("/v1/status", headers={"Authorization": "Bearer own-admin"})
+                assert status.status_code == 200 and len(status.json()["shards"]) == 2
+                dev = client.get("/v1/status", headers=ADMIN)
+                assert dev.status_code == 401
+    finally:
+        engine.proc.send_signal(signal.SIGTERM)
+        code = engine.proc.wait(30)
+    assert code == 0 and "stopped cleanly" in engine.output()
+    # the file with the keys is gone with the engine
+    assert set(Path(tempfile.gettempdir()).glob("nudge-workers-*")) == handoffs
+
+
+def test_the_config_handed_to_workers_is_readable_by_its_owner_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from engine.config import load
+    from engine.serve import WORKER_CONFIG_ENV, _hand_to_workers, worker_config
+
+    monkeypatch.delenv(WORKER_CONFIG_ENV, raising=False)
+    config = load(None, env={})
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=3))
+    where = _hand_to_workers(config)
+    try:
+        path = Path(os.environ[WORKER_CONFIG_ENV])
+        assert path.parent == Path(where) and path.stat().st_mode & 0o777 == 0o600
+        assert worker_config() == config
+    finally:
+        monkeypatch.delenv(WORKER_CONFIG_ENV)
+        import shutil
+
+        shutil.rmtree(where)
