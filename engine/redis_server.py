@@ -58,11 +58,24 @@ class EmbeddedRedis:
         self.url = ""
 
     def start(self, timeout: float = 15.0) -> str:
-        """Start the server, wait until it answers, and return its URL."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Start the server, wait until it answers, and return its URL.
+
+        `timeout` bounds the wait for a first answer; loading a large append-only
+        file takes as long as it takes (about 3-6 s a GB), with a progress line.
+        """
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use {self.data_dir} as the data dir: {exc.strerror or exc}",
+                field="engine.data_dir",
+            ) from exc
         pidfile = self.data_dir / "redis.pid"
         if pidfile.exists():
-            pid = int(pidfile.read_text().strip() or 0)
+            try:
+                pid = int(pidfile.read_text().strip() or 0)
+            except (ValueError, OSError):
+                pid = 0  # not a pid file Redis wrote: nothing to respect
             if pid and _alive(pid):
                 raise ConfigError(
                     f"{self.data_dir} is in use by another Redis (pid {pid}); "
@@ -117,6 +130,7 @@ class EmbeddedRedis:
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url)
+        next_progress = time.monotonic() + 5.0
         try:
             while True:
                 if self.process.poll() is not None:
@@ -124,11 +138,15 @@ class EmbeddedRedis:
                         f"embedded Redis exited at start; see {self.data_dir / 'redis.log'}"
                     )
                 try:
-                    # Loading a large AOF answers LOADING until done; wait for it.
                     if client.ping():
                         break
                 except redis.exceptions.BusyLoadingError:
-                    pass
+                    # Loading the data: it answers LOADING until done, however long
+                    # that is (killing it mid-load, the data could never be served).
+                    deadline = time.monotonic() + timeout
+                    if time.monotonic() >= next_progress:
+                        next_progress = time.monotonic() + 5.0
+                        log.info("embedded Redis: loading the data, %s", _loading(client))
                 except (redis.exceptions.ConnectionError, OSError):
                     pass
                 if time.monotonic() > deadline:
@@ -164,3 +182,16 @@ def _alive(pid: int) -> bool:
         return "redis" in Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return True
+
+
+def _loading(client: redis.Redis) -> str:
+    """How far Redis is in loading its data (INFO answers while loading)."""
+    try:
+        info = client.info("persistence")
+    except (redis.exceptions.RedisError, OSError):
+        return "in progress"
+    done = info.get("loading_loaded_perc")
+    eta = info.get("loading_eta_seconds")
+    if done is None:
+        return "in progress"
+    return f"{float(done):.0f}% done" + (f", about {int(eta)} s left" if eta else "")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
 
 from engine.config import EngineConfig
@@ -37,3 +38,42 @@ def test_embedded_redis_defaults_are_the_engine_settings_defaults(tmp_path: Path
     defaults = EngineConfig()
     assert int(settings["auto-aof-rewrite-percentage"]) == defaults.redis_aof_rewrite_percentage
     assert int(settings["auto-aof-rewrite-min-size"]) == defaults.redis_aof_rewrite_min_mb << 20
+
+
+def test_a_data_set_that_loads_longer_than_the_timeout_is_waited_for(tmp_path: Path) -> None:
+    # The start gave Redis 15 s in all, loading included, then killed it mid-load:
+    # an append-only file past a few GB could never be served again. Here the
+    # timeout is shorter than the load instead.
+    data = tmp_path / "redis"
+    data.mkdir()
+    value = b"x" * 100
+    with open(data / "appendonly.aof", "wb") as aof:
+        for i in range(300_000):
+            key = b"key:%d" % i
+            aof.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$100\r\n%s\r\n" % (len(key), key, value))
+    server = EmbeddedRedis(data)
+    server.start(timeout=0.1)
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.dbsize() == 300_000
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_a_stale_pid_file_of_any_content_is_ignored(tmp_path: Path) -> None:
+    data = tmp_path / "redis"
+    data.mkdir()
+    (data / "redis.pid").write_text("not a pid\n")
+    server = EmbeddedRedis(data)
+    server.start()
+    server.stop()
+
+
+def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
+    from engine.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError) as caught:
+        EmbeddedRedis(tmp_path / "a-file" / "redis").start()
+    assert caught.value.field == "engine.data_dir" and "a-file" in caught.value.message
