@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from engine.config import Config, load, validate
+from engine.config import Config, load
 from engine.errors import EngineError
 
 # Subcommands whose own module parses the rest of the command line.
@@ -36,29 +37,25 @@ _DELEGATED = {
 }
 
 
-def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    server = {
-        k: v
-        for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers))
-        if v is not None
+def _serve_config(args: argparse.Namespace) -> Config:
+    """The config `nudge serve` runs: file, then environment, then the command line's flags.
+
+    The flags go in as the environment's highest layer, so they are parsed and
+    checked with everything else: a flag replaces a bad or unsafe value from the
+    file or the environment (a Kubernetes NUDGE_PORT=tcp://... beside --port)
+    instead of being applied after it was refused.
+    """
+    flags = {
+        "NUDGE_HOST": args.host,
+        "NUDGE_PORT": args.port,
+        "NUDGE_WORKERS": args.workers,
+        "NUDGE_DATA_DIR": args.data_dir,
+        "NUDGE_SHARDS": args.shards,
+        "NUDGE_REDIS_URL": args.redis_url,
+        "NUDGE_RAY_ADDRESS": args.ray_address,
     }
-    engine = {
-        k: v
-        for k, v in (
-            ("data_dir", args.data_dir),
-            ("shards", args.shards),
-            ("redis_url", args.redis_url),
-            ("ray_address", args.ray_address),
-        )
-        if v is not None
-    }
-    config = dataclasses.replace(
-        config,
-        server=dataclasses.replace(config.server, **server),
-        engine=dataclasses.replace(config.engine, **engine),
-    )
-    validate(config)
-    return config
+    given = {name: str(value) for name, value in flags.items() if value is not None}
+    return load(args.config, env={**os.environ, **given})
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -143,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from engine.serve import serve as run
 
-            run(_with_overrides(load(args.config), args))
+            run(_serve_config(args))
         elif args.command == "explain":
             return _explain(args)
         elif args.command == "config":

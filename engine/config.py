@@ -270,11 +270,15 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
     data: dict = {}
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist", field="config") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}", field="config") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text: {exc.reason}", field="config") from None
+        except OSError as exc:  # a directory, no permission
+            raise ConfigError(f"cannot read {path}: {exc.strerror}", field="config") from None
     config = from_mapping(data, env)
     from engine.rules import RuleSet, rule_sources
     from engine.rules.files import STARTER

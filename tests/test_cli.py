@@ -45,3 +45,47 @@ def test_bad_config_is_reported_not_raised(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert "engine.shards" in done.stderr and "Traceback" not in done.stderr
+
+
+def _serve_args(**given: object):
+    import argparse
+
+    names = ("config", "host", "port", "workers", "data_dir", "shards", "redis_url", "ray_address")
+    return argparse.Namespace(**{name: given.get(name) for name in names})
+
+
+def test_serve_flags_replace_what_the_file_and_environment_say_before_the_checks(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flags were applied after the file and environment had been checked: a
+    # --host could not fix a public host with the dev keys, nor --port the
+    # NUDGE_PORT=tcp://... that Kubernetes sets for a Service named nudge.
+    from engine.cli import _serve_config
+    from engine.errors import ConfigError
+
+    public = tmp_path / "public.toml"
+    public.write_text('[server]\nhost = "0.0.0.0"\n')
+    monkeypatch.setenv("NUDGE_PORT", "tcp://10.0.0.7:8000")
+    with pytest.raises(ConfigError):
+        _serve_config(_serve_args(config=str(public), port=9000))  # the file's host stands
+    config = _serve_config(_serve_args(config=str(public), host="127.0.0.1", port=9000))
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 9000)
+    with pytest.raises(ConfigError) as caught:
+        _serve_config(_serve_args(host="127.0.0.1", port=9000, shards=0))
+    assert caught.value.field == "engine.shards"
+
+
+@pytest.mark.parametrize("make", ["directory", "latin-1"])
+def test_an_unreadable_config_file_is_a_clear_error(tmp_path, make: str) -> None:
+    path = tmp_path / "config.toml"
+    if make == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes('[server]\nhost = "café"\n'.encode("latin-1"))
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert str(path) in done.stderr
