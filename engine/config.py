@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -226,8 +227,17 @@ def validate(config: Config) -> None:
             "metrics.metrics_auth",
             "must be admin or open",
         ),
-        (config.metrics.console_session_h > 0, "metrics.console_session_h", "must be positive"),
     ]
+    durations = (
+        ("server.shutdown_timeout_s", config.server.shutdown_timeout_s),
+        ("engine.dedupe_window_s", config.engine.dedupe_window_s),
+        ("engine.recent_window_days", config.engine.recent_window_days),
+        ("metrics.scrape_timeout_s", config.metrics.scrape_timeout_s),
+        ("metrics.console_session_h", config.metrics.console_session_h),
+    )
+    for path, value in durations:
+        # NaN passes no comparison and infinity waits forever: both are refused
+        checks.append((0 < value < math.inf, path, "must be a positive number"))
     for role in ("write_keys", "content_keys", "admin_keys"):
         # "" would be the key of a bare "Authorization: Bearer" (or "Basic Og==")
         keys = getattr(config.auth, role)

@@ -89,3 +89,19 @@ def test_an_unreadable_config_file_is_a_clear_error(tmp_path, make: str) -> None
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert str(path) in done.stderr
+
+
+def test_lint_checks_the_rules_nudge_serve_would_run(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # It read ./config.toml only: with NUDGE_CONFIG naming the config (as the README
+    # says it may), or with no config at all (the starter rules), it failed.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NUDGE_CONFIG", raising=False)
+    assert main(["lint"]) == 0
+    assert "error(s)" in capsys.readouterr().out  # the starter rules, checked
+    own = tmp_path / "elsewhere.toml"
+    own.write_text('[[rule]]\nname = "r"\non = "Product Added"\n[[rule.step]]\nwait = "soon"\n')
+    monkeypatch.setenv("NUDGE_CONFIG", str(own))
+    assert main(["lint"]) == 2
+    assert "elsewhere.toml" in capsys.readouterr().err

@@ -69,6 +69,13 @@ def test_environment_overrides_file() -> None:
             {"NUDGE_REDIS_AOF_REWRITE_PERCENTAGE": "3000000000"},
             "engine.redis_aof_rewrite_percentage",
         ),
+        # durations: no grace at SIGTERM, no dedupe, no window, or waiting forever
+        ({}, {"NUDGE_SHUTDOWN_TIMEOUT_S": "-3"}, "server.shutdown_timeout_s"),
+        ({}, {"NUDGE_SHUTDOWN_TIMEOUT_S": "nan"}, "server.shutdown_timeout_s"),
+        ({}, {"NUDGE_DEDUPE_WINDOW_S": "-1"}, "engine.dedupe_window_s"),
+        ({}, {"NUDGE_RECENT_WINDOW_DAYS": "nan"}, "engine.recent_window_days"),
+        ({}, {"NUDGE_SCRAPE_TIMEOUT_S": "-inf"}, "metrics.scrape_timeout_s"),
+        ({"metrics": {"console_session_h": float("inf")}}, {}, "metrics.console_session_h"),
     ],
 )
 def test_errors_name_the_setting(data: dict, env: dict, field: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from dataclasses import dataclass
 from itertools import combinations
@@ -493,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="nudge lint", description="check a rule set")
     parser.add_argument(
-        "files", nargs="*", help="config.toml or rule files (default: ./config.toml)"
+        "files",
+        nargs="*",
+        help="config.toml or rule files, or 'starter' (default: the rules nudge serve "
+        "would run: $NUDGE_CONFIG, else ./config.toml, else the starter rules)",
     )
     parser.add_argument(
         "--known-events",
@@ -501,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--strict", action="store_true", help="fail on warnings too")
     args = parser.parse_args(argv)
-    files = args.files or ["config.toml"]
+    files = args.files or [_served_config()]
     try:
         sources = []
         for file in files:
@@ -523,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{warnings} warning(s)"
     )
     return 1 if errors or (args.strict and warnings) else 0
+
+
+def _served_config() -> str:
+    """What `nudge serve` reads with no --config (engine.config.load): a path or 'starter'."""
+    if os.environ.get("NUDGE_CONFIG"):
+        return os.environ["NUDGE_CONFIG"]
+    return "config.toml" if os.path.isfile("config.toml") else "starter"
 
 
 __all__ = ["ERROR", "SPEC_EVENTS", "WARNING", "Finding", "lint", "main"]
