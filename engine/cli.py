@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 import orjson
 
+from engine.admin_client import admin_key, call_engine, engine_url
 from engine.config import Config, load
 from engine.errors import EngineError
 
@@ -61,21 +62,16 @@ def _serve_config(args: argparse.Namespace) -> Config:
 def _explain(args: argparse.Namespace) -> int:
     """Ask a running engine why each rule did or did not email a customer."""
     config = load(args.config)
-    url = args.url or f"http://{config.server.host}:{config.server.port}"
-    key = args.key or (config.auth.admin_keys[0] if config.auth.admin_keys else "")
     quoted = urllib.parse.quote(args.customer, safe="")
-    request = urllib.request.Request(
-        f"{url}/v1/profiles/{quoted}/explain", headers={"Authorization": f"Bearer {key}"}
-    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            body = orjson.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        error = orjson.loads(exc.read() or b"{}").get("error", {})
-        print(f"nudge explain: {exc.code} {error.get('message', exc.reason)}", file=sys.stderr)
-        return 2
-    except urllib.error.URLError as exc:
-        print(f"nudge explain: cannot reach {url}: {exc.reason}", file=sys.stderr)
+        body = call_engine(
+            engine_url(config, args.url),
+            admin_key(config, args.key),
+            "GET",
+            f"/v1/profiles/{quoted}/explain",
+        )
+    except EngineError as exc:
+        print(f"nudge explain: {exc.message}", file=sys.stderr)
         return 2
     if args.json:
         print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())

@@ -105,3 +105,40 @@ def test_lint_checks_the_rules_nudge_serve_would_run(
     monkeypatch.setenv("NUDGE_CONFIG", str(own))
     assert main(["lint"]) == 2
     assert "elsewhere.toml" in capsys.readouterr().err
+
+
+def test_commands_say_what_went_wrong_when_the_engine_is_not_there(tmp_path) -> None:
+    # A plain web server (or a proxy's error page) answering, and a Redis that is
+    # not there: each was a traceback (orjson.JSONDecodeError, ConnectionError).
+    import http.server
+    import threading
+
+    class NotNudge(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<html>Bad gateway</html>" if "explain" in self.path else b"hello"
+            self.send_response(502 if "explain" in self.path else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotNudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        runs = {
+            "explain": ["explain", "ann", "--url", url],
+            "dlq": ["dlq", "--url", url, "list"],
+            "dlq redis": ["dlq", "--redis-url", "redis://127.0.0.1:1/0", "list"],
+            "dlq no url": ["dlq", "--redis-url", "127.0.0.1:6379", "list"],
+        }
+        for name, argv in runs.items():
+            done = subprocess.run(
+                [sys.executable, "-m", "engine", *argv], capture_output=True, text=True, cwd=ROOT
+            )
+            assert done.returncode == 2, (name, done.stderr)
+            assert "Traceback" not in done.stderr and done.stderr.startswith("nudge "), name
+    finally:
+        server.shutdown()

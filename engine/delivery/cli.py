@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
+from engine.admin_client import admin_key, call_engine, engine_url
 from engine.config import Config, load
 from engine.content.blocks import Links
 from engine.delivery.compose import Composer
@@ -31,23 +33,7 @@ def _http(
     config: Config, url: str | None, key: str | None, method: str, path: str, body: Any = None
 ) -> Any:
     """Call the running engine's admin API; EngineError with its message on failure."""
-    base = url or f"http://{config.server.host}:{config.server.port}"
-    key = key or (config.auth.admin_keys[0] if config.auth.admin_keys else "")
-    data = orjson.dumps(body) if body is not None else None
-    request = urllib.request.Request(
-        base + path,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return orjson.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        error = orjson.loads(exc.read() or b"{}").get("error", {})
-        raise EngineError(f"{exc.code} {error.get('message', exc.reason)}") from None
-    except urllib.error.URLError as exc:
-        raise EngineError(f"cannot reach {base}: {exc.reason}") from None
+    return call_engine(engine_url(config, url), admin_key(config, key), method, path, body)
 
 
 # -- render ---------------------------------------------------------------------------
@@ -152,6 +138,8 @@ def dlq_main(argv: list[str]) -> int:
             result = _dlq_http(config, args)
     except EngineError as exc:
         return _fail("dlq", exc.message)
+    except (RedisError, OSError, ValueError) as exc:  # --redis-url: unreachable, or no URL
+        return _fail("dlq", f"cannot use Redis at {args.redis_url}: {exc}")
     _print_dlq(args, result)
     return 0
 

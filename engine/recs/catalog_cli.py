@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import orjson
-
+from engine.admin_client import admin_key, call_engine, engine_url
+from engine.errors import EngineError
 from engine.recs.catalog import read_products
 
 _CHUNK = 1000
 
 
 def _post(url: str, key: str, products: list[dict]) -> dict:
-    request = urllib.request.Request(
-        f"{url}/v1/catalog/products",
-        data=orjson.dumps({"products": products}),
-        method="POST",
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as reply:
-        return orjson.loads(reply.read())
+    return call_engine(url, key, "POST", "/v1/catalog/products", {"products": products}, timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import load
 
     config = load(args.config)
-    url = args.url or f"http://{config.server.host}:{config.server.port}"
-    key = args.key or (config.auth.admin_keys[0] if config.auth.admin_keys else "")
+    url, key = engine_url(config, args.url), admin_key(config, args.key)
     path = Path(args.file)
     fmt = args.format or ("jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv")
     try:
@@ -65,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(good), _CHUNK):
             reply = _post(url, key, good[start : start + _CHUNK])
             sent += reply["upserted"]
-    except urllib.error.HTTPError as exc:
-        error = orjson.loads(exc.read() or b"{}").get("error", {})
-        print(f"nudge catalog: {exc.code} {error.get('message', exc.reason)}", file=sys.stderr)
-        return 2
-    except urllib.error.URLError as exc:
-        print(f"nudge catalog: cannot reach {url}: {exc.reason}", file=sys.stderr)
+    except EngineError as exc:
+        print(f"nudge catalog: {exc.message}", file=sys.stderr)
         return 2
     print(f"imported {sent} products from {path} ({bad} rejected)")
     return 1 if bad else 0
