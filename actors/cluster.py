@@ -10,6 +10,7 @@ import ray
 
 from actors.shard import ShardActor
 from engine.config import EngineConfig
+from engine.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,10 @@ def wait_ready(handles: list, timeout: float = 60.0, *, what: str = "shard") -> 
         )
         pending = [h for h, s in zip(pending, statuses, strict=True) if not s["ready"]]
         if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} {what}(s) not ready after {timeout:.0f} s")
+            raise Unavailable(
+                f"{len(pending)} {what}(s) not ready after {timeout:.0f} s (see their log lines)",
+                code="not_ready",
+            )
         if pending:
             time.sleep(0.05)
 

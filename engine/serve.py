@@ -15,7 +15,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from engine.config import Config, load, warn_dev_keys
-from engine.errors import Unavailable
+from engine.errors import ConfigError, Unavailable
 from engine.metrics.multiproc import prepare_multiproc_dir, remove_multiproc_dir
 from engine.redis_server import EmbeddedRedis
 
@@ -55,6 +55,25 @@ def worker_config() -> Config:
         return load()
     with open(path, "rb") as handed:
         return pickle.load(handed)  # written by our own parent, owner-only (see above)
+
+
+def _check_redis(url: str) -> None:
+    """Fail at once, naming it, if the configured Redis does not answer (the shards
+    would retry their recovery for a minute before the start gave up)."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    except ValueError as exc:
+        raise ConfigError(f"engine.redis_url {url!r}: {exc}", field="engine.redis_url") from None
+    try:
+        client.ping()
+    except redis.exceptions.BusyLoadingError:
+        pass  # there, loading its data: the shards wait for it
+    except (redis.RedisError, OSError) as exc:
+        raise Unavailable(f"cannot reach Redis at {url}: {exc}", code="redis_unreachable") from None
+    finally:
+        client.close()
 
 
 def worker_app():
@@ -144,6 +163,8 @@ def serve(config: Config) -> None:
             rewrite_min_mb=config.engine.redis_aof_rewrite_min_mb,
         )
         redis_url = embedded.start()
+    else:
+        _check_redis(redis_url)
     handles = []
     dispatchers: list = []
     joined = bool(config.engine.ray_address)

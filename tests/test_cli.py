@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -142,3 +143,16 @@ def test_commands_say_what_went_wrong_when_the_engine_is_not_there(tmp_path) -> 
             assert "Traceback" not in done.stderr and done.stderr.startswith("nudge "), name
     finally:
         server.shutdown()
+
+
+def test_serve_with_a_redis_that_does_not_answer_stops_at_once_naming_it(tmp_path) -> None:
+    # The shards retried their recovery for a minute, then a TimeoutError traceback.
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--redis-url", "redis://127.0.0.1:1/0",
+         "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in done.stderr
+    assert time.monotonic() - started < 30

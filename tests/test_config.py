@@ -112,3 +112,12 @@ def test_an_empty_key_is_refused(role: str) -> None:
     with pytest.raises(ConfigError) as caught:
         from_mapping({"auth": {role: ["a-real-key", " "]}}, env={})
     assert caught.value.field == f"auth.{role}"
+
+
+def test_a_templates_dir_that_does_not_load_stops_the_start(tmp_path: Path) -> None:
+    # It passed the config and failed first in the dispatchers, after Ray and the
+    # shards had started: an ActorDiedError traceback ten seconds later.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[delivery]\ntemplates_dir = "{tmp_path / "nowhere"}"\n')
+    with pytest.raises(ConfigError, match=r"templates\.toml"):
+        load(config, env={})

@@ -97,6 +97,8 @@ class TemplateSet:
             ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{manifest}: {exc}", field="templates_dir") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not UTF-8
+            raise ConfigError(f"cannot read {manifest}: {exc}", field="templates_dir") from None
         self.defaults = _defaults(data.get("defaults", {}), f"{manifest} [defaults]")
         self.specs: dict[str, _Spec] = {}
         for name, table in (data.get("template") or {}).items():
