@@ -298,11 +298,6 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
     else:
         sources = rule_sources(path)
     RuleSet.from_sources(sources)  # refuse to start on a rule that does not compile
-    if config.delivery.templates_dir:
-        from engine.delivery.templates import TemplateSet
-
-        # Here, not first in the dispatchers once Ray and the shards have started.
-        TemplateSet(config.delivery.templates_dir)
     return replace(config, rules=tuple(sources))
 
 

@@ -152,6 +152,11 @@ def serve(config: Config) -> None:
     from engine.api import create_app
 
     warn_dev_keys(config)
+    if config.delivery.templates_dir:
+        from engine.delivery.templates import TemplateSet
+
+        # Here, not first in the dispatchers once Ray and the shards have started.
+        TemplateSet(config.delivery.templates_dir)
     started = time.monotonic()
     embedded = None
     redis_url = config.engine.redis_url

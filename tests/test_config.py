@@ -116,8 +116,18 @@ def test_an_empty_key_is_refused(role: str) -> None:
 
 def test_a_templates_dir_that_does_not_load_stops_the_start(tmp_path: Path) -> None:
     # It passed the config and failed first in the dispatchers, after Ray and the
-    # shards had started: an ActorDiedError traceback ten seconds later.
+    # shards had started: an ActorDiedError traceback ten seconds later. Only serve
+    # checks it: the commands that call a running engine need no templates here.
+    import subprocess
+    import sys
+
     config = tmp_path / "config.toml"
     config.write_text(f'[delivery]\ntemplates_dir = "{tmp_path / "nowhere"}"\n')
-    with pytest.raises(ConfigError, match=r"templates\.toml"):
-        load(config, env={})
+    assert load(config, env={}).delivery.templates_dir.endswith("nowhere")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--config", str(config),
+         "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "templates.toml" in done.stderr and not (tmp_path / "data").exists()
