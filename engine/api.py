@@ -345,7 +345,7 @@ def create_app(
         signer,
         lambda events: store().append(events),
         clock=clock,
-        consent_note=lambda customer: store().consent_note(customer),
+        resubscribes=lambda customer: store().resubscribes(customer),
     )
     routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     routes += recs_routes(keys, lambda: state["recs"], shards)

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from engine.errors import StoreError
 from engine.partition import Changes, erased_key
-from engine.profile import consent_change
+from engine.profile import RESUBSCRIBES, consent_change
 from engine.routing import shard_for, shard_tag, stream_key
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ def consent_key(index: int, customer: str) -> str:
     """Where the latest consent change of `customer` (of shard `index`) is noted."""
     # By digest, as erasures are kept: the note outlives an erasure by up to an hour.
     return _key(index, f"consent:{erased_key(customer)}")
+
+
+def resubscribes_key(index: int, customer: str) -> str:
+    """How many times `customer` opted back in within the last hour (consent_key's TTL)."""
+    return _key(index, f"resub:{erased_key(customer)}")
 
 
 # Covers a send decided before the change and delivered after it: the profile copy
@@ -183,22 +188,27 @@ class Store:
                 for index in order:
                     pipe.xadd(stream_key(index), {"e": orjson.dumps(groups[index])})
                 for customer, change in (marks or {}).items():
-                    key = consent_key(shard_for(customer, self.shards), customer)
-                    pipe.set(key, change, ex=CONSENT_MARK_TTL_S)
+                    index = shard_for(customer, self.shards)
+                    pipe.set(consent_key(index, customer), change, ex=CONSENT_MARK_TTL_S)
+                    if change == RESUBSCRIBES:
+                        # An unsubscribe after it must count even within the same
+                        # minute (engine.tracking): it is told apart by this count.
+                        pipe.incr(resubscribes_key(index, customer))
+                        pipe.expire(resubscribes_key(index, customer), CONSENT_MARK_TTL_S)
                 replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"could not store events: {exc}") from exc
         ids = replies[: len(order)]  # the marks' replies follow
         return {index: sid.decode() for index, sid in zip(order, ids, strict=True)}
 
-    async def consent_note(self, customer: str) -> str | None:
-        """The consent change last noted for `customer` within the hour (see append_groups)."""
-        key = consent_key(shard_for(customer, self.shards), customer)
+    async def resubscribes(self, customer: str) -> int:
+        """How many times `customer` opted back in within the last hour (see append_groups)."""
+        key = resubscribes_key(shard_for(customer, self.shards), customer)
         try:
-            note = await self.redis.get(key)
+            count = await self.redis.get(key)
         except (RedisError, OSError) as exc:
             raise StoreError(f"could not read a consent note: {exc}") from exc
-        return note.decode() if note is not None else None
+        return int(count) if count is not None else 0
 
     async def tail(self, index: int) -> str:
         """The newest id in shard `index`'s stream, or 0-0 when it is empty."""

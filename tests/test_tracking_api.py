@@ -331,6 +331,19 @@ def test_unsubscribing_again_within_the_minute_of_a_resubscribe_counts(tracked) 
     assert seen["counts"]["Unsubscribed"] == 2
 
 
+def test_an_unsubscribe_posted_again_after_a_signup_opt_in_counts_once(tracked) -> None:
+    # Any opt-in (a signup too) gave the next unsubscribe an id of its own, and its
+    # repeats in the same minute, no longer after an opt-in, another: counted twice.
+    client, _, signer = tracked
+    optin = {"userId": "jo", "traits": {"email_opt_in": True}, "timestamp": at(0)}
+    assert client.post("/v1/identify", auth=WRITE, json=optin).status_code == 200
+    url = path_of(signer.unsubscribe_url("s16", "jo"))
+    for _ in range(3):
+        reply = client.post(url, content=b"List-Unsubscribe=One-Click", headers=FORM)
+        assert reply.status_code == 200
+    assert profile(client, "jo")["counts"]["Unsubscribed"] == 1
+
+
 def test_a_hammered_unsubscribe_link_counts_once_a_minute(tracked) -> None:
     # A random id per POST let a link hammered (a provider's retries) add events
     # without end, pushing the customer's dedupe memory out: an SDK retry of an

@@ -8,9 +8,9 @@ durable path as any ingest, so rules can react to it and a crash loses nothing.
 messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
 proxies fetch the pixel several times) and one click per send, link and
-minute, and one unsubscribe per send and minute, except that one made after a
-resubscribe (the consent note in Redis says so) always counts. Clients may not
-send messageIds of the engine's own prefix.
+minute, and one unsubscribe per send and minute, and again after each opt-in
+(counted in Redis for an hour), even within that minute. Clients may not send
+messageIds of the engine's own prefix.
 
 With Redis down, an open or a click is logged and lost rather than breaking the
 image or the link; an unsubscribe is answered 503, never a false "done".
@@ -36,7 +36,6 @@ from engine import events as ev
 from engine.bodies import read_limited
 from engine.errors import StoreError, ValidationError
 from engine.metrics import process as metered
-from engine.profile import RESUBSCRIBES
 from engine.tracking.tokens import CLICK, OPEN, UNSUBSCRIBE, BadToken, Token, TokenSigner
 
 log = logging.getLogger(__name__)
@@ -124,10 +123,10 @@ def tracking_routes(
     append: Callable[[list[dict]], Any],
     *,
     clock: Callable[[], float] = time.time,
-    consent_note: Callable[[str], Awaitable[str | None]] | None = None,
+    resubscribes: Callable[[str], Awaitable[int]] | None = None,
 ) -> list[Route]:
     """The /t/o, /t/c and /u routes; `append(events)` is the durable ingest path and
-    `consent_note(customer)` the latest consent change noted (Store.consent_note)."""
+    `resubscribes(customer)` how often the customer opted back in lately (Store)."""
 
     async def record_or_lose(event: dict) -> bool:
         # An open or a click is worth less than the image or the link it rides on:
@@ -199,11 +198,11 @@ def tracking_routes(
         # and push out its dedupe memory. (Clients cannot send nudge- ids first.)
         message_id = f"nudge-unsub:{token.send_id}:{int(now // 60)}"
         try:
-            # Consent came back since the last unsubscribe (maybe this minute): this
-            # one must count, not pass for that one's duplicate. Once it is stored the
-            # note says "unsubscribed", and a hammered link is one a minute again.
-            if consent_note is not None and await consent_note(token.customer) == RESUBSCRIBES:
-                message_id = f"nudge-unsub:{token.send_id}:{int(now * 1000)}ms"
+            # An opt-in since the last unsubscribe (maybe this minute) makes this one
+            # count, not pass for that one's duplicate; its repeats share its id.
+            opted_in = await resubscribes(token.customer) if resubscribes is not None else 0
+            if opted_in:
+                message_id += f":r{opted_in}"
             event = tracking_event(token, "Unsubscribed", message_id, now)
             await append([event])
         except StoreError as exc:
