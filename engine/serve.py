@@ -6,10 +6,9 @@ import dataclasses
 import logging
 import os
 import pickle
-import shutil
 import signal
-import tempfile
 import time
+from pathlib import Path
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -18,6 +17,7 @@ from engine.config import Config, load, warn_dev_keys
 from engine.errors import ConfigError, Unavailable
 from engine.metrics.multiproc import prepare_multiproc_dir, remove_multiproc_dir
 from engine.redis_server import EmbeddedRedis
+from engine.store import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,21 @@ def _shards_factory(config: Config):
 WORKER_CONFIG_ENV = "NUDGE_WORKER_CONFIG"
 
 
-def _hand_to_workers(config: Config) -> str:
-    """Write `config` where the workers read it (owner-only: it holds the keys); its dir."""
-    where = tempfile.mkdtemp(prefix="nudge-workers-")
-    path = os.path.join(where, "config.pickle")
+def _hand_to_workers(config: Config) -> Path:
+    """Write `config` where the workers read it; the file (owner-only: it holds the keys).
+
+    In the data dir, not a temporary one a cleaner may empty while the engine runs
+    (a worker uvicorn restarts reads it again); one a kill -9 left is replaced.
+    """
+    run = Path(config.engine.data_dir).resolve() / "run"
+    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run.chmod(0o700)
+    path = run / "worker-config.pickle"
+    path.unlink(missing_ok=True)
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
         pickle.dump(config, out)
-    os.environ[WORKER_CONFIG_ENV] = path
-    return where
+    os.environ[WORKER_CONFIG_ENV] = str(path)
+    return path
 
 
 def worker_config() -> Config:
@@ -65,13 +72,17 @@ def _check_redis(url: str) -> None:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     except ValueError as exc:
-        raise ConfigError(f"engine.redis_url {url!r}: {exc}", field="engine.redis_url") from None
+        raise ConfigError(
+            f"engine.redis_url {shown_url(url)!r}: {exc}", field="engine.redis_url"
+        ) from None
     try:
         client.ping()
     except redis.exceptions.BusyLoadingError:
         pass  # there, loading its data: the shards wait for it
     except (redis.RedisError, OSError) as exc:
-        raise Unavailable(f"cannot reach Redis at {url}: {exc}", code="redis_unreachable") from None
+        raise Unavailable(
+            f"cannot reach Redis at {shown_url(url)}: {exc}", code="redis_unreachable"
+        ) from None
     finally:
         client.close()
 
@@ -200,7 +211,7 @@ def serve(config: Config) -> None:
         }
         listening = (
             f"nudge: listening on http://{config.server.host}:{config.server.port} "
-            f"({config.engine.shards} shards, Redis {redis_url})"
+            f"({config.engine.shards} shards, Redis {shown_url(redis_url)})"
         )
         # uvicorn re-raises the signal it caught once it has drained; with this
         # handler (set after ray.init, which installs its own) that becomes an
@@ -238,7 +249,7 @@ def serve(config: Config) -> None:
         if metrics_dir is not None:
             remove_multiproc_dir(metrics_dir)
         if handoff is not None:
-            shutil.rmtree(handoff, ignore_errors=True)
+            handoff.unlink(missing_ok=True)
         print(f"nudge: stopped cleanly in {time.monotonic() - stopping:.1f} s", flush=True)
     if failed:
         raise Unavailable(

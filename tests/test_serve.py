@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -176,7 +175,6 @@ def test_workers_serve_the_config_and_flags_the_engine_was_started_with(tmp_path
         '[auth]\nwrite_keys = ["own-write"]\ncontent_keys = ["own-content"]\n'
         'admin_keys = ["own-admin"]\n'
     )
-    handoffs = set(Path(tempfile.gettempdir()).glob("nudge-workers-*"))
     engine = Engine(tmp_path / "data", "--config", str(own), "--workers", "2", "--shards", "2")
     engine.start()
     try:
@@ -192,7 +190,7 @@ def test_workers_serve_the_config_and_flags_the_engine_was_started_with(tmp_path
         code = engine.proc.wait(30)
     assert code == 0 and "stopped cleanly" in engine.output()
     # the file with the keys is gone with the engine
-    assert set(Path(tempfile.gettempdir()).glob("nudge-workers-*")) == handoffs
+    assert list((tmp_path / "data" / "run").iterdir()) == []
 
 
 def test_the_config_handed_to_workers_is_readable_by_its_owner_only(
@@ -205,14 +203,17 @@ def test_the_config_handed_to_workers_is_readable_by_its_owner_only(
 
     monkeypatch.delenv(WORKER_CONFIG_ENV, raising=False)
     config = load(None, env={})
-    config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=3))
-    where = _hand_to_workers(config)
+    config = dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, workers=3),
+        engine=dataclasses.replace(config.engine, data_dir=str(tmp_path / "data")),
+    )
+    path = _hand_to_workers(config)
     try:
-        path = Path(os.environ[WORKER_CONFIG_ENV])
-        assert path.parent == Path(where) and path.stat().st_mode & 0o777 == 0o600
+        assert os.environ[WORKER_CONFIG_ENV] == str(path)
+        assert path.parent == (tmp_path / "data" / "run").resolve()
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
         assert worker_config() == config
+        assert _hand_to_workers(config) == path  # one left by a kill -9 is replaced
     finally:
         monkeypatch.delenv(WORKER_CONFIG_ENV)
-        import shutil
-
-        shutil.rmtree(where)
