@@ -441,6 +441,9 @@ class DispatcherActor:
                     )
                     if found is not None and found["state"] in lg.FINAL:
                         await self._ledger.ack(index, entry_id)
+                        # This dispatcher did send it: its own figures say so.
+                        self.stats[lg.SENT] += 1
+                        self.meters.sent(send, lg.SENT, time.time())
                         return
                 await self._finish(index, entry_id, send, lg.SENT, attempts, detail)
                 return

@@ -26,6 +26,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -107,6 +108,20 @@ def consent_marks(targets: Iterable[tuple[str, dict]]) -> dict[str, str]:
 def outbox_key(index: int) -> str:
     """The stream of sends decided by shard `index`."""
     return _key(index, "outbox")
+
+
+def shown_url(url: str) -> str:
+    """`url` fit to print or log: a password in it is replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect(url: str, *, socket_timeout: float | None = 10) -> aioredis.Redis:

@@ -122,9 +122,19 @@ def test_commands_say_what_went_wrong_when_the_engine_is_not_there(tmp_path) -> 
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:  # JSON, but not Nudge's answer
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def log_message(self, *args: object) -> None:
             pass
 
+    products = tmp_path / "products.csv"
+    products.write_text("id,name,price\nsku-1,Socks,9.5\n")
     server = http.server.HTTPServer(("127.0.0.1", 0), NotNudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}"
@@ -134,6 +144,7 @@ def test_commands_say_what_went_wrong_when_the_engine_is_not_there(tmp_path) -> 
             "dlq": ["dlq", "--url", url, "list"],
             "dlq redis": ["dlq", "--redis-url", "redis://127.0.0.1:1/0", "list"],
             "dlq no url": ["dlq", "--redis-url", "127.0.0.1:6379", "list"],
+            "catalog": ["catalog", "import", str(products), "--url", url],
         }
         for name, argv in runs.items():
             done = subprocess.run(

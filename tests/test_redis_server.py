@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,17 @@ def test_a_data_set_that_loads_longer_than_the_timeout_is_waited_for(tmp_path: P
     data.mkdir()
     value = b"x" * 100
     with open(data / "appendonly.aof", "wb") as aof:
-        for i in range(300_000):
+        for i in range(900_000):  # about 1.5 s to load here, against a 0.5 s timeout
             key = b"key:%d" % i
             aof.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$100\r\n%s\r\n" % (len(key), key, value))
     server = EmbeddedRedis(data)
-    server.start(timeout=0.1)
+    started = time.monotonic()
+    server.start(timeout=0.5)
+    loaded_s = time.monotonic() - started
     try:
         client = redis.Redis.from_url(server.url)
-        assert client.dbsize() == 300_000
+        assert client.dbsize() == 900_000
+        assert loaded_s > 0.5  # the test waited past its timeout (else it proves nothing)
         client.close()
     finally:
         server.stop()
@@ -77,3 +81,18 @@ def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as caught:
         EmbeddedRedis(tmp_path / "a-file" / "redis").start()
     assert caught.value.field == "engine.data_dir" and "a-file" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("rediss://app:pw@[::1]:6380/1", "rediss://app:***@[::1]:6380/1"),
+        ("redis://cache:6379/0", "redis://cache:6379/0"),
+        ("unix:///data/redis.sock", "unix:///data/redis.sock"),
+    ],
+)
+def test_a_redis_url_is_printed_without_its_password(url: str, shown: str) -> None:
+    from engine.store import shown_url
+
+    assert shown_url(url) == shown

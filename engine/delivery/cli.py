@@ -21,6 +21,7 @@ from engine.content.blocks import Links
 from engine.delivery.compose import Composer
 from engine.delivery.templates import TemplateSet
 from engine.errors import EngineError
+from engine.store import shown_url
 from engine.tracking import TokenSigner
 
 
@@ -139,7 +140,7 @@ def dlq_main(argv: list[str]) -> int:
     except EngineError as exc:
         return _fail("dlq", exc.message)
     except (RedisError, OSError, ValueError) as exc:  # --redis-url: unreachable, or no URL
-        return _fail("dlq", f"cannot use Redis at {args.redis_url}: {exc}")
+        return _fail("dlq", f"cannot use Redis at {shown_url(args.redis_url)}: {exc}")
     _print_dlq(args, result)
     return 0
 

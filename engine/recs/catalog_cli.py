@@ -17,8 +17,15 @@ from engine.recs.catalog import read_products
 _CHUNK = 1000
 
 
-def _post(url: str, key: str, products: list[dict]) -> dict:
-    return call_engine(url, key, "POST", "/v1/catalog/products", {"products": products}, timeout=60)
+def _post(url: str, key: str, products: list[dict]) -> int:
+    """How many of `products` the engine upserted."""
+    reply = call_engine(
+        url, key, "POST", "/v1/catalog/products", {"products": products}, timeout=60
+    )
+    upserted = reply.get("upserted") if isinstance(reply, dict) else None
+    if not isinstance(upserted, int):
+        raise EngineError(f"{url} answered without the products upserted: is it Nudge?")
+    return upserted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     sent = 0
     try:
         for start in range(0, len(good), _CHUNK):
-            reply = _post(url, key, good[start : start + _CHUNK])
-            sent += reply["upserted"]
+            sent += _post(url, key, good[start : start + _CHUNK])
     except EngineError as exc:
         print(f"nudge catalog: {exc.message}", file=sys.stderr)
         return 2

@@ -110,6 +110,7 @@ async def test_a_record_whose_reply_was_lost_is_not_counted_twice(
             await dispatcher.stop()
     assert calls == 1 and inbox.send_ids == ["send-ann"]
     assert [row["sent"] for row in counts] == [1]
+    assert dispatcher.stats["sent"] == 1  # and its own figures count it too
 
 
 async def test_a_restarted_dispatcher_keeps_its_slow_pending_sends_from_being_claimed(
