@@ -345,7 +345,7 @@ def create_app(
         signer,
         lambda events: store().append(events),
         clock=clock,
-        resubscribes=lambda customer: store().resubscribes(customer),
+        latest_optin=lambda customer: store().latest_optin(customer),
     )
     routes += delivery_routes(auth=config.auth, ledger=lambda: state["ledger"])
     routes += recs_routes(keys, lambda: state["recs"], shards)

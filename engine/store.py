@@ -23,10 +23,10 @@ Per shard N, all under the hash tag {sN} so a Redis Cluster keeps them together:
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -84,24 +84,26 @@ def consent_key(index: int, customer: str) -> str:
     return _key(index, f"consent:{erased_key(customer)}")
 
 
-def resubscribes_key(index: int, customer: str) -> str:
-    """How many times `customer` opted back in within the last hour (consent_key's TTL)."""
-    return _key(index, f"resub:{erased_key(customer)}")
+def optin_key(index: int, customer: str) -> str:
+    """Which opt-in of `customer` was the last within the hour (consent_key's TTL)."""
+    return _key(index, f"optin:{erased_key(customer)}")
 
 
 # Covers a send decided before the change and delivered after it: the profile copy
 # a send carries (a fraction of a second), a shard behind its stream, a replay
 # after a crash. Past it the shard has applied the change and the live read sees it.
 CONSENT_MARK_TTL_S = 3600
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#]*")
 
 
-def consent_marks(targets: Iterable[tuple[str, dict]]) -> dict[str, str]:
-    """Each customer's consent change (the last one wins) from (customer, event) pairs."""
-    marks: dict[str, str] = {}
+def consent_marks(targets: Iterable[tuple[str, dict]]) -> dict[str, tuple[str, str]]:
+    """Each customer's consent change and its event's messageId (the last one wins),
+    from (customer, event) pairs."""
+    marks: dict[str, tuple[str, str]] = {}
     for customer, event in targets:
         change = consent_change(event)
         if change is not None:
-            marks[customer] = change
+            marks[customer] = (change, event["messageId"])
     return marks
 
 
@@ -111,17 +113,21 @@ def outbox_key(index: int) -> str:
 
 
 def shown_url(url: str) -> str:
-    """`url` fit to print or log: a password in it is replaced by ***."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """`url` fit to print or log: a password in it, or in ?password=, becomes ***.
+
+    By hand, not urlsplit: the URLs worth masking are often the ones it refuses
+    (no scheme, an unencoded / or # in the password, a broken IPv6 address).
+    """
+    shown = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, sep, rest = shown.partition("://")
+    if not sep:
+        scheme, rest = "", shown
+    if "@" not in rest:
+        return shown
+    userinfo, host = rest.rsplit("@", 1)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{userinfo}@{host}"
 
 
 def connect(url: str, *, socket_timeout: float | None = 10) -> aioredis.Redis:
@@ -194,7 +200,7 @@ class Store:
         return await self.append_groups(groups, marks)
 
     async def append_groups(
-        self, groups: dict[int, list[dict]], marks: dict[str, str] | None = None
+        self, groups: dict[int, list[dict]], marks: dict[str, tuple[str, str]] | None = None
     ) -> dict[int, str]:
         """XADD each shard's events as one entry and note consent `marks`, all or nothing."""
         order = list(groups)
@@ -202,28 +208,29 @@ class Store:
             async with self.redis.pipeline(transaction=len(groups) > 1 or bool(marks)) as pipe:
                 for index in order:
                     pipe.xadd(stream_key(index), {"e": orjson.dumps(groups[index])})
-                for customer, change in (marks or {}).items():
+                for customer, (change, message_id) in (marks or {}).items():
                     index = shard_for(customer, self.shards)
                     pipe.set(consent_key(index, customer), change, ex=CONSENT_MARK_TTL_S)
                     if change == RESUBSCRIBES:
                         # An unsubscribe after it must count even within the same
-                        # minute (engine.tracking): it is told apart by this count.
-                        pipe.incr(resubscribes_key(index, customer))
-                        pipe.expire(resubscribes_key(index, customer), CONSENT_MARK_TTL_S)
+                        # minute (engine.tracking), told apart by this opt-in's id: the
+                        # same again for a retried or re-forwarded copy of the event.
+                        key = optin_key(index, customer)
+                        pipe.set(key, message_id, ex=CONSENT_MARK_TTL_S)
                 replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreError(f"could not store events: {exc}") from exc
         ids = replies[: len(order)]  # the marks' replies follow
         return {index: sid.decode() for index, sid in zip(order, ids, strict=True)}
 
-    async def resubscribes(self, customer: str) -> int:
-        """How many times `customer` opted back in within the last hour (see append_groups)."""
-        key = resubscribes_key(shard_for(customer, self.shards), customer)
+    async def latest_optin(self, customer: str) -> str | None:
+        """The messageId of `customer`'s last opt-in within the hour (see append_groups)."""
+        key = optin_key(shard_for(customer, self.shards), customer)
         try:
-            count = await self.redis.get(key)
+            found = await self.redis.get(key)
         except (RedisError, OSError) as exc:
             raise StoreError(f"could not read a consent note: {exc}") from exc
-        return int(count) if count is not None else 0
+        return found.decode() if found is not None else None
 
     async def tail(self, index: int) -> str:
         """The newest id in shard `index`'s stream, or 0-0 when it is empty."""

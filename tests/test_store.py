@@ -7,7 +7,14 @@ import redis
 from engine import store as store_module
 from engine.partition import Changes
 from engine.routing import shard_for, stream_key
-from engine.store import CONSENT_MARK_TTL_S, Store, connect, consent_key, parse_id
+from engine.store import (
+    CONSENT_MARK_TTL_S,
+    Store,
+    connect,
+    consent_key,
+    consent_marks,
+    parse_id,
+)
 from tests.factories import normalized, track
 from tests.faults import transactions_fail
 
@@ -53,6 +60,23 @@ async def test_consent_changes_are_noted_with_the_events(
     assert not [k for k in notes if b"cy" in k or b"di" in k]  # ids by digest, as erasures
     await store.append([back])
     assert sync_redis.get(consent_key(shard_for("di", 4), "di")) == b"resubscribed"
+
+
+async def test_the_last_opt_in_is_noted_by_its_id_the_same_for_every_copy(store: Store) -> None:
+    # An unsubscribe after an opt-in is told apart by it (engine.tracking). A count
+    # of opt-ins went up again for an SDK's retry or a forward delivered twice, and
+    # a repeated unsubscribe click then counted twice.
+    ident = {"type": "identify", "userId": "ed", "traits": {"email_opt_in": True}}
+    first = normalized({**ident, "messageId": "optin-1"})
+    assert await store.latest_optin("ed") is None
+    await store.append([first])
+    await store.append([dict(first)])  # the SDK's retry
+    # and forwarded on to its owner twice, as deliver_forwards writes it
+    for _ in range(2):
+        await store.append_groups({0: [first]}, consent_marks([("ed", first)]))
+    assert await store.latest_optin("ed") == "optin-1"
+    await store.append([normalized({**ident, "messageId": "optin-2"})])
+    assert await store.latest_optin("ed") == "optin-2"
 
 
 async def test_checkpoint_round_trip_and_trim(store: Store, sync_redis: redis.Redis) -> None:

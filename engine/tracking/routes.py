@@ -9,7 +9,7 @@ messageIds are deterministic, so the engine's per-customer dedupe keeps
 repeats in check: one open per send per minute (mail clients and privacy
 proxies fetch the pixel several times) and one click per send, link and
 minute, and one unsubscribe per send and minute, and again after each opt-in
-(counted in Redis for an hour), even within that minute. Clients may not send
+(the last one's id is noted in Redis for an hour), even within that minute. Clients may not send
 messageIds of the engine's own prefix.
 
 With Redis down, an open or a click is logged and lost rather than breaking the
@@ -123,10 +123,10 @@ def tracking_routes(
     append: Callable[[list[dict]], Any],
     *,
     clock: Callable[[], float] = time.time,
-    resubscribes: Callable[[str], Awaitable[int]] | None = None,
+    latest_optin: Callable[[str], Awaitable[str | None]] | None = None,
 ) -> list[Route]:
     """The /t/o, /t/c and /u routes; `append(events)` is the durable ingest path and
-    `resubscribes(customer)` how often the customer opted back in lately (Store)."""
+    `latest_optin(customer)` the id of the customer's last opt-in lately (Store)."""
 
     async def record_or_lose(event: dict) -> bool:
         # An open or a click is worth less than the image or the link it rides on:
@@ -200,9 +200,9 @@ def tracking_routes(
         try:
             # An opt-in since the last unsubscribe (maybe this minute) makes this one
             # count, not pass for that one's duplicate; its repeats share its id.
-            opted_in = await resubscribes(token.customer) if resubscribes is not None else 0
-            if opted_in:
-                message_id += f":r{opted_in}"
+            optin = await latest_optin(token.customer) if latest_optin is not None else None
+            if optin is not None:
+                message_id += ":" + hashlib.blake2b(optin.encode(), digest_size=6).hexdigest()
             event = tracking_event(token, "Unsubscribed", message_id, now)
             await append([event])
         except StoreError as exc:
