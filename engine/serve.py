@@ -42,17 +42,32 @@ def _hand_to_workers(config: Config) -> Path:
     """Write `config` where the workers read it; the file (owner-only: it holds the keys).
 
     In the data dir, not a temporary one a cleaner may empty while the engine runs
-    (a worker uvicorn restarts reads it again); one a kill -9 left is replaced.
+    (a worker uvicorn restarts reads it again), named by this process, as engines
+    on an external Redis may share a data dir; those a kill -9 left are removed.
     """
     run = Path(config.engine.data_dir).resolve() / "run"
     run.mkdir(mode=0o700, parents=True, exist_ok=True)
     run.chmod(0o700)
-    path = run / "worker-config.pickle"
+    for old in run.glob("worker-config-*.pickle"):
+        pid = old.stem.rpartition("-")[2]
+        if not pid.isdigit() or not _running(int(pid)):
+            old.unlink(missing_ok=True)
+    path = run / f"worker-config-{os.getpid()}.pickle"
     path.unlink(missing_ok=True)
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
         pickle.dump(config, out)
     os.environ[WORKER_CONFIG_ENV] = str(path)
     return path
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def worker_config() -> Config:

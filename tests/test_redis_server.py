@@ -90,6 +90,13 @@ def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> Non
         ("rediss://app:pw@[::1]:6380/1", "rediss://app:***@[::1]:6380/1"),
         ("redis://cache:6379/0", "redis://cache:6379/0"),
         ("unix:///data/redis.sock", "unix:///data/redis.sock"),
+        # the ones a URL parser refuses are the ones printed in errors
+        ("user:s3cret@cache:6379", "user:***@cache:6379"),
+        ("redis://:s3cret@[::1", "redis://:***@[::1"),
+        ("redis://:pa/ss@cache/0", "redis://:***@cache/0"),
+        ("redis://:pa#ss@cache/0", "redis://:***@cache/0"),
+        ("redis://cache/0?password=s3cret&db=1", "redis://cache/0?password=***&db=1"),
+        ("redis://app@cache:6379/0", "redis://app@cache:6379/0"),
     ],
 )
 def test_a_redis_url_is_printed_without_its_password(url: str, shown: str) -> None:

@@ -214,6 +214,10 @@ def test_the_config_handed_to_workers_is_readable_by_its_owner_only(
         assert path.parent == (tmp_path / "data" / "run").resolve()
         assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
         assert worker_config() == config
-        assert _hand_to_workers(config) == path  # one left by a kill -9 is replaced
+        assert path.name == f"worker-config-{os.getpid()}.pickle"  # engines may share a dir
+        dead = path.with_name("worker-config-999999999.pickle")  # a kill -9 left it
+        dead.write_bytes(b"stale")
+        assert _hand_to_workers(config) == path and not dead.exists()
+        assert worker_config() == config
     finally:
         monkeypatch.delenv(WORKER_CONFIG_ENV)
