@@ -36,10 +36,25 @@
   };
   var ANON = "nudge_aid";
   var USER = "nudge_uid";
-  var BEACON_BYTES = 60000; // browsers refuse beacons over 64 KB in flight
+  var BEACON_BYTES = 60000; // browsers refuse beacons over 64 KB in flight, all together
+  // Buffered bytes that send a batch at once: what is left for the beacon when the
+  // page is left must fit the 64 KB the browser allows (the rest would be lost).
+  var FLUSH_BYTES = 32000;
   var buffer = [];
+  var buffered = 0;
+  var retrying = []; // batches waiting to be sent again: {batch, timer}
+  // keepalive requests may outlive the page, but only 64 KB of them in flight at
+  // once; past that a batch goes as a plain request, which dies with the page, so
+  // it is kept here until answered, and sent again if the page is left first.
+  var kept = 0;
+  var sending = [];
   var timer = null;
   var memory = {};
+
+  function byteLength(text) {
+    // The browsers' limits count UTF-8 bytes; a string's length counts UTF-16 units.
+    return w.TextEncoder ? new w.TextEncoder().encode(text).length : new Blob([text]).size;
+  }
 
   function uuid() {
     if (w.crypto && w.crypto.randomUUID) return w.crypto.randomUUID();
@@ -119,7 +134,8 @@
     if (user && !message.userId) message.userId = user;
     message.context = context();
     buffer.push(message);
-    if (buffer.length >= config.flushAt) flush(false);
+    buffered += byteLength(JSON.stringify(message)) + 1;
+    if (buffer.length >= config.flushAt || buffered >= FLUSH_BYTES) flush(false);
     else if (!timer) timer = setTimeout(function () { flush(false); }, config.flushInterval);
   }
 
@@ -128,7 +144,7 @@
     var batch = [];
     var size = 200;
     while (buffer.length) {
-      var bytes = JSON.stringify(buffer[0]).length + 1;
+      var bytes = byteLength(JSON.stringify(buffer[0])) + 1;
       if (batch.length && size + bytes > BEACON_BYTES) break;
       batch.push(buffer.shift());
       size += bytes;
@@ -139,15 +155,33 @@
   function post(batch, attempt) {
     var body = JSON.stringify({ batch: batch, sentAt: new Date().toISOString(),
       writeKey: config.writeKey });
+    var size = byteLength(body);
+    var keepalive = kept + size < BEACON_BYTES;
+    var entry = { batch: batch };
+    if (keepalive) kept += size;
+    else sending.push(entry);
+    function settled() {
+      if (keepalive) kept -= size;
+      else if (sending.indexOf(entry) >= 0) sending.splice(sending.indexOf(entry), 1);
+    }
     w.fetch(config.host + "/v1/batch", {
-      method: "POST", body: body, keepalive: body.length < BEACON_BYTES, credentials: "omit",
-      headers: { "Content-Type": "text/plain" }
+      method: "POST", body: body, keepalive: keepalive,
+      credentials: "omit", headers: { "Content-Type": "text/plain" }
     }).then(function (response) {
+      settled();
       if (response.status === 429 || response.status >= 500) throw new Error(response.status);
+    }, function (error) {
+      settled();
+      throw error;
     }).catch(function () {
       // Retried with backoff; messageIds make a retry of a delivered batch harmless.
       if (attempt >= 5) return;
-      setTimeout(function () { post(batch, attempt + 1); }, 1000 * Math.pow(2, attempt));
+      var entry = { batch: batch };
+      entry.timer = setTimeout(function () {
+        retrying.splice(retrying.indexOf(entry), 1);
+        post(batch, attempt + 1);
+      }, 1000 * Math.pow(2, attempt));
+      retrying.push(entry);
     });
   }
 
@@ -155,6 +189,18 @@
     clearTimeout(timer);
     timer = null;
     if (!config.writeKey || !config.host) return; // kept until init names them
+    if (leaving) {
+      // What waits for a retry, or is in flight in a request that dies with the
+      // page, leaves now, first (a copy that did arrive is dropped by messageId).
+      var pending = retrying.concat(sending);
+      for (var i = pending.length - 1; i >= 0; i--) {
+        clearTimeout(pending[i].timer);
+        buffer = pending[i].batch.concat(buffer);
+      }
+      retrying = [];
+      sending = [];
+    }
+    buffered = 0;
     while (buffer.length) {
       var batch = nextBatch();
       if (leaving && w.navigator.sendBeacon) {
