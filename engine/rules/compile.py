@@ -12,6 +12,7 @@ null or with mismatched types is false.
 from __future__ import annotations
 
 import difflib
+import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 
 from engine.rules.expr import ExprError, Node, parse
 from engine.rules.functions import FUNCTIONS, Arg, ArgError
+
+log = logging.getLogger(__name__)
 
 Fn = Callable[[Any], Any]
 
@@ -143,7 +146,30 @@ def compile_expr(text: str, scope: Scope) -> Expr:
     node = parse(text)
     refs = Refs()
     fn, const = _Compiler(scope, refs).compile(node)
-    return Expr(text, node, fn, refs, const is not _NOTHING, None if const is _NOTHING else const)
+    return Expr(
+        text, node, _null_on_error(fn, text), refs, const is not _NOTHING,
+        None if const is _NOTHING else const,
+    )  # fmt: skip
+
+
+# What odd client data can still raise deep in a function: it counts as null there,
+# never as a failed event (which stopped every rule of the customer, each later
+# event failing again on the same stored trigger properties).
+_DATA_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError)
+_reported: set[str] = set()
+
+
+def _null_on_error(fn: Fn, text: str) -> Fn:
+    def null_on_error(c: Any) -> Any:
+        try:
+            return fn(c)
+        except _DATA_ERRORS as exc:
+            if text not in _reported and len(_reported) < 1000:
+                _reported.add(text)
+                log.warning("rule expression %r counts as null on this data: %r", text, exc)
+            return None
+
+    return null_on_error
 
 
 def _constant(value: Any) -> Fn:
@@ -211,6 +237,9 @@ _COMPARE = {
 }
 
 
+_NUMBERS = frozenset({int, float})  # not bool (a subclass of int, by class here)
+
+
 def _arith(op: str) -> Callable[[Any, Any], Any]:
     fn = {
         "+": operator.add,
@@ -221,9 +250,10 @@ def _arith(op: str) -> Callable[[Any, Any], Any]:
     }[op]
 
     def arith(a: Any, b: Any) -> Any:
-        if a is None or b is None or isinstance(a, bool) or isinstance(b, bool):
-            return None
-        if op != "+" and (isinstance(a, str) or isinstance(b, str)):
+        # Numbers, or (for +) two strings: a client's list times a big number would
+        # allocate without end, and lists or objects add nothing a rule needs.
+        numbers = a.__class__ in _NUMBERS and b.__class__ in _NUMBERS
+        if not numbers and not (op == "+" and a.__class__ is str and b.__class__ is str):
             return None
         try:
             return fn(a, b)

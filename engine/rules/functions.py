@@ -149,6 +149,8 @@ def _build_count(
             if pid is None:
                 return 0
         cat = category_fn(c) if category_fn is not None else None
+        if cat is not None and cat.__class__ is not str:
+            return 0  # a category that is not text (a client's list) matches nothing
         if pid is not None:
             if cat is None:
                 return _indexed(c, wanted, index.PRODUCT, pid, lo, now)
@@ -395,7 +397,8 @@ def _build_product_ids(event: Arg) -> Fn:
         if not isinstance(value, dict):
             return []
         out = []
-        for line in value.get("products") or ():
+        lines = value.get("products")
+        for line in lines if isinstance(lines, list) else ():  # a client's 5 or true: none
             if isinstance(line, dict):
                 pid = _ident(line.get("product_id", line.get("sku")))
                 if pid is not None and pid not in out:
