@@ -104,7 +104,7 @@ class ShardActor:
         self._since_checkpoint = 0
         self._checkpointing: asyncio.Task | None = None
         self._stopping = False
-        self.meters = ShardMetrics(index)
+        self.meters = ShardMetrics(index, self.rules)
         # Only in a process of its own (a Ray worker): see engine.heap and _renice.
         self.heap = QuietHeap() if quiet_heap else None
         self.apply_slice_s = apply_slice_s

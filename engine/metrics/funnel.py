@@ -8,7 +8,9 @@ Holdout records (deliver = false) go through the same funnel: their conversions
 are the baseline an experiment's variants are compared with.
 
 Engagement events are attributed by `properties.send_id` (unique per send), else
-by `properties.rule` / `properties.variant` as sent by the tracking links.
+by `properties.rule` / `properties.variant` as sent by the tracking links, when
+they name a configured rule and one of its variants: a client with the public
+write key could otherwise make a counter series per made-up name.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ _OPENED_FLAG, _CLICKED_FLAG, _CONVERTED_FLAG = 1, 2, 4
 class Funnel:
     """Counts per (rule, variant); remembers the latest sends to attribute engagement."""
 
-    def __init__(self, metrics: ActorMetrics, *, max_sends: int = 100_000):
+    def __init__(
+        self,
+        metrics: ActorMetrics,
+        *,
+        max_sends: int = 100_000,
+        variants: dict[str, frozenset[str]] | None = None,
+    ):
         self.stages = metrics.counter(
             "nudge_funnel_total",
             "Per rule and variant: sends fired (holdouts too), queued for delivery, "
@@ -40,6 +48,8 @@ class Funnel:
             ("rule", "variant", "within"),
         )
         self.max_sends = max_sends
+        # rule -> its variant names (NO_VARIANT and holdout among them): who may be named
+        self.variants = variants or {}
         # send_id -> [rule, variant, at, flags]; customer -> their latest send_id
         self._sends: dict[str, list] = {}
         self._latest: dict[str, str] = {}
@@ -77,7 +87,9 @@ class Funnel:
                 self.stages.inc((entry[0], entry[1], "opened"))
             self.stages.inc((entry[0], entry[1], stage))
         elif props.get("rule"):
-            self.stages.inc((str(props["rule"]), str(props.get("variant") or NO_VARIANT), stage))
+            rule, variant = str(props["rule"]), str(props.get("variant") or NO_VARIANT)
+            if variant in self.variants.get(rule, ()):
+                self.stages.inc((rule, variant, stage))
 
     def _order(self, event: dict) -> None:
         sid = self._latest.get(event["customer"])

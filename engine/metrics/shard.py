@@ -6,8 +6,22 @@ events; checkpoints are counted once per checkpoint, sends once per outbox write
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.metrics.actor import ActorMetrics
-from engine.metrics.funnel import WATCHED, Funnel
+from engine.metrics.funnel import NO_VARIANT, WATCHED, Funnel
+
+
+def rule_variants(rules: Any) -> dict[str, frozenset[str]]:
+    """Each rule of a RuleSet (or None) with the variant names its sends can carry."""
+    from engine.rules.gates import HOLDOUT
+
+    out = {}
+    for rule in rules.rules if rules is not None else ():
+        names = {NO_VARIANT, HOLDOUT, *(name for name, _ in rule.variants)}
+        out[rule.name] = frozenset(names)
+    return out
+
 
 CHECKPOINT_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -17,12 +31,12 @@ class ShardMetrics:
 
     watched = WATCHED
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, rules: Any = None):
         self.index = index
         self.shard = (str(index),)
         self.registry = ActorMetrics()
         m = self.registry
-        self.funnel = Funnel(m)
+        self.funnel = Funnel(m, variants=rule_variants(rules))
         self.triggers = m.counter(
             "nudge_triggers_total",
             "Sends decided by trigger rules and written to the outbox (holdout records too)",

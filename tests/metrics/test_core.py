@@ -123,7 +123,7 @@ def test_funnel_counts_unique_engagement_per_send_and_conversions_per_window() -
 
 
 def test_funnel_edge_cases() -> None:
-    f = Funnel(ActorMetrics(), max_sends=2)
+    f = Funnel(ActorMetrics(), max_sends=2, variants={"vip": frozenset({"-"})})
     f.on_send(send("s1", "ann", 1000.0))
     f.on_event(track("ann", "Order Completed", 900.0))  # before the email was due
     f.on_event(track("ann", "Email Link Clicked", 1100.0, send_id="s1"))  # click implies open
@@ -136,6 +136,26 @@ def test_funnel_edge_cases() -> None:
     assert counts[("cart", "a", "opened")] == 1 and counts[("cart", "a", "clicked")] == 1
     assert counts[("vip", "-", "opened")] == 1
     assert dict(f.conversions.values) == {}
+
+
+def test_the_funnel_counts_only_configured_rules_and_variants_named_by_clients() -> None:
+    # The public write key could send Email Opened with any rule and variant, and
+    # each made-up pair became a counter series on every scrape (2,000 events: 2,000).
+    from engine.metrics.shard import rule_variants
+    from engine.rules import RuleSet
+
+    ruleset = RuleSet.from_toml(
+        '[[rule]]\nname = "vip"\non = "Signed Up"\nholdout = 10\n'
+        'variants = ["a", "b"]\n'
+        '[[rule.step]]\ntemplate = "t"\n'
+    )
+    f = Funnel(ActorMetrics(), variants=rule_variants(ruleset))
+    for n in range(50):
+        f.on_event(track("zed", "Email Opened", 1100.0, rule=f"made-up-{n}", variant="a"))
+        f.on_event(track("zed", "Email Opened", 1100.0, rule="vip", variant=f"v{n}"))
+    for variant in ("a", "b", "holdout"):
+        f.on_event(track("zed", "Email Opened", 1100.0, rule="vip", variant=variant))
+    assert set(stages(f)) == {("vip", v, "opened") for v in ("a", "b", "holdout")}
 
 
 def test_shard_metrics_count_sends_and_their_latency_at_checkpoint() -> None:
