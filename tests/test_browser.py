@@ -327,6 +327,8 @@ def test_allowed_origins_are_compared_as_browsers_spell_them() -> None:
     )
     with pytest.raises(ConfigError, match=r"allowed_origins\[0\]"):
         from_mapping({}, {"NUDGE_ALLOWED_ORIGINS": "a.example"})
+    # a name in Unicode is listed as browsers send it in Origin: its punycode
+    assert check_origins(("https://bücher.example",)) == ("https://xn--bcher-kva.example",)
 
 
 def test_a_shop_page_reads_the_answers_and_its_time_zone_reaches_the_profile(

@@ -40,7 +40,16 @@ def check_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
                 field=where,
             )
         scheme = parts.scheme.lower()
-        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        hostname = parts.hostname
+        if not hostname.isascii():
+            # Browsers send a name's punycode (https://xn--bcher-kva.example) in Origin.
+            try:
+                hostname = hostname.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ConfigError(
+                    f"{where}: {origin!r} has a host name no browser can send", field=where
+                ) from None
+        host = hostname if ":" not in hostname else f"[{hostname}]"
         if port is not None and port != _DEFAULT_PORTS[scheme]:
             host += f":{port}"
         out.append(f"{scheme}://{host}")
