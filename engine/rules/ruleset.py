@@ -153,11 +153,17 @@ class RuleSet:
                 changed |= self._enter(profile, rule, ctx, t, props)
         for prop, table in todo.dispatch:
             value = props.get(prop)
-            if value.__class__ is not str:
-                if value.__class__ is not int:
-                    continue
-                value = str(value)
-            for rule, cond in table.get(value, ()):
+            if value.__class__ is str:
+                candidates = table.get(value, ())
+            elif value.__class__ is int:
+                candidates = table.get(str(value), ())
+            elif value is None:
+                continue  # == "x" or in [...] never holds for a missing property
+            else:
+                # A float or other value the table is not keyed by: its full
+                # conditions decide (9.5 in ["9.5", "10"] holds, as explain says).
+                candidates = dict.fromkeys(e for entries in table.values() for e in entries)
+            for rule, cond in candidates:
                 if cond is None or cond(ctx):
                     changed |= self._enter(profile, rule, ctx, t, props)
         if entered or left:

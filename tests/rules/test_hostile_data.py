@@ -71,3 +71,22 @@ def test_a_bad_order_does_not_stop_the_starter_rules_for_the_customer() -> None:
     assert cross_sell[0].payload["bought"] == []
     run.at(T0 + 5 * DAY, "Product Added", product_id="p9", price=30)
     assert "cart_abandonment" in [s.rule for s in run.until(T0 + 7 * DAY)]
+
+
+def test_a_condition_that_holds_for_a_number_fires_as_explain_says() -> None:
+    # Rules of the form event.P in [...] are looked up by value, and a value neither
+    # text nor a whole number (9.5) was passed over: explain said the condition
+    # held, and the rule never fired.
+    ruleset = rules(
+        """
+[[rule]]
+name = "sizes"
+on = "Product Viewed"
+if = "event.size in ['9.5', '10']"
+[[rule.step]]
+template = "t"
+"""
+    )
+    run = Runner(ruleset, "size")
+    assert [s.rule for s in run.at(T0, "Product Viewed", size=9.5)] == ["sizes"]
+    assert run.at(T0 + DAY, "Product Viewed", size=11.5) == []
