@@ -15,6 +15,7 @@ A scenario is a small TOML (or JSONL) file::
     context = { timezone = "Europe/Paris" }
     repeat = 3                       # optional: the same event 3 times, `every` apart
     every = "1m"
+    timestamp = "+5m"                # optional: its own time, if earlier than `at` (late)
 
     [[expect]]                       # optional: the exact sends, in order
     at = "+15m"
@@ -197,10 +198,19 @@ def _build(data: dict, source: str) -> Scenario:
         else:
             at = previous
         repeat = raw.get("repeat", 1)
-        every = parse_duration(raw.get("every", "0s"))
+        try:
+            every = parse_duration(raw.get("every", "0s"))
+        except ValueError as exc:
+            raise ScenarioError(f"{what} every: {exc}") from None
+        stamped = None
+        if "timestamp" in raw:  # the event's own time: earlier than `at` is a late delivery
+            ts = parse_time(raw["timestamp"], start=start_ts, what=f"{what} timestamp")
+            stamped = datetime.fromtimestamp(ts, UTC).isoformat()
         for n in range(repeat if isinstance(repeat, int) and repeat > 0 else 1):
             when = at + n * every
             message = _message(raw, what, f"sim-{index + 1}" + (f".{n + 1}" if repeat != 1 else ""))
+            if stamped is not None:
+                message["timestamp"] = stamped
             events.append((when, message))
             previous = when
     events.sort(key=lambda item: item[0])  # stable: same-time events keep file order

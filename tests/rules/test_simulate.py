@@ -82,6 +82,9 @@ def test_jsonl_scenarios_and_formatting(starter) -> None:
         ("start = 1\n[[event]]\nuser = 'a'\nevent = 'X'\ncolour = 'red'\n", "unknown key 'colour'"),
         ("start = 1\n[[event]]\nevent = 'X'\n", "needs `user` or `anonymous`"),
         ("start = 1\n[[event]]\nuser = 'a'\nat = '+1 day'\nevent = 'X'\n", "not a duration"),
+        # a traceback (ValueError) before
+        ("start = 1\n[[event]]\nuser = 'a'\nevent = 'X'\nevery = '5 mins'\n", "event 1 every"),
+        ("start = 1\n[[event]]\nuser = 'a'\nevent = 'X'\ntimestamp = 'soon'\n", "timestamp"),
     ],
 )
 def test_scenario_errors(text: str, message: str) -> None:
@@ -193,3 +196,14 @@ def test_a_simulated_day_of_traffic_takes_about_a_second(starter) -> None:
     sends = simulate(scenario, starter)
     elapsed = time.perf_counter() - started
     assert sends and elapsed < 5.0  # about a second on our 2-core machines; generous for CI
+
+
+def test_a_scenario_event_keeps_its_own_timestamp() -> None:
+    # `timestamp` was accepted and dropped: a late delivery could not be written.
+    scenario = load_scenario(
+        "start = '2024-03-04T09:00:00Z'\n"
+        "[[event]]\nat = '+20m'\ntimestamp = '+5m'\nuser = 'a'\nevent = 'Order Completed'\n"
+    )
+    [(when, message)] = scenario.events
+    assert when == scenario.start + 1200
+    assert message["timestamp"] == "2024-03-04T09:05:00+00:00"
