@@ -23,11 +23,11 @@ from redis.exceptions import RedisError
 from actors.insight import InsightSettings, ShardInsight
 from actors.reads import ReadServer
 from engine.clock import Clock, SystemClock
-from engine.config import EngineConfig
+from engine.config import EngineConfig, profile_limits
 from engine.heap import QuietHeap
 from engine.metrics.shard import ShardMetrics
 from engine.partition import APPLIED, Partition
-from engine.profile import Limits, Profile
+from engine.profile import Profile
 from engine.routing import shard_for
 from engine.rules import RuleSet
 from engine.store import Store, connect, decode_entries, parse_id
@@ -81,12 +81,7 @@ class ShardActor:
             self.rules.recheck_s = self.insight.recheck_s()
         self.partition = Partition(
             lambda customer: shard_for(customer, shards) == index,
-            limits=Limits(
-                recent_max=settings.recent_max,
-                recent_window_s=settings.recent_window_days * 86400.0,
-                dedupe_window_s=settings.dedupe_window_s,
-                dedupe_max_ids=settings.dedupe_max_ids,
-            ),
+            limits=profile_limits(settings),
             rules=self.rules,
             insight=self.insight.live(),
         )

@@ -25,6 +25,7 @@ from engine.inbound.origins import check_origins
 from engine.inbound.webhooks import WebhookSource, webhooks_from_mapping
 from engine.insight.settings import ModelsConfig, RfmConfig
 from engine.insight.settings import check as check_insight
+from engine.profile import Limits
 from engine.recs.settings import RecsConfig
 from engine.recs.settings import check as check_recs
 
@@ -299,6 +300,16 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
         sources = rule_sources(path)
     RuleSet.from_sources(sources)  # refuse to start on a rule that does not compile
     return replace(config, rules=tuple(sources))
+
+
+def profile_limits(engine: EngineConfig) -> Limits:
+    """The profile limits a shard keeps with these settings (simulate and lint use them too)."""
+    return Limits(
+        recent_max=engine.recent_max,
+        recent_window_s=engine.recent_window_days * 86400.0,
+        dedupe_window_s=engine.dedupe_window_s,
+        dedupe_max_ids=engine.dedupe_max_ids,
+    )
 
 
 def warn_dev_keys(config: Config) -> None:

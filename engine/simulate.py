@@ -273,14 +273,24 @@ class Simulator:
     `sends` is read (the profile encodings they carry are the costly part).
     """
 
-    def __init__(self, ruleset: RuleSet, *, start: float, limits: Limits | None = None):
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        *,
+        start: float,
+        limits: Limits | None = None,
+        recheck_s: float | None = None,
+    ):
         self.ruleset = ruleset
         self.clock = ManualClock(start)
-        # RFM and the periodic segment re-check, as a shard runs them (engine.insight)
+        # RFM and the periodic segment re-check, as a shard runs them (engine.insight):
+        # recheck_s from the config ([rfm] recheck_hours; 0: never), else its default.
         from engine.insight.live import LiveInsight
         from engine.insight.settings import RfmConfig
 
-        if not ruleset.recheck_s:
+        if recheck_s is not None:
+            ruleset.recheck_s = recheck_s
+        elif not ruleset.recheck_s:
             ruleset.recheck_s = RfmConfig().recheck_hours * 3600.0
         self.partition = Partition(
             lambda customer: True, limits=limits, rules=ruleset, insight=LiveInsight(co=None)
@@ -346,10 +356,12 @@ def run(
     *,
     until: float | None = None,
     limits: Limits | None = None,
+    recheck_s: float | None = None,
 ) -> Simulator:
     """Run the scenario and return the Simulator (its sends, profiles and timers)."""
     parsed = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-    sim = Simulator(ruleset, start=min(parsed.start, parsed.events[0][0]), limits=limits)
+    start = min(parsed.start, parsed.events[0][0])
+    sim = Simulator(ruleset, start=start, limits=limits, recheck_s=recheck_s)
     for at, message in parsed.events:
         if until is not None and at > until:
             break
@@ -421,6 +433,20 @@ def check(scenario: Scenario, sends: list[dict]) -> list[str]:
 
 
 # -- command-line tools -------------------------------------------------------------------
+def _settings_for(scenario: Scenario, rules: str | None, config: str | None) -> dict:
+    """The rules, and with --config the profile limits and re-check a shard would use."""
+    if not config:
+        return {"ruleset": _ruleset_for(scenario, rules, None)}
+    from engine.config import load, profile_limits
+
+    settings = load(config)
+    return {
+        "ruleset": RuleSet.from_sources(settings.rules),
+        "limits": profile_limits(settings.engine),
+        "recheck_s": settings.rfm.recheck_hours * 3600.0,
+    }
+
+
 def _ruleset_for(scenario: Scenario, rules: str | None, config: str | None) -> RuleSet:
     from engine.rules.files import STARTER, read_rules
 
@@ -453,9 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
-        ruleset = _ruleset_for(scenario, args.rules, args.config)
+        settings = _settings_for(scenario, args.rules, args.config)
         until = parse_time(args.until, start=scenario.start, what="--until") if args.until else None
-        sends = simulate(scenario, ruleset, until=until)
+        sim = run(scenario, until=until, **settings)
+        sends = [_with_iso(send.to_dict()) for send in sim.sends]
     except EngineError as exc:
         print(f"nudge simulate: {exc.message}", file=sys.stderr)
         return 2
@@ -487,9 +514,9 @@ def explain_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
-        ruleset = _ruleset_for(scenario, args.rules, args.config)
+        settings = _settings_for(scenario, args.rules, args.config)
         until = parse_time(args.at, start=scenario.start, what="--at") if args.at else None
-        sim = run(scenario, ruleset, until=until)
+        sim = run(scenario, until=until, **settings)
     except EngineError as exc:
         print(f"nudge explain: {exc.message}", file=sys.stderr)
         return 2

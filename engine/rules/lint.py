@@ -506,18 +506,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="fail on warnings too")
     args = parser.parse_args(argv)
     files = args.files or [_served_config()]
+    window: dict[str, Any] = {}
     try:
         sources = []
         for file in files:
             sources += rule_sources(STARTER if file == "starter" else file)
         ruleset = RuleSet.from_sources(sources)
+        if len(files) == 1 and files[0] != "starter":
+            # How far back a profile sees, as the engine with this config keeps it.
+            from engine.config import load
+
+            engine = load(files[0]).engine
+            window = {"recent_max": engine.recent_max, "recent_days": engine.recent_window_days}
     except EngineError as exc:
         print(f"nudge lint: {exc.message}", file=sys.stderr)
         return 2
     known = set(SPEC_EVENTS)
     if args.known_events:
         known |= {name.strip() for name in args.known_events.split(",") if name.strip()}
-    findings = lint(ruleset, known_events=known)
+    findings = lint(ruleset, known_events=known, **window)
     for finding in findings:
         print(finding)
     errors = sum(f.level == ERROR for f in findings)

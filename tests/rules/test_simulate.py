@@ -207,3 +207,75 @@ def test_a_scenario_event_keeps_its_own_timestamp() -> None:
     [(when, message)] = scenario.events
     assert when == scenario.start + 1200
     assert message["timestamp"] == "2024-03-04T09:05:00+00:00"
+
+
+HEAVY = """
+[engine]
+recent_max = 100
+
+[[rule]]
+name = "heavy_browser"
+on = "Page Viewed"
+if = "count('Page Viewed', 1d) >= 60"
+quiet_hours = false
+[[rule.step]]
+template = "hb"
+"""
+PAGES = """
+start = "2024-03-04T09:00:00Z"
+until = "+1d"
+[[event]]
+user = "u"
+type = "page"
+repeat = 70
+every = "1m"
+"""
+NEVER_RECHECK = """
+[rfm]
+recheck_hours = 0
+
+[segment.lapsed]
+if = "orders > 0 and days_since(last_order_at) > 2"
+
+[[rule]]
+name = "lapsed_winback"
+enter_segment = "lapsed"
+quiet_hours = false
+[[rule.step]]
+template = "winback"
+"""
+ORDER = """
+start = "2024-03-04T09:00:00Z"
+until = "+5d"
+[[event]]
+user = "u"
+event = "Order Completed"
+properties = { order_id = "o1", revenue = 50 }
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "scenario", "sends"), [(HEAVY, PAGES, 1), (NEVER_RECHECK, ORDER, 0)]
+)
+def test_simulate_with_a_config_keeps_the_engines_limits_and_recheck(
+    tmp_path: Path, capsys: pytest.CaptureFixture, config: str, scenario: str, sends: int
+) -> None:
+    # The simulator kept 50 events (the config said 100) and re-checked segments
+    # every 24 h (the config said never): it decided otherwise than the engine.
+    from engine.simulate import main
+
+    (tmp_path / "config.toml").write_text(config)
+    (tmp_path / "scenario.toml").write_text(scenario)
+    argv = [str(tmp_path / "scenario.toml"), "--config", str(tmp_path / "config.toml"), "--json"]
+    assert main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == sends
+
+
+def test_lint_of_a_config_sees_as_far_back_as_its_profiles_keep(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from engine.rules.lint import main
+
+    (tmp_path / "config.toml").write_text(HEAVY)
+    assert main([str(tmp_path / "config.toml")]) == 0
+    assert "keeps only the last" not in capsys.readouterr().out
