@@ -424,7 +424,13 @@ def _caps(rule: Rule, global_caps: tuple) -> list[Finding]:
                 )
                 continue
             for j, at in enumerate(offsets):
-                inside = [i for i in range(j + 1) if offsets[i] > at - cap.per]
+                # A step with its own `if` may be skipped and send nothing: only
+                # the steps that always send are sure to use the cap up.
+                inside = [
+                    i
+                    for i in range(j + 1)
+                    if offsets[i] > at - cap.per and (i == j or rule.steps[i].cond is None)
+                ]
                 if len(inside) <= cap.max:
                     continue
                 steps = ", ".join(str(i + 1) for i in inside)

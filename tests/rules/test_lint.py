@@ -106,3 +106,29 @@ def test_main_reports_and_exits_by_severity(tmp_path, capsys) -> None:
     out = capsys.readouterr()
     assert "bad.toml:6: error: rule 'r' if can never be true [unreachable]" in out.out
     assert "broken.toml:6: rule 'r' if: expected a value" in out.err
+
+
+def test_steps_that_branch_on_their_own_if_do_not_use_a_cap_up() -> None:
+    # One email a day, the copy chosen by each step's `if`: lint called step 2
+    # "never sent" (an error, exit 1 in CI), and the simulator sends it.
+    text = """
+[[rule]]
+name = "welcome"
+on = "Signed Up"
+caps = ["1/1d"]
+on_cap = "skip"
+quiet_hours = false
+[[rule.step]]
+wait = "10m"
+if = "traits.plan == 'pro'"
+template = "welcome-pro"
+[[rule.step]]
+wait = "1m"
+if = "traits.plan != 'pro'"
+template = "welcome-free"
+"""
+    assert not [f for f in findings(text) if f[1] == "cap-blocks-step"]
+    unconditional = text.replace("if = \"traits.plan == 'pro'\"\n", "")
+    assert [f[:2] for f in findings(unconditional) if f[1] == "cap-blocks-step"] == [
+        ("error", "cap-blocks-step")
+    ]
