@@ -370,6 +370,12 @@ class _Compiler:
                 return _constant(None), _get(const, name)
             if target.kind == "name":
                 self.refs.fields.append((target.value, name))
+            elif (
+                target.kind == "attr"
+                and target.args[0].kind == "name"
+                and target.args[0].value == "profile"
+            ):
+                self.refs.fields.append((target.value, name))  # profile.email.opened
 
         def attr(c: Any) -> Any:
             value = inner(c)

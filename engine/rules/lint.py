@@ -137,6 +137,7 @@ SPEC_PROPERTIES = {
 _DICT_FIELDS = {
     "email": {"opened", "clicked", "last_opened", "last_clicked"},
     "consent": {"unsubscribed", "unsubscribed_at"},
+    "rfm": {"r", "f", "m", "score", "segment", "recency_days", "at", "k"},
 }
 
 
@@ -185,6 +186,7 @@ def lint(
                 )
             )
     for segment in ruleset.segments:
+        out += _expr_fields(f"segment {segment.name!r} if", segment.cond, None, segment.where)
         out += [
             Finding(
                 f.level,
@@ -268,19 +270,25 @@ def _properties(rule: Rule) -> list[Finding]:
 def _fields(rule: Rule) -> list[Finding]:
     out = []
     for label, expr in rule.expressions():
-        for parent, name in expr.refs.fields:
-            allowed = _DICT_FIELDS.get(parent)
-            if allowed is not None and name not in allowed:
-                out.append(
-                    Finding(
-                        ERROR,
-                        "unknown-field",
-                        f"rule {rule.name!r} {label}: the profile's "
-                        f"{parent} has no field {name!r} (it has {', '.join(sorted(allowed))})",
-                        rule.name,
-                        expr.where or rule.where,
-                    )
+        out += _expr_fields(f"rule {rule.name!r} {label}", expr, rule.name, rule.where)
+    return out
+
+
+def _expr_fields(what: str, expr: Any, rule: str | None, where: str) -> list[Finding]:
+    out = []
+    for parent, name in expr.refs.fields:
+        allowed = _DICT_FIELDS.get(parent)
+        if allowed is not None and name not in allowed:
+            out.append(
+                Finding(
+                    ERROR,
+                    "unknown-field",
+                    f"{what}: the profile's {parent} has no field {name!r} "
+                    f"(it has {', '.join(sorted(allowed))})",
+                    rule,
+                    expr.where or where,
                 )
+            )
     return out
 
 

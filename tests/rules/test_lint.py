@@ -132,3 +132,23 @@ template = "welcome-free"
     assert [f[:2] for f in findings(unconditional) if f[1] == "cap-blocks-step"] == [
         ("error", "cap-blocks-step")
     ]
+
+
+def test_field_typos_are_found_through_profile_in_rfm_and_in_segments() -> None:
+    # Only email.X and consent.X written in rule conditions were checked.
+    text = """
+[segment.champs]
+if = "rfm.segmnt == 'champions'"
+
+[[rule]]
+name = "r2"
+on = "Order Completed"
+if = "profile.email.opend > 0 or rfm.scor >= 4 or rfm.segment == 'champions'"
+[[rule.step]]
+template = "t"
+"""
+    ruleset = RuleSet.from_toml(text, source="r.toml")
+    found = [f.message for f in lint(ruleset) if f.code == "unknown-field"]
+    assert len(found) == 3
+    assert any("'segmnt'" in m and "segment 'champs'" in m for m in found)
+    assert any("'opend'" in m for m in found) and any("'scor'" in m for m in found)
