@@ -132,6 +132,18 @@ def merge(snapshots: Iterable[list[dict]]) -> dict[str, dict]:
     return out
 
 
+def by_actor(snapshot: list[dict], label: str, value: str) -> list[dict]:
+    """`snapshot` with `label`=`value` on every metric that has no such label yet."""
+    out = []
+    for metric in snapshot:
+        if label in metric["labels"]:
+            out.append(metric)
+            continue
+        samples = {(value, *key): v for key, v in metric["samples"].items()}
+        out.append({**metric, "labels": [label, *metric["labels"]], "samples": samples})
+    return out
+
+
 def families(merged: dict[str, dict]) -> list[Any]:
     """Prometheus metric families for a merged snapshot (for a collector's collect())."""
     from prometheus_client.core import (

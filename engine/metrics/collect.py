@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.metrics import process
-from engine.metrics.actor import families, merge
+from engine.metrics.actor import by_actor, families, merge
 from engine.routing import shard_tag, stream_key
 from engine.store import outbox_key, parse_id
 
@@ -33,12 +33,20 @@ StreamDepth = tuple[str, str, str, Callable[[int], dict[str, str]]]
 
 @dataclass
 class Scrape:
-    """Everything one scrape gathered, before it is rendered."""
+    """Everything one scrape gathered, before it is rendered.
+
+    `actors` sums the actors' snapshots (the console reads it); `exposed` is what
+    /metrics shows: each actor's series under its own `shard` or `dispatcher`
+    label. A sum of actors with no such label dipped whenever one actor missed a
+    scrape or restarted, and Prometheus read the dip as a counter reset (rate()
+    and increase() then counted everything left as new).
+    """
 
     at: float
     actors: dict[str, dict]
     gauges: list[GaugeMetricFamily] = field(default_factory=list)
     shards_answered: int = 0
+    exposed: dict[str, dict] | None = None
 
 
 SENDS = "nudge_sends_total"
@@ -184,6 +192,7 @@ class MetricsCollector:
         )  # fmt: skip
         *actor_results, redis_result = results
         snapshots: list[list[dict] | None] = []
+        labeled: list[list[dict]] = []
         shard_replies: list[list[dict] | None] = []
         for i, result in enumerate(actor_results):
             if isinstance(result, BaseException):
@@ -192,13 +201,16 @@ class MetricsCollector:
             snapshots.extend(result)
             if i == 0:
                 shard_replies = result
+            label = "shard" if i == 0 else "dispatcher"
+            labeled += [by_actor(s, label, str(n)) for n, s in enumerate(result) if s]
         actors = merge(s for s in snapshots if s)
         scrape = Scrape(time.time(), actors, shards_answered=sum(1 for s in shard_replies if s))
+        scrape.exposed = merge(labeled)
         if isinstance(redis_result, BaseException):
             log.warning("metrics: Redis gauges failed: %r", redis_result)
         else:
             scrape.gauges.extend(self._lag(actors, redis_result.pop("_tails")))
-            actors[SENDS] = {
+            actors[SENDS] = scrape.exposed[SENDS] = {
                 "name": SENDS,
                 "help": SENDS_HELP,
                 "kind": "counter",
@@ -257,7 +269,8 @@ class MetricsCollector:
             MultiProcessCollector(registry, path=self.multiproc_dir)
         else:
             registry.register(_Static(list(process.REGISTRY.collect())))
-        registry.register(_Static(families(scrape.actors) + scrape.gauges))
+        exposed = scrape.exposed if scrape.exposed is not None else scrape.actors
+        registry.register(_Static(families(exposed) + scrape.gauges))
         return registry
 
     async def text(self) -> bytes:

@@ -94,14 +94,19 @@ def test_kill_9_of_a_dispatcher_mid_batch_gives_no_loss_and_no_duplicate(
         record = orjson.loads(sync_redis.get(record_key(shard_for(customer, 4), send_id)))
         assert record["state"] == "sent"
     assert summary["backlog"] == 0 and summary["pending"] == 0
-    # The dispatchers' own metrics reach /metrics (the killed one's counts died with it).
-    counts = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in scraped.splitlines()
-        if line.startswith(("nudge_send_latency_seconds_count", "nudge_esp_requests_total{"))
-    }
-    assert 0 < counts["nudge_send_latency_seconds_count"] <= len(sends)
-    assert counts['nudge_esp_requests_total{esp="hook",outcome="ok"}'] > 0
+
+    # The dispatchers' own metrics reach /metrics (the killed one's counts died with it),
+    # each under its own dispatcher label.
+    def total(name: str, *labels: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in scraped.splitlines()
+            if line.startswith(name) and all(label in line for label in labels)
+        )
+
+    assert 0 < total("nudge_send_latency_seconds_count{") <= len(sends)
+    assert total("nudge_esp_requests_total{", 'esp="hook"', 'outcome="ok"') > 0
+    assert 'nudge_esp_requests_total{dispatcher="' in scraped
     print(
         f"kill -9 mid-batch: {len(hook.requests)} requests for {len(sends)} sends "
         f"({repeats} repeated with the same key; {victim['inflight']} were in flight)"

@@ -235,3 +235,53 @@ def test_console_sessions_expire_and_are_bound_to_the_admin_keys() -> None:
     expires, _, mac = cookie.partition(".")
     assert not s.valid(f"{int(expires) + 999}.{mac}", 1001.0)
     assert not s.valid("garbage", 1001.0) and not s.valid(None, 0.0)
+
+
+def test_a_shard_late_for_one_scrape_leaves_the_others_series_as_they_were() -> None:
+    # Series summed over shards dipped by a late shard's share (2,000 to 1,000 and
+    # back), which Prometheus reads as a counter reset: increase() counted 2,000
+    # sends that never happened. Each shard's series now carries its shard label.
+    import asyncio
+
+    from engine.metrics.collect import MetricsCollector
+
+    meters = [ShardMetrics(0), ShardMetrics(1)]
+    for m in meters:
+        m.on_checkpoint(0.001, [send(f"s{m.index}-{i}", f"c{i}", 1.0) for i in range(1000)], 2.0)
+    late = {"on": False}
+
+    class Shards:
+        shards = 2
+
+        async def call(self, index: int, method: str) -> list[dict]:
+            if index == 1 and late["on"]:
+                await asyncio.sleep(5)
+            return meters[index].snapshot(stats={"applied": 1}, failed=0, gauges={})
+
+    class NoRedis:
+        async def tails(self) -> dict:
+            raise ConnectionError("not needed here")
+
+    collector = MetricsCollector(
+        shards=lambda: Shards(), store=lambda: NoRedis(), shard_count=2, timeout_s=0.2
+    )
+
+    async def triggers() -> dict[str, float]:
+        text = (await collector.text()).decode()
+        return {
+            s.labels["shard"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "nudge_triggers_total"
+        }
+
+    async def three_scrapes() -> list[dict[str, float]]:
+        out = []
+        for slow in (False, True, False):
+            late["on"] = slow
+            out.append(await triggers())
+        return out
+
+    before, during, after = asyncio.run(three_scrapes())
+    assert before == after == {"0": 1000.0, "1": 1000.0}
+    assert during == {"0": 1000.0}  # the late one is missing, not lower
