@@ -146,15 +146,13 @@ def compile_expr(text: str, scope: Scope) -> Expr:
     node = parse(text)
     refs = Refs()
     fn, const = _Compiler(scope, refs).compile(node)
-    return Expr(
-        text, node, _null_on_error(fn, text), refs, const is not _NOTHING,
-        None if const is _NOTHING else const,
-    )  # fmt: skip
+    return Expr(text, node, fn, refs, const is not _NOTHING, None if const is _NOTHING else const)
 
 
-# What odd client data can still raise deep in a function: it counts as null there,
-# never as a failed event (which stopped every rule of the customer, each later
-# event failing again on the same stored trigger properties).
+# What odd client data can still raise deep in a function call: the call is null
+# there (and the expression around it goes on by the null rules), never a failed
+# event, which stopped every rule of the customer, each later event failing again
+# on the same stored trigger properties.
 _DATA_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError)
 _reported: set[str] = set()
 
@@ -273,6 +271,8 @@ class _Compiler:
         if const is not _NOTHING:
             fn = _constant(const)
             node.folded, node.constant = True, const
+        elif node.kind == "call":
+            fn = _null_on_error(fn, node.text)
         node.fn = fn  # explain evaluates sub-expressions through these
         return fn, const
 

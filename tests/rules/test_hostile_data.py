@@ -90,3 +90,33 @@ template = "t"
     run = Runner(ruleset, "size")
     assert [s.rule for s in run.at(T0, "Product Viewed", size=9.5)] == ["sizes"]
     assert run.at(T0 + DAY, "Product Viewed", size=11.5) == []
+
+
+def test_a_function_that_fails_on_a_value_is_null_where_it_stands() -> None:
+    # A number too large for a time (10**400) made days_since raise. Counted as null
+    # for the whole expression, `or` lost its other half and `not` its meaning; the
+    # call alone is null, and explain shows what the engine decided.
+    from engine.rules.explain import explain
+
+    ruleset = rules(
+        """
+[[rule]]
+name = "stale"
+on = "Viewed"
+if = "not (days_since(event.since) < 1)"
+[[rule.step]]
+template = "t"
+
+[[rule]]
+name = "either"
+on = "Viewed"
+if = "days_since(event.since) > 1 or event.vip == true"
+[[rule.step]]
+template = "t"
+"""
+    )
+    run = Runner(ruleset, "ann")
+    sent = run.at(T0, "Viewed", since=10**400, vip=True)
+    assert sorted(s.rule for s in sent) == ["either", "stale"]
+    for report in explain(ruleset, run.profile, T0):
+        assert report["check"]["passed"] is True
