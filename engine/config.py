@@ -266,6 +266,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _read_toml(path: str | os.PathLike) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", field="config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}", field="config") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text: {exc.reason}", field="config") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", field="config") from None
+
+
 def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Read config.toml (the given path, else ./config.toml if present, else defaults).
 
@@ -278,18 +291,7 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
         path = env["NUDGE_CONFIG"]
     if path is None and Path("config.toml").is_file():
         path = "config.toml"
-    data: dict = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist", field="config") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}", field="config") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path} is not UTF-8 text: {exc.reason}", field="config") from None
-        except OSError as exc:  # a directory, no permission
-            raise ConfigError(f"cannot read {path}: {exc.strerror}", field="config") from None
+    data = _read_toml(path) if path is not None else {}
     config = from_mapping(data, env)
     from engine.rules import RuleSet, rule_sources
     from engine.rules.files import STARTER
@@ -300,6 +302,19 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
         sources = rule_sources(path)
     RuleSet.from_sources(sources)  # refuse to start on a rule that does not compile
     return replace(config, rules=tuple(sources))
+
+
+def file_settings(path: str | os.PathLike) -> tuple[EngineConfig, RfmConfig]:
+    """The [engine] and [rfm] tables of a config file alone (no environment, none of the
+    server's checks): what lint and the simulator take from a config a shard would run."""
+    data = _read_toml(path)
+    out = []
+    for name, cls in (("engine", EngineConfig), ("rfm", RfmConfig)):
+        given = data.get(name, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"[{name}] must be a table", field=name)
+        out.append(cls(**section_values(cls, given, name, {}, "NUDGE_")))
+    return out[0], out[1]
 
 
 def profile_limits(engine: EngineConfig) -> Limits:

@@ -437,13 +437,13 @@ def _settings_for(scenario: Scenario, rules: str | None, config: str | None) -> 
     """The rules, and with --config the profile limits and re-check a shard would use."""
     if not config:
         return {"ruleset": _ruleset_for(scenario, rules, None)}
-    from engine.config import load, profile_limits
+    from engine.config import file_settings, profile_limits
 
-    settings = load(config)
+    engine, rfm = file_settings(config)
     return {
-        "ruleset": RuleSet.from_sources(settings.rules),
-        "limits": profile_limits(settings.engine),
-        "recheck_s": settings.rfm.recheck_hours * 3600.0,
+        "ruleset": _ruleset_for(scenario, None, config),
+        "limits": profile_limits(engine),
+        "recheck_s": rfm.recheck_hours * 3600.0,
     }
 
 

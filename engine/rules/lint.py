@@ -528,9 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         ruleset = RuleSet.from_sources(sources)
         if len(files) == 1 and files[0] != "starter":
             # How far back a profile sees, as the engine with this config keeps it.
-            from engine.config import load
+            from engine.config import file_settings
 
-            engine = load(files[0]).engine
+            engine, _ = file_settings(files[0])
             window = {"recent_max": engine.recent_max, "recent_days": engine.recent_window_days}
     except EngineError as exc:
         print(f"nudge lint: {exc.message}", file=sys.stderr)

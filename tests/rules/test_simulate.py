@@ -271,6 +271,22 @@ def test_simulate_with_a_config_keeps_the_engines_limits_and_recheck(
     assert len(capsys.readouterr().out.splitlines()) == sends
 
 
+def test_a_production_config_is_linted_and_simulated_without_its_server_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Both loaded the whole config: one for 0.0.0.0 whose keys come from secrets CI
+    # does not have was refused ("refusing to listen ... development keys").
+    from engine.rules.lint import main as lint_main
+    from engine.simulate import main
+
+    (tmp_path / "config.toml").write_text('[server]\nhost = "0.0.0.0"\n' + HEAVY)
+    (tmp_path / "scenario.toml").write_text(PAGES)
+    assert lint_main([str(tmp_path / "config.toml")]) == 0
+    argv = [str(tmp_path / "scenario.toml"), "--config", str(tmp_path / "config.toml"), "--json"]
+    assert main(argv) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # lint's summary, and one send
+
+
 def test_lint_of_a_config_sees_as_far_back_as_its_profiles_keep(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
