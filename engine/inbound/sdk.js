@@ -189,16 +189,17 @@
     clearTimeout(timer);
     timer = null;
     if (!config.writeKey || !config.host) return; // kept until init names them
-    if (leaving) {
+    if (leaving && w.navigator.sendBeacon) {
       // What waits for a retry, or is in flight in a request that dies with the
-      // page, leaves now, first (a copy that did arrive is dropped by messageId).
+      // page, leaves by beacon too, first. A copy: hidden is not always gone (a tab
+      // switch), so its own retry goes on, and a copy that arrives twice is dropped
+      // by messageId.
       var pending = retrying.concat(sending);
-      for (var i = pending.length - 1; i >= 0; i--) {
-        clearTimeout(pending[i].timer);
-        buffer = pending[i].batch.concat(buffer);
+      for (var i = 0; i < pending.length; i++) {
+        var copy = JSON.stringify({ batch: pending[i].batch, sentAt: new Date().toISOString(),
+          writeKey: config.writeKey });
+        w.navigator.sendBeacon(config.host + "/v1/batch", new Blob([copy], { type: "text/plain" }));
       }
-      retrying = [];
-      sending = [];
     }
     buffered = 0;
     while (buffer.length) {
