@@ -349,6 +349,11 @@ def test_allowed_origins_are_compared_as_browsers_spell_them() -> None:
         from_mapping({}, {"NUDGE_ALLOWED_ORIGINS": "a.example"})
     # a name in Unicode is listed as browsers send it in Origin: its punycode
     assert check_origins(("https://bücher.example",)) == ("https://xn--bcher-kva.example",)
+    # by UTS 46 as browsers do, not IDNA 2003 (which mapped sharp s to ss, final sigma too)
+    assert check_origins(("https://straße.example", "https://σόλος.example")) == (
+        "https://xn--strae-oqa.example",
+        "https://xn--wxaijb9b.example",
+    )
 
 
 def test_a_shop_page_reads_the_answers_and_its_time_zone_reaches_the_profile(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import idna
+
 from engine.errors import ConfigError
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -42,10 +44,12 @@ def check_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
         scheme = parts.scheme.lower()
         hostname = parts.hostname
         if not hostname.isascii():
-            # Browsers send a name's punycode (https://xn--bcher-kva.example) in Origin.
+            # Browsers send a name's punycode (https://xn--bcher-kva.example) in Origin,
+            # by UTS 46 without the old mappings (straße stays straße: xn--strae-oqa),
+            # not Python's IDNA 2003 codec (which makes it strasse).
             try:
-                hostname = hostname.encode("idna").decode("ascii")
-            except UnicodeError:
+                hostname = idna.encode(hostname, uts46=True, transitional=False).decode()
+            except idna.IDNAError:
                 raise ConfigError(
                     f"{where}: {origin!r} has a host name no browser can send", field=where
                 ) from None
