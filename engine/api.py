@@ -337,7 +337,9 @@ def create_app(
         timeout_s=config.metrics.scrape_timeout_s,
     )
     # The dispatchers (Ray actors, found by name) report event-to-ESP latency and ESP requests.
-    collector.add_actor_source(DispatcherMetrics(config, timeout_s=config.metrics.scrape_timeout_s))
+    collector.add_actor_source(
+        DispatcherMetrics(config, timeout_s=config.metrics.scrape_timeout_s), label="dispatcher"
+    )
     routes += metrics_routes(config.metrics, keys, collector)
     routes += console_routes(config, keys, collector, shards=shards, store=store)
     signer = TokenSigner(config.tracking.tracking_secret, config.tracking.public_url)
@@ -364,7 +366,7 @@ def create_app(
             Exception: internal_error,
         },
     )
-    # Other actors join /metrics with app.state.metrics.add_actor_source(...).
+    # Other actors join /metrics with app.state.metrics.add_actor_source(fn, label=...).
     app.state.metrics = collector
     # Every ESP render calls the content endpoint: it skips routing and middleware.
     return content_first(app, content_route)

@@ -140,6 +140,7 @@ class MetricsCollector:
         self.multiproc_dir = multiproc_dir
         self.timeout_s = timeout_s
         self.actor_sources: list[ActorSource] = [self._shard_snapshots]
+        self.actor_labels: list[str] = ["shard"]  # each source's actors, by this label
         self.stream_depths: list[StreamDepth] = [
             (
                 "nudge_outbox_length",
@@ -162,9 +163,11 @@ class MetricsCollector:
             ),
         ]
 
-    def add_actor_source(self, source: ActorSource) -> None:
-        """Also collect these actors' snapshots (e.g. the dispatchers' DeliveryMetrics)."""
+    def add_actor_source(self, source: ActorSource, *, label: str) -> None:
+        """Also collect these actors' snapshots (e.g. the dispatchers' DeliveryMetrics),
+        each actor's series under `label` = its place in the list (e.g. dispatcher)."""
         self.actor_sources.append(source)
+        self.actor_labels.append(label)
 
     def add_stream_depth(
         self, name: str, help: str, label: str, keys: Callable[[int], dict[str, str]]
@@ -201,7 +204,7 @@ class MetricsCollector:
             snapshots.extend(result)
             if i == 0:
                 shard_replies = result
-            label = "shard" if i == 0 else "dispatcher"
+            label = self.actor_labels[i]
             labeled += [by_actor(s, label, str(n)) for n, s in enumerate(result) if s]
         actors = merge(s for s in snapshots if s)
         scrape = Scrape(time.time(), actors, shards_answered=sum(1 for s in shard_replies if s))

@@ -7,9 +7,10 @@ Ray method the API collects at scrape time:
     self.meters.sent(send, "sent", now)          # the final outcome of a send
     async def metrics(self): return self.meters.snapshot()
 
-and the API registers the dispatchers once: `app.state.metrics.add_actor_source(fn)`
-(engine.metrics.collect). Sends by outcome and the DLQ depth are not counted here:
-the scrape reads them from Redis (the ledger's counters, the dead-letter streams).
+and the API registers the dispatchers once:
+`app.state.metrics.add_actor_source(fn, label="dispatcher")` (engine.metrics.collect).
+Sends by outcome and the DLQ depth are not counted here: the scrape reads them from
+Redis (the ledger's counters, the dead-letter streams).
 """
 
 from __future__ import annotations

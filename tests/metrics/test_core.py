@@ -285,3 +285,14 @@ def test_a_shard_late_for_one_scrape_leaves_the_others_series_as_they_were() -> 
     before, during, after = asyncio.run(three_scrapes())
     assert before == after == {"0": 1000.0, "1": 1000.0}
     assert during == {"0": 1000.0}  # the late one is missing, not lower
+
+    # another source's actors carry the label it names, not the dispatchers'
+    mailer = DeliveryMetrics()
+    mailer.esp_request("hook", "ok")
+
+    async def mailers() -> list:
+        return [None, mailer.snapshot()]
+
+    collector.add_actor_source(mailers, label="mailer")
+    text = asyncio.run(collector.text()).decode()
+    assert 'nudge_esp_requests_total{esp="hook",mailer="1",outcome="ok"} 1.0' in text
