@@ -13,7 +13,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -304,17 +304,18 @@ def load(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None
     return replace(config, rules=tuple(sources))
 
 
-def file_settings(path: str | os.PathLike) -> tuple[EngineConfig, RfmConfig]:
-    """The [engine] and [rfm] tables of a config file alone (no environment, none of the
-    server's checks): what lint and the simulator take from a config a shard would run."""
+def file_settings(
+    path: str | os.PathLike, env: Mapping[str, str] | None = None
+) -> tuple[EngineConfig, RfmConfig]:
+    """A config file's [engine] and [rfm] settings, with their NUDGE_* overrides, checked
+    as the engine checks them: what lint and the simulator take from it. The server's
+    own settings and checks (host, keys) are left out: CI may lack the secrets."""
+    env = dict(os.environ) if env is None else env
     data = _read_toml(path)
-    out = []
-    for name, cls in (("engine", EngineConfig), ("rfm", RfmConfig)):
-        given = data.get(name, {})
-        if not isinstance(given, dict):
-            raise ConfigError(f"[{name}] must be a table", field=name)
-        out.append(cls(**section_values(cls, given, name, {}, "NUDGE_")))
-    return out[0], out[1]
+    tables = {name: data[name] for name in ("engine", "rfm") if name in data}
+    own = {"NUDGE_" + f.name.upper() for cls in (EngineConfig, RfmConfig) for f in fields(cls)}
+    config = from_mapping(tables, {k: v for k, v in env.items() if k in own})
+    return config.engine, config.rfm
 
 
 def profile_limits(engine: EngineConfig) -> Limits:

@@ -295,3 +295,21 @@ def test_lint_of_a_config_sees_as_far_back_as_its_profiles_keep(
     (tmp_path / "config.toml").write_text(HEAVY)
     assert main([str(tmp_path / "config.toml")]) == 0
     assert "keeps only the last" not in capsys.readouterr().out
+
+
+def test_lint_checks_the_engine_settings_it_reads_and_their_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # Read unchecked, a recent_max of 0 passed lint (warnings only) in a config the
+    # engine refuses to start; and NUDGE_RECENT_MAX, which the engine applies, was not.
+    from engine.config import file_settings
+    from engine.rules.lint import main as lint_main
+
+    (tmp_path / "bad.toml").write_text(HEAVY.replace("recent_max = 100", "recent_max = 0"))
+    assert lint_main([str(tmp_path / "bad.toml")]) == 2
+    assert "engine.recent_max" in capsys.readouterr().err
+    (tmp_path / "config.toml").write_text(HEAVY)
+    monkeypatch.setenv("NUDGE_RECENT_MAX", "7")
+    monkeypatch.setenv("NUDGE_HOST", "0.0.0.0")  # the server's, not read here
+    engine, _ = file_settings(tmp_path / "config.toml")
+    assert engine.recent_max == 7
