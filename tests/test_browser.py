@@ -354,6 +354,14 @@ def test_allowed_origins_are_compared_as_browsers_spell_them() -> None:
         "https://xn--strae-oqa.example",
         "https://xn--wxaijb9b.example",
     )
+    # and without IDNA 2008's stricter label rules, which browsers do not apply
+    assert check_origins(
+        ("https://my_shop.bücher.example", "https://💩.la", "https://ab--cd.bücher.example")
+    ) == (
+        "https://my_shop.xn--bcher-kva.example",
+        "https://xn--ls8h.la",
+        "https://ab--cd.xn--bcher-kva.example",
+    )
 
 
 def test_a_shop_page_reads_the_answers_and_its_time_zone_reaches_the_profile(

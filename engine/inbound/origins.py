@@ -48,8 +48,8 @@ def check_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
             # by UTS 46 without the old mappings (straße stays straße: xn--strae-oqa),
             # not Python's IDNA 2003 codec (which makes it strasse).
             try:
-                hostname = idna.encode(hostname, uts46=True, transitional=False).decode()
-            except idna.IDNAError:
+                hostname = _browser_ascii(hostname)
+            except (idna.IDNAError, UnicodeError):
                 raise ConfigError(
                     f"{where}: {origin!r} has a host name no browser can send", field=where
                 ) from None
@@ -58,3 +58,14 @@ def check_origins(origins: tuple[str, ...]) -> tuple[str, ...]:
             host += f":{port}"
         out.append(f"{scheme}://{host}")
     return tuple(dict.fromkeys(out))
+
+
+def _browser_ascii(hostname: str) -> str:
+    """A Unicode host name as the WHATWG URL standard (browsers) writes it in Origin:
+    UTS 46 mapping, non-transitional, without IDNA 2008's stricter label rules
+    (underscores, emoji and -- in labels pass, as browsers let them)."""
+    mapped = idna.uts46_remap(hostname, std3_rules=False, transitional=False)
+    return ".".join(
+        label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+        for label in mapped.split(".")
+    )
