@@ -112,7 +112,13 @@ class ActorMetrics:
 
 
 def merge(snapshots: Iterable[list[dict]]) -> dict[str, dict]:
-    """Snapshots of several actors as one: same name and labels add up."""
+    """Snapshots of several actors as one: same name and labels add up.
+
+    One name with different label lists (two actor sources labelled apart, see
+    by_actor) gets the union of them, a label a series lacks being "" (which
+    Prometheus reads as absent): the series stay apart instead of one source's
+    being read under the other's labels.
+    """
     out: dict[str, dict] = {}
     for snapshot in snapshots:
         for metric in snapshot or ():
@@ -120,6 +126,13 @@ def merge(snapshots: Iterable[list[dict]]) -> dict[str, dict]:
             if into is None:
                 out[metric["name"]] = {**metric, "samples": dict(metric["samples"])}
                 continue
+            if list(metric["labels"]) != list(into["labels"]):
+                old, new = list(into["labels"]), list(metric["labels"])
+                union = [*old, *(name for name in new if name not in old)]
+                into["samples"] = _relabel(into["samples"], old, union)
+                into["labels"] = union
+                samples = _relabel(metric["samples"], new, union)
+                metric = {**metric, "labels": union, "samples": samples}
             samples = into["samples"]
             for key, value in metric["samples"].items():
                 key = tuple(key)
@@ -130,6 +143,14 @@ def merge(snapshots: Iterable[list[dict]]) -> dict[str, dict]:
                 else:
                     samples[key] = samples[key] + value
     return out
+
+
+def _relabel(samples: dict, labels: list[str], union: list[str]) -> dict:
+    """Sample keys in `labels` order, as keys in `union` order ("" where missing)."""
+    where = [labels.index(name) if name in labels else None for name in union]
+    return {
+        tuple("" if i is None else key[i] for i in where): value for key, value in samples.items()
+    }
 
 
 def by_actor(snapshot: list[dict], label: str, value: str) -> list[dict]:

@@ -166,6 +166,8 @@ class MetricsCollector:
     def add_actor_source(self, source: ActorSource, *, label: str) -> None:
         """Also collect these actors' snapshots (e.g. the dispatchers' DeliveryMetrics),
         each actor's series under `label` = its place in the list (e.g. dispatcher)."""
+        if label in self.actor_labels:
+            raise ValueError(f"an actor source is labelled {label!r} already")
         self.actor_sources.append(source)
         self.actor_labels.append(label)
 

@@ -296,3 +296,31 @@ def test_a_shard_late_for_one_scrape_leaves_the_others_series_as_they_were() -> 
     collector.add_actor_source(mailers, label="mailer")
     text = asyncio.run(collector.text()).decode()
     assert 'nudge_esp_requests_total{esp="hook",mailer="1",outcome="ok"} 1.0' in text
+    with pytest.raises(ValueError):
+        collector.add_actor_source(mailers, label="shard")
+
+
+def test_two_sources_of_one_metric_keep_their_series_apart() -> None:
+    # merge kept the first source's label list: a mailer's five requests were read
+    # as dispatcher 0's (6 where it had 1), and a late mailer looked like a reset.
+    from engine.metrics.actor import by_actor
+
+    dispatcher, mailer = DeliveryMetrics(), DeliveryMetrics()
+    dispatcher.esp_request("hook", "ok")
+    for _ in range(5):
+        mailer.esp_request("hook", "ok")
+    merged = merge(
+        [
+            by_actor(dispatcher.snapshot(), "dispatcher", "0"),
+            by_actor(mailer.snapshot(), "mailer", "0"),
+        ]
+    )
+    registry = CollectorRegistry()
+    registry.register(type("C", (), {"collect": lambda self: families(merged)})())
+    samples = {
+        (s.labels.get("dispatcher"), s.labels.get("mailer")): s.value
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in f.samples
+        if s.name == "nudge_esp_requests_total"
+    }
+    assert samples == {("0", ""): 1.0, ("", "0"): 5.0}
