@@ -200,26 +200,6 @@ def test_a_tab_switch_keeps_the_retry_of_a_refused_batch(redis_url: str, chromiu
         _counted(api, "browser-user", "Order Completed", 1)
 
 
-def test_what_a_page_could_not_send_goes_with_the_next_page(shop_and_api, chromium) -> None:
-    # A burst past the 64 KB a leaving page may send (15 events of 9.5 KB, then
-    # gone): 13 of 16 arrived. The rest waited in localStorage for the next page.
-    shop, api = shop_and_api
-    _loaded(chromium, f"{shop}/product")
-    chromium.execute_script(
-        'for (var i = 0; i < 15; i++) nudge.track("Product Viewed", '
-        '{product_id: "big" + i, description: "x".repeat(9500)});'
-    )
-    chromium.get(f"{shop}/elsewhere")  # a page without the snippet
-    _loaded(chromium, f"{shop}/product")  # the next page with it
-    _counted(api, "browser-user", "Product Viewed", 17)  # 15, and the page's own twice
-    # and once answered, nothing is left to carry to a third page
-    wait_for(
-        lambda: chromium.execute_script(
-            "return JSON.parse(localStorage.getItem('nudge_unsent') || '[]').length === 0"
-        )
-    )
-
-
 def test_sdk_js_is_served_with_a_validator(shop_and_api) -> None:
     _, api = shop_and_api
     first = httpx.get(f"{api}/sdk.js", timeout=10)

@@ -16,12 +16,6 @@
  * CORS-safelisted type: no preflight) with the write key in the body, since
  * sendBeacon cannot set an Authorization header. When the page is hidden or
  * left, what is buffered leaves with navigator.sendBeacon.
- *
- * Until the API has answered for them (or six attempts failed), messages are also
- * kept in localStorage (up to about 1 MB, for 12 hours): what a page could not
- * send before it went (a beacon past the browser's 64 KB, a request that died with
- * the page) is sent by the next page of the site. A message sent twice that way is dropped by the
- * API's messageId dedupe (24 h by default, hence the 12 hours).
  */
 (function (w, d) {
   "use strict";
@@ -56,10 +50,6 @@
   var sending = [];
   var timer = null;
   var memory = {};
-  var UNSENT = "nudge_unsent";
-  var UNSENT_BYTES = 1000000;
-  var UNSENT_MS = 12 * 3600 * 1000;
-  var unsent = {}; // messageId -> message, until the API has answered for it
 
   function byteLength(text) {
     // The browsers' limits count UTF-8 bytes; a string's length counts UTF-16 units.
@@ -107,39 +97,6 @@
     return value;
   }
 
-  function keepUnsent() {
-    // The newest first, up to UNSENT_BYTES; localStorage may refuse (private modes, full).
-    var ids = Object.keys(unsent);
-    var kept = [];
-    var size = 2;
-    for (var i = ids.length - 1; i >= 0; i--) {
-      var text = JSON.stringify(unsent[ids[i]]);
-      size += byteLength(text) + 1;
-      if (size > UNSENT_BYTES) break;
-      kept.unshift(text);
-    }
-    try { w.localStorage.setItem(UNSENT, "[" + kept.join(",") + "]"); } catch (e) { /* memory only */ }
-  }
-
-  function answered(batch) {
-    for (var i = 0; i < batch.length; i++) delete unsent[batch[i].messageId];
-    keepUnsent();
-  }
-
-  function carriedOver() {
-    // What an earlier page of the site kept unanswered, not too old to be a duplicate.
-    var list;
-    try { list = JSON.parse(w.localStorage.getItem(UNSENT) || "[]"); } catch (e) { list = []; }
-    var now = Date.now();
-    var out = [];
-    for (var i = 0; i < (Array.isArray(list) ? list.length : 0); i++) {
-      var message = list[i];
-      var at = message && Date.parse(message.timestamp);
-      if (message && message.messageId && now - at < UNSENT_MS) out.push(message);
-    }
-    return out;
-  }
-
   function anonymousId() {
     var id = getCookie(ANON);
     if (!id) id = uuid();
@@ -177,8 +134,6 @@
     if (user && !message.userId) message.userId = user;
     message.context = context();
     buffer.push(message);
-    unsent[message.messageId] = message;
-    keepUnsent();
     buffered += byteLength(JSON.stringify(message)) + 1;
     if (buffer.length >= config.flushAt || buffered >= FLUSH_BYTES) flush(false);
     else if (!timer) timer = setTimeout(function () { flush(false); }, config.flushInterval);
@@ -215,15 +170,12 @@
     }).then(function (response) {
       settled();
       if (response.status === 429 || response.status >= 500) throw new Error(response.status);
-      answered(batch); // taken, or refused for good (4xx): either way not for the next page
     }, function (error) {
       settled();
       throw error;
     }).catch(function () {
       // Retried with backoff; messageIds make a retry of a delivered batch harmless.
-      // Six attempts made: not carried to the next page either (a site whose API
-      // answers no CORS headers gets a rejection for every batch it stored).
-      if (attempt >= 5) { answered(batch); return; }
+      if (attempt >= 5) return;
       var entry = { batch: batch };
       entry.timer = setTimeout(function () {
         retrying.splice(retrying.indexOf(entry), 1);
@@ -307,18 +259,7 @@
   w.addEventListener("pagehide", function () { flush(true); });
 
   w.nudge = api;
-  // What an earlier page left unanswered goes first, as it was (ids and times kept),
-  // at once: it has waited long enough.
-  var carried = carriedOver();
-  carried.forEach(function (message) {
-    unsent[message.messageId] = message;
-    buffer.push(message);
-  });
   // Replay what was queued before this loaded: settings first, then calls in order.
   queue.forEach(function (call) { if (call && call[0] === "init") api.push(call); });
   queue.forEach(function (call) { if (call && call[0] !== "init") api.push(call); });
-  if (carried.length) {
-    clearTimeout(timer);
-    timer = setTimeout(function () { flush(false); }, 0);
-  }
 })(window, document);
