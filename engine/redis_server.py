@@ -76,7 +76,7 @@ class EmbeddedRedis:
                 pid = int(pidfile.read_text().strip() or 0)
             except (ValueError, OSError):
                 pid = 0  # not a pid file Redis wrote: nothing to respect
-            if pid and _alive(pid):
+            if pid and pid_running(pid, "redis"):
                 raise ConfigError(
                     f"{self.data_dir} is in use by another Redis (pid {pid}); "
                     "stop it or use another --data-dir",
@@ -170,16 +170,17 @@ class EmbeddedRedis:
             self.process.wait()
 
 
-def _alive(pid: int) -> bool:
+def pid_running(pid: int, name: str) -> bool:
+    """True if process `pid` runs and its command line holds `name` (a pid file's owner;
+    a zombie or a recycled pid of another program does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie or a recycled pid of another program does not count.
     try:
-        return "redis" in Path(f"/proc/{pid}/cmdline").read_text()
+        return name in Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return True
 

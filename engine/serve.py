@@ -16,7 +16,7 @@ from uvicorn.supervisors import Multiprocess
 from engine.config import Config, load, warn_dev_keys
 from engine.errors import ConfigError, Unavailable
 from engine.metrics.multiproc import prepare_multiproc_dir, remove_multiproc_dir
-from engine.redis_server import EmbeddedRedis
+from engine.redis_server import EmbeddedRedis, pid_running
 from engine.store import shown_url
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _hand_to_workers(config: Config) -> Path:
     run.chmod(0o700)
     for old in run.glob("worker-config-*.pickle"):
         pid = old.stem.rpartition("-")[2]
-        if not pid.isdigit() or not _running(int(pid)):
+        if not pid.isdigit() or not pid_running(int(pid), "nudge"):
             old.unlink(missing_ok=True)
     path = run / f"worker-config-{os.getpid()}.pickle"
     path.unlink(missing_ok=True)
@@ -58,16 +58,6 @@ def _hand_to_workers(config: Config) -> Path:
         pickle.dump(config, out)
     os.environ[WORKER_CONFIG_ENV] = str(path)
     return path
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
 
 
 def worker_config() -> Config:

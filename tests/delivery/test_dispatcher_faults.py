@@ -53,22 +53,30 @@ def record(r: redis.Redis, customer: str, send_id: str) -> dict | None:
     return orjson.loads(raw) if raw else None
 
 
+def first_finish_fails(monkeypatch: pytest.MonkeyPatch, *, after_writing: bool) -> list[int]:
+    """Ledger.finish's first call raises a connection reset, before or after it wrote
+    (a lost reply); the list it returns numbers the calls made."""
+    real_finish = Ledger.finish
+    calls: list[int] = []
+
+    async def finish(self: Ledger, *args: object, **kwargs: object) -> None:
+        calls.append(len(calls) + 1)
+        if len(calls) == 1 and not after_writing:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        await real_finish(self, *args, **kwargs)
+        if len(calls) == 1:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(Ledger, "finish", finish)
+    return calls
+
+
 async def test_a_redis_error_after_the_esp_took_a_send_records_it_without_sending_again(
     redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The outcome's record failed on a connection reset: the whole delivery used to run
     # again, and the SMTP server got the email twice, with no crash anywhere.
-    real_finish = Ledger.finish
-    failed = 0
-
-    async def reset_once(self: Ledger, *args: object, **kwargs: object) -> None:
-        nonlocal failed
-        if not failed:
-            failed += 1
-            raise redis.exceptions.ConnectionError("Connection reset by peer")
-        await real_finish(self, *args, **kwargs)
-
-    monkeypatch.setattr(Ledger, "finish", reset_once)
+    calls = first_finish_fails(monkeypatch, after_writing=False)
     with smtp() as (esp, inbox):
         dispatcher = await started(0, config(esp), redis_url)
         try:
@@ -78,7 +86,7 @@ async def test_a_redis_error_after_the_esp_took_a_send_records_it_without_sendin
             )
         finally:
             await dispatcher.stop()
-    assert failed == 1 and inbox.send_ids == ["send-ann"]
+    assert calls == [1, 2] and inbox.send_ids == ["send-ann"]
     assert sync_redis.xpending(outbox_key(shard_for("ann", 4)), GROUP)["pending"] == 0
 
 
@@ -86,29 +94,19 @@ async def test_a_record_whose_reply_was_lost_is_not_counted_twice(
     redis_url: str, sync_redis: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The record was written but its reply lost: writing it again counted the send twice.
-    real_finish = Ledger.finish
-    calls = 0
-
-    async def lose_first_reply(self: Ledger, *args: object, **kwargs: object) -> None:
-        nonlocal calls
-        calls += 1
-        await real_finish(self, *args, **kwargs)
-        if calls == 1:
-            raise redis.exceptions.ConnectionError("Connection reset by peer")
-
-    monkeypatch.setattr(Ledger, "finish", lose_first_reply)
+    calls = first_finish_fails(monkeypatch, after_writing=True)
     with smtp() as (esp, inbox):
         dispatcher = await started(0, config(esp), redis_url)
         try:
             put_send(sync_redis, "ann", "send-ann", "default")
             stream = outbox_key(shard_for("ann", 4))
             assert await poll_until(
-                lambda: calls >= 1 and sync_redis.xpending(stream, GROUP)["pending"] == 0
+                lambda: calls and sync_redis.xpending(stream, GROUP)["pending"] == 0
             )
             counts = await dispatcher._ledger.counts()
         finally:
             await dispatcher.stop()
-    assert calls == 1 and inbox.send_ids == ["send-ann"]
+    assert calls == [1] and inbox.send_ids == ["send-ann"]
     assert [row["sent"] for row in counts] == [1]
     assert dispatcher.stats["sent"] == 1  # and its own figures count it too
 
